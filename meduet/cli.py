@@ -1,0 +1,68 @@
+"""MeDUET pipeline command line.
+
+Usage: ``meduet <stage> [--params params.yaml] [--set key=value ...]``. Thin by design: parse, load and validate the config once, call ``stages.<stage>.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from meduet.config import ConfigError, Paths, dump_config, load_config
+from meduet.env import apply_offline_env
+from meduet.stages import STAGES
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a params value, e.g. --set harmonize.workers=4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meduet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, spec in STAGES.items():
+        stage = sub.add_parser(name, help=spec.help, description=f"Run the '{name}' stage: {spec.help}.")
+        _add_config_args(stage)
+    config = sub.add_parser("config", help="show or validate the configuration")
+    config_sub = config.add_subparsers(dest="action", required=True, metavar="<action>")
+    for action, text in (("show", "print the fully resolved configuration"), ("validate", "check a params file")):
+        _add_config_args(config_sub.add_parser(action, help=text, description=text))
+    return parser
+
+
+def run_stage(name: str, params: str, overrides: list[str]) -> int:
+    cfg = load_config(params, overrides)
+    paths = Paths.resolve(cfg, Path(params).resolve().parent)
+    spec = STAGES[name]
+    result = spec.load()(getattr(cfg, spec.section), paths)
+    print(json.dumps({"stage": result.stage, "ok": result.ok, "metrics": result.metrics}, indent=2, default=str))
+    return 0 if result.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_offline_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            cfg = load_config(args.params, args.overrides)
+            if args.action == "show":
+                print(dump_config(cfg), end="")
+            else:
+                print(f"{args.params}: OK")
+            return 0
+        return run_stage(args.command, args.params, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

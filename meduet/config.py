@@ -1,0 +1,308 @@
+"""The typed configuration tree: one pydantic model per ``params.yaml`` section.
+
+``load_config`` validates a params file once, at the edge; everything below the stages
+receives plain typed values. Every model forbids unknown keys so a typo is an error that
+names the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Spacing = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+Size3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, key and value."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------- paths / storage
+class PathsConfig(StrictModel):
+    """Where stages read and write, relative to the folder holding ``params.yaml``."""
+
+    demo_dir: str = "data/demo"
+    harmonized_dir: str = "data/harmonized"
+    reports_dir: str = "reports"
+    work_dir: str = ".work"
+
+
+class StorageConfig(StrictModel):
+    """Remote object storage. Credentials never live here: they come from the environment
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or the usual AWS config files."""
+
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph, a local moto server); None means AWS."
+    )
+    s3_region: str | None = None
+    dvc_remote_url: str | None = Field(
+        default=None, description="DVC remote, e.g. s3://bucket/meduet; None disables push/pull."
+    )
+
+    @field_validator("dvc_remote_url")
+    @classmethod
+    def _remote_scheme(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not value.startswith("/"):
+            raise ValueError("must be a URL such as s3://bucket/prefix or an absolute path")
+        return value
+
+
+# --------------------------------------------------------------------------- demo data
+class SiteStyle(StrictModel):
+    """How one (simulated) scanner site renders the same anatomy."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    spacing: Spacing = Field(description="voxel spacing (x, y, z) in mm; z is the slice thickness")
+    fov_mm: tuple[PositiveFloat, PositiveFloat] = Field(description="in-plane field of view (x, y) in mm")
+    hu_offset: float = Field(default=0.0, description="calibration offset added to true HU")
+    hu_gain: PositiveFloat = Field(default=1.0, description="calibration gain applied to true HU")
+    hu_gamma: PositiveFloat = Field(default=1.0, description="mild nonlinearity of the calibration curve")
+    noise_std: Annotated[float, Field(ge=0)] = Field(default=10.0, description="noise standard deviation in HU")
+    noise_corr_mm: Annotated[float, Field(ge=0)] = Field(default=0.0, description="noise texture correlation length")
+    kernel: Literal["smooth", "standard", "sharp"] = "standard"
+    bias: Annotated[float, Field(ge=0, le=0.5)] = Field(default=0.0, description="beam-hardening cupping depth")
+    pad_value: float = Field(default=-1024.0, description="HU stored outside the reconstruction circle")
+    orientation: Literal["RAS", "LPS", "permuted"] = "RAS"
+    file_format: Literal["nii.gz", "nrrd", "mha", "dicom"] = "nii.gz"
+
+
+def _default_sites() -> list[SiteStyle]:
+    return [
+        SiteStyle(name="site_a", spacing=(0.9, 0.9, 2.5), fov_mm=(330, 330), hu_offset=0, hu_gain=1.0,
+                  noise_std=8, noise_corr_mm=0.8, kernel="smooth", bias=0.0, pad_value=-1024,
+                  orientation="RAS", file_format="nii.gz"),
+        SiteStyle(name="site_b", spacing=(1.1, 1.1, 3.0), fov_mm=(360, 360), hu_offset=24, hu_gain=1.06,
+                  noise_std=22, noise_corr_mm=0.0, kernel="sharp", bias=0.08, pad_value=-2048,
+                  orientation="LPS", file_format="nrrd"),
+        SiteStyle(name="site_c", spacing=(0.8, 0.8, 1.5), fov_mm=(300, 300), hu_offset=-30, hu_gain=0.94,
+                  hu_gamma=1.08, noise_std=14, noise_corr_mm=1.5, kernel="standard", bias=0.04,
+                  pad_value=-3024, orientation="permuted", file_format="mha"),
+        SiteStyle(name="site_d", spacing=(1.25, 1.25, 5.0), fov_mm=(400, 400), hu_offset=12, hu_gain=1.0,
+                  hu_gamma=0.94, noise_std=30, noise_corr_mm=2.0, kernel="smooth", bias=0.12,
+                  pad_value=-1024, orientation="LPS", file_format="dicom"),
+    ]
+
+
+class DemoDataConfig(StrictModel):
+    """Generator of CT-like multi-site phantoms with known ground truth."""
+
+    seed: int = 0
+    cases_per_site: Annotated[int, Field(ge=1)] = 4
+    chest_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    lesion_probability: Annotated[float, Field(ge=0, le=1)] = 0.5
+    body_length_mm: PositiveFloat = Field(default=160.0, description="cranio-caudal extent scanned per case")
+    sites: list[SiteStyle] = Field(default_factory=_default_sites, min_length=1)
+    workers: Annotated[int, Field(ge=1)] = 2
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_site_names(cls, sites: list[SiteStyle]) -> list[SiteStyle]:
+        names = [s.name for s in sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique, got {names}")
+        return sites
+
+
+# --------------------------------------------------------------------------- harmonize
+class DatasetSource(StrictModel):
+    """One input dataset: an MSD (``dataset.json``) or nnU-Net raw folder, local or s3://."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    root: str = Field(description="folder path (relative to params.yaml) or s3:// URI")
+    domain: str = Field(description="site / scanner id used as the domain label")
+    body_part: str = "unknown"
+    layout: Literal["auto", "msd", "nnunet"] = "auto"
+    include_unlabeled: bool = Field(default=True, description="also take images without labels (MSD 'test')")
+
+
+class IntensityConfig(StrictModel):
+    """Intensity normalisation; ``ct`` windows HU, ``mr`` scales robust percentiles."""
+
+    modality: Literal["ct", "mr"] = "ct"
+    a_min: float = -175.0
+    a_max: float = 250.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = True
+    lower_percentile: Annotated[float, Field(ge=0, le=100)] = 0.5
+    upper_percentile: Annotated[float, Field(ge=0, le=100)] = 99.5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityConfig:
+        if self.a_max <= self.a_min:
+            raise ValueError(f"a_max ({self.a_max}) must be greater than a_min ({self.a_min})")
+        if self.upper_percentile <= self.lower_percentile:
+            raise ValueError("upper_percentile must be greater than lower_percentile")
+        return self
+
+
+class HarmonizeConfig(StrictModel):
+    datasets: list[DatasetSource] = Field(default_factory=list)
+    target_spacing: Spacing = (1.5, 1.5, 1.5)
+    interpolation: Literal["linear", "bspline"] = "linear"
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    crop_foreground: bool = True
+    foreground_threshold: float = Field(default=0.0, description="scaled intensity above which a voxel is foreground")
+    foreground_margin: Annotated[int, Field(ge=0)] = 2
+    min_size: Size3 = (64, 64, 64)
+    divisible_by: Annotated[int, Field(ge=1)] = 16
+    compression_level: Annotated[int, Field(ge=0, le=9)] = 1
+    workers: Annotated[int, Field(ge=1)] = 2
+    fail_fast: bool = False
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_dataset_names(cls, datasets: list[DatasetSource]) -> list[DatasetSource]:
+        names = [d.name for d in datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        return datasets
+
+
+# --------------------------------------------------------------------------- orchestration
+class OrchestrationConfig(StrictModel):
+    """Prefect deployment of the whole pipeline; the stage graph itself lives in dvc.yaml."""
+
+    deployment_name: str = "full-pipeline"
+    cron: str | None = Field(default="0 3 * * 0", description="scheduled retraining; None disables the schedule")
+    timezone: str = "UTC"
+    task_retries: Annotated[int, Field(ge=0)] = 1
+    retry_delay_s: Annotated[float, Field(ge=0)] = 10.0
+    push: bool = Field(default=True, description="dvc push after the run when a remote is configured")
+
+
+class MeduetConfig(StrictModel):
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    demo_data: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+
+# --------------------------------------------------------------------------- resolved paths
+@dataclass(frozen=True)
+class Paths:
+    """Absolute locations, resolved once from ``paths`` and the params file's folder.
+
+    Also carries how to reach remote storage (``s3_options``), so stages can read
+    ``s3://`` inputs without seeing the rest of the configuration.
+    """
+
+    root: Path
+    demo: Path
+    harmonized: Path
+    reports: Path
+    work: Path
+    s3_options: dict[str, Any]
+
+    @classmethod
+    def resolve(cls, cfg: MeduetConfig, root: str | os.PathLike[str]) -> Paths:
+        root = Path(root).resolve()
+        p = cfg.paths
+        return cls(
+            root=root,
+            demo=root / p.demo_dir,
+            harmonized=root / p.harmonized_dir,
+            reports=root / p.reports_dir,
+            work=root / p.work_dir,
+            s3_options=s3_options(cfg.storage),
+        )
+
+    def local(self, path_or_uri: str) -> str | Path:
+        """A params path as an absolute local path, or unchanged if it is a URI."""
+        return path_or_uri if "://" in path_or_uri else self.root / path_or_uri
+
+
+def s3_options(storage: StorageConfig) -> dict[str, Any]:
+    """s3fs keyword arguments; environment variables override params (never secrets)."""
+    endpoint = os.environ.get("MEDUET_S3_ENDPOINT_URL", storage.s3_endpoint_url)
+    region = os.environ.get("MEDUET_S3_REGION", storage.s3_region)
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if region:
+        client_kwargs["region_name"] = region
+    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+
+
+# --------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["a.b=3", "c=[1,2]"]`` → ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
+def format_validation_error(source: str, error: ValidationError, data: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid configuration ({error.error_count()} problem(s))"]
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {err['input']!r})")
+        else:
+            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> MeduetConfig:
+    try:
+        return MeduetConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(source, error, data)) from None
+
+
+def load_config(
+    params: str | os.PathLike[str] = "params.yaml", overrides: list[str] | None = None
+) -> MeduetConfig:
+    """Read and validate a params file, applying ``key.path=value`` overrides first."""
+    path = Path(params)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides).items():
+        _set_dotted(data, key, value)
+    return config_from_dict(data, source=str(path))
+
+
+def dump_config(cfg: MeduetConfig) -> str:
+    """The fully resolved configuration as YAML (what ``meduet config show`` prints)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def config_hash(section: BaseModel) -> str:
+    """Stable short hash of a config section (names runs, keys resumable work)."""
+    payload = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Input/output helpers: atomic writes, medical image files, manifests, remote storage."""
