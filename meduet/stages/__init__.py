@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 
+class StageError(RuntimeError):
+    """A stage failed as a whole; the message says why and where to look."""
+
+
 @dataclass
 class StageResult:
     """What a stage produced: its output paths and headline metrics."""

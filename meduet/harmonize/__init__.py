@@ -1,0 +1,1 @@
+"""Harmonization: bring multi-center scans onto one orientation, grid and intensity scale."""

@@ -1,0 +1,105 @@
+"""Quality assurance of a harmonized dataset: per-site fingerprint, montage, report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from meduet.harmonize.manifest import CaseRecord  # noqa: E402
+from meduet.io.atomic import atomic_path, write_text  # noqa: E402
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"min": float(arr.min()), "median": float(np.median(arr)), "max": float(arr.max())}
+
+
+def fingerprint(records: list[CaseRecord]) -> dict[str, dict]:
+    """Per-domain statistics of the usable cases: spacing, sizes, raw foreground intensity."""
+    by_domain: dict[str, list[CaseRecord]] = defaultdict(list)
+    for record in records:
+        if record.status == "ok":
+            by_domain[record.domain].append(record)
+    result = {}
+    for domain, rows in sorted(by_domain.items()):
+        spacing = np.array([r.orig_spacing for r in rows])
+        entry = {
+            "cases": len(rows),
+            "datasets": sorted({r.dataset for r in rows}),
+            "orientations": sorted({r.orig_orientation for r in rows}),
+            "spacing_x_mm": _summary(spacing[:, 0].tolist()),
+            "spacing_y_mm": _summary(spacing[:, 1].tolist()),
+            "spacing_z_mm": _summary(spacing[:, 2].tolist()),
+            "out_voxels": _summary([float(np.prod(r.out_size)) for r in rows]),
+        }
+        for key in ("intensity_mean", "intensity_std", "intensity_p01", "intensity_p50", "intensity_p99"):
+            values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
+            if values:
+                entry[key] = _summary(values)
+        result[domain] = entry
+    return result
+
+
+def _overlay(ax: plt.Axes, image: np.ndarray, label: np.ndarray | None, title: str) -> None:
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if label is not None and label.any():
+        masked = np.ma.masked_equal(label, 0)
+        ax.imshow(masked, cmap="tab20", alpha=0.35, interpolation="nearest", vmin=0, vmax=20)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def montage(records: list[CaseRecord], harmonized_dir: Path, target: Path) -> Path | None:
+    """PNG with one case per domain: axial and coronal mid slices with the label overlaid.
+
+    Slices are shown in radiological convention (patient's right on the viewer's left,
+    anterior / superior at the top).
+    """
+    first: dict[str, CaseRecord] = {}
+    for record in sorted(records, key=lambda r: r.key):
+        if record.status == "ok":
+            first.setdefault(record.domain, record)
+    if not first:
+        return None
+    fig, axes = plt.subplots(2, len(first), figsize=(3.0 * len(first), 6.0), squeeze=False)
+    for column, (domain, record) in enumerate(sorted(first.items())):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(harmonized_dir / record.image)))  # (D, H, W)
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(harmonized_dir / record.label))) if record.label else None
+        z, y = image.shape[0] // 2, image.shape[1] // 2
+        # RAS arrays: axis order (z, y, x) with x → right, y → anterior; flip both in-plane
+        # axes for radiological display, and z so superior is at the top of the coronal view.
+        axial = image[z][::-1, ::-1]
+        coronal = image[:, y, :][::-1, ::-1]
+        _overlay(axes[0, column], axial, None if label is None else label[z][::-1, ::-1],
+                 f"{domain}\n{record.case_id} axial")
+        _overlay(axes[1, column], coronal, None if label is None else label[:, y, :][::-1, ::-1], "coronal")
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return target
+
+
+def report(records: list[CaseRecord], metrics: dict, target: Path) -> Path:
+    """Markdown report: counts per dataset and every quarantined case with its reason."""
+    lines = ["# Harmonization report", "",
+             f"{metrics['ok']} of {metrics['cases']} case(s) harmonized, {metrics['quarantined']} quarantined, "
+             f"{metrics['reused']} reused from an earlier run.", "",
+             "| dataset | domain | ok | quarantined |", "|---|---|---|---|"]
+    per_dataset: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for record in records:
+        per_dataset[(record.dataset, record.domain)][record.status != "ok"] += 1
+    for (dataset, domain), (ok, bad) in sorted(per_dataset.items()):
+        lines.append(f"| {dataset} | {domain} | {ok} | {bad} |")
+    quarantined = [r for r in records if r.status != "ok"]
+    if quarantined:
+        lines += ["", "## Quarantined", "", "| case | reason |", "|---|---|"]
+        lines += [f"| {r.key} | {r.reason.replace('|', '/')} |" for r in sorted(quarantined, key=lambda r: r.key)]
+    return write_text(target, "\n".join(lines) + "\n")

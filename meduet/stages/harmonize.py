@@ -1,0 +1,232 @@
+"""Stage ``harmonize``: raw multi-center datasets → one harmonized, versioned dataset.
+
+Outputs (``paths.harmonized``): ``<dataset>/imagesTr|imagesTs|labelsTr/<case>.nii.gz``,
+``records/<dataset>__<case>.json`` (per-case resume records) and ``manifest.csv``.
+Reports (``paths.reports/harmonize``): ``metrics.json``, ``fingerprint.json``,
+``montage.png``, ``report.md``.
+
+Every case is independent: a bad one is quarantined and reported, the others finish.
+Finished cases are reused by a rerun when their inputs and settings are unchanged, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import SimpleITK as sitk
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from meduet.config import HarmonizeConfig, Paths, config_hash
+from meduet.harmonize import qa
+from meduet.harmonize.case import CaseSettings, harmonize_case, input_hash
+from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover
+from meduet.harmonize.intensity import CTWindow, MRPercentiles
+from meduet.harmonize.manifest import CaseRecord, write_manifest
+from meduet.io.atomic import write_json
+from meduet.io.storage import is_remote, mirror
+from meduet.stages import StageError, StageResult
+
+log = logging.getLogger(__name__)
+
+
+class HarmonizeError(StageError):
+    """The stage as a whole failed (nothing usable, or ``fail_fast`` hit a bad case)."""
+
+
+def case_settings(cfg: HarmonizeConfig) -> CaseSettings:
+    """Plain per-case settings; the hash covers exactly what changes a case's output."""
+    i = cfg.intensity
+    normalizer = (CTWindow(i.a_min, i.a_max, i.b_min, i.b_max, i.clip) if i.modality == "ct"
+                  else MRPercentiles(i.lower_percentile, i.upper_percentile, i.b_min, i.b_max, i.clip))
+    output_affecting = cfg.model_copy(update={"datasets": [], "workers": 1, "fail_fast": False})
+    return CaseSettings(
+        spacing=tuple(cfg.target_spacing), interpolation=cfg.interpolation, normalizer=normalizer,
+        crop_foreground=cfg.crop_foreground, foreground_threshold=cfg.foreground_threshold,
+        margin=cfg.foreground_margin, min_size=tuple(cfg.min_size), divisible_by=cfg.divisible_by,
+        compression_level=cfg.compression_level, settings_hash=config_hash(output_affecting),
+    )
+
+
+def discover_all(cfg: HarmonizeConfig, paths: Paths) -> list[CaseSpec]:
+    specs: list[CaseSpec] = []
+    for source in cfg.datasets:
+        root = paths.local(source.root)
+        if is_remote(root):
+            try:
+                root = mirror(str(root), paths.work / "s3-mirror", paths.s3_options)
+            except Exception as error:  # network/credentials/bucket errors come in many types
+                specs.append(CaseSpec(source.name, "dataset.json", source.domain, source.body_part, "train", None,
+                                      problem=f"{source.root}: cannot mirror remote dataset ({error})"))
+                continue
+        info = DatasetInfo(source.name, Path(root), source.domain, source.body_part, source.layout,
+                           source.include_unlabeled)
+        specs.extend(discover(info))
+    return specs
+
+
+# --------------------------------------------------------------------------- resume
+def _record_path(out_dir: Path, key: str) -> Path:
+    return out_dir / "records" / f"{key}.json"
+
+
+def _reusable(out_dir: Path, spec: CaseSpec, digest: str, settings: CaseSettings) -> CaseRecord | None:
+    """The earlier record of this case if it is still valid for these inputs and settings."""
+    path = _record_path(out_dir, spec.key)
+    if spec.problem or not digest or not path.is_file():
+        return None
+    try:
+        record = CaseRecord.model_validate_json(path.read_text())
+    except (ValidationError, OSError):
+        return None
+    if record.input_sha256 != digest or record.settings_hash != settings.settings_hash:
+        return None
+    outputs = [record.image, record.label] if record.status == "ok" else []
+    if any(rel and not (out_dir / rel).is_file() for rel in outputs):
+        return None
+    return record
+
+
+def _prune(out_dir: Path, records: list[CaseRecord]) -> int:
+    """Remove outputs no current case owns (cases dropped from the inputs, temp files of a killed run)."""
+    keep = {out_dir / "manifest.csv"}
+    for record in records:
+        keep.add(_record_path(out_dir, record.key))
+        keep.update(out_dir / rel for rel in (record.image, record.label) if rel and record.status == "ok")
+    removed = 0
+    for path in list(out_dir.rglob("*")):
+        if path.is_file() and path not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- parallel execution
+def _init_worker(threads: int) -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: workers must not inherit the parent's threads (Prefect, tqdm) or locks.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+
+
+def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path,
+              workers: int) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
+    """Yield ``(spec, record)`` as cases finish; ``record`` is None if the worker died."""
+    with _pool(workers) as pool:
+        futures: dict[Future, CaseSpec] = {
+            pool.submit(harmonize_case, spec, settings, out_dir, digest): spec for spec, digest in jobs
+        }
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except BrokenProcessPool:
+                yield futures[future], None
+
+
+def harmonize_cases(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path,
+                    workers: int) -> Iterator[CaseRecord]:
+    """Harmonize cases in parallel; a case that crashes its worker process is quarantined.
+
+    A crash (e.g. a native reader segfault on a malformed file) breaks the whole pool, so
+    the cases it took down are retried one per fresh pool to single out the culprit.
+    """
+    crashed: list[tuple[CaseSpec, str]] = []
+    digests = {spec.key: digest for spec, digest in jobs}
+    for spec, record in _run_pool(jobs, settings, out_dir, workers):
+        if record is None:
+            crashed.append((spec, digests[spec.key]))
+        else:
+            yield record
+    for spec, digest in crashed:
+        (_, record), = _run_pool([(spec, digest)], settings, out_dir, 1)
+        if record is None:
+            record = CaseRecord(key=spec.key, dataset=spec.dataset, case_id=spec.case_id, domain=spec.domain,
+                                body_part=spec.body_part, split=spec.split, status="quarantined",
+                                reason=f"{spec.image}: worker process crashed while reading or processing this case",
+                                source_image=str(spec.image or ""), input_sha256=digest,
+                                settings_hash=settings.settings_hash)
+        yield record
+
+
+def _hash_inputs(specs: Iterable[CaseSpec], workers: int) -> list[str]:
+    # hashlib releases the GIL on large buffers: threads overlap disk reads and hashing.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(input_hash, specs))
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
+    """Harmonize every configured dataset; see the module docstring for outputs."""
+    start = time.perf_counter()
+    if not cfg.datasets:
+        raise HarmonizeError("harmonize.datasets is empty: list at least one dataset in params.yaml")
+    out_dir, report_dir = paths.harmonized, paths.reports / "harmonize"
+    settings = case_settings(cfg)
+    specs = discover_all(cfg, paths)
+    digests = _hash_inputs(specs, cfg.workers)
+
+    records: list[CaseRecord] = []
+    jobs: list[tuple[CaseSpec, str]] = []
+    for spec, digest in zip(specs, digests):
+        previous = _reusable(out_dir, spec, digest, settings)
+        if previous is not None:
+            records.append(previous)
+        else:
+            jobs.append((spec, digest))
+    reused = len(records)
+    log.info("harmonize: %d case(s), %d reused from an earlier run, %d to process with %d worker(s)",
+             len(specs), reused, len(jobs), cfg.workers)
+
+    progress = tqdm(total=len(jobs), desc="harmonize", unit="case", mininterval=2.0)
+    for record in harmonize_cases(jobs, settings, out_dir, cfg.workers):
+        write_json(_record_path(out_dir, record.key), record.model_dump(mode="json"))
+        records.append(record)
+        progress.update()
+        if record.status != "ok":
+            log.warning("quarantined %s: %s", record.key, record.reason)
+            if cfg.fail_fast:
+                progress.close()
+                raise HarmonizeError(f"fail_fast: {record.key}: {record.reason}")
+    progress.close()
+
+    pruned = _prune(out_dir, records)
+    write_manifest(out_dir / "manifest.csv", records)
+    ok = [r for r in records if r.status == "ok"]
+    processed_seconds = time.perf_counter() - start
+    metrics = {
+        "cases": len(records),
+        "ok": len(ok),
+        "quarantined": len(records) - len(ok),
+        "reused": reused,
+        "processed": len(jobs),
+        "pruned_files": pruned,
+        "seconds": round(processed_seconds, 3),
+        "volumes_per_s": round(len(jobs) / processed_seconds, 3) if jobs else None,
+        "ok_per_domain": dict(sorted(Counter(r.domain for r in ok).items())),
+    }
+    write_json(report_dir / "metrics.json", metrics)
+    write_json(report_dir / "fingerprint.json", qa.fingerprint(records))
+    qa.report(records, metrics, report_dir / "report.md")
+    montage = qa.montage(records, out_dir, report_dir / "montage.png")
+    outputs = {"manifest": out_dir / "manifest.csv", "metrics": report_dir / "metrics.json",
+               "fingerprint": report_dir / "fingerprint.json", "report": report_dir / "report.md"}
+    if montage is not None:
+        outputs["montage"] = montage
+    log.info("harmonize: %s", json.dumps(metrics))
+    if not ok:
+        raise HarmonizeError(f"no usable case remains ({len(records)} quarantined); see {report_dir / 'report.md'}")
+    return StageResult("harmonize", outputs, metrics)
