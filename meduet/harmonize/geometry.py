@@ -88,11 +88,15 @@ def foreground_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def padded_box(lo: np.ndarray, hi: np.ndarray, min_size: tuple[int, int, int], divisible_by: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grow ``[lo, hi)`` symmetrically to at least ``min_size`` and a multiple of ``divisible_by``."""
+    """Grow ``[lo, hi)`` to at least ``min_size``, then to a multiple of ``divisible_by``.
+
+    Each growth is split evenly before/after (odd remainder after), exactly as MONAI's
+    ``SpatialPad`` followed by ``DivisiblePad`` do, so outputs line up voxel for voxel.
+    """
     size = hi - lo
-    target = np.maximum(size, np.asarray(min_size))
-    target = -(-target // divisible_by) * divisible_by
-    before = (target - size) // 2
+    at_least = np.maximum(size, np.asarray(min_size))
+    target = -(-at_least // divisible_by) * divisible_by
+    before = (at_least - size) // 2 + (target - at_least) // 2
     return lo - before, lo - before + target
 
 

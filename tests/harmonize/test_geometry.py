@@ -42,5 +42,11 @@ def test_padded_box_reaches_min_size_and_multiple(size, min_size, k, expected):
     plo, phi = padded_box(lo, lo + np.array(size), min_size, k)
     assert tuple(phi - plo) == expected
     assert np.all(plo <= lo) and np.all(phi >= lo + np.array(size))
-    # symmetric: the extra room splits evenly (odd remainder goes after)
-    assert np.all(np.abs((lo - plo) - (phi - lo - np.array(size))) <= 1)
+
+    # the same placement as MONAI's SpatialPad then DivisiblePad
+    from monai.transforms import DivisiblePad, SpatialPad
+
+    marker = np.zeros((1, *size), np.float32)
+    marker[0, 0, 0, 0] = 1
+    padded = DivisiblePad(k)(SpatialPad(min_size)(marker))
+    assert tuple(np.argwhere(np.asarray(padded)[0])[0]) == tuple(lo - plo)

@@ -1,0 +1,152 @@
+"""Harmonization throughput: this project's stage vs an equivalent MONAI dictionary chain.
+
+Both read the same input files, reorient to RAS,
+resample to the target spacing, window intensities, crop the foreground, pad, and write
+``.nii.gz``. Prints volumes/s for each, their ratio, and how far the outputs differ.
+
+    python benchmarks/harmonize.py [--params params.yaml] [--cases 8] [--repeats 1]
+
+Inputs are the configured datasets' cases, round-robin over sites, first copied to NIfTI
+with their original geometry (orientation, spacing) kept: MONAI reads NRRD, MetaImage and
+DICOM only through the optional ``itk`` package, which this project does not need.
+The demo datasets are generated first if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from meduet.config import HarmonizeConfig, Paths, load_config
+from meduet.harmonize.case import harmonize_case
+from meduet.harmonize.datasets import CaseSpec
+from meduet.io.images import read_image
+from meduet.stages.harmonize import case_settings, discover_all
+
+
+def monai_chain(cfg: HarmonizeConfig, out_dir: Path):
+    """The MONAI transforms a user would write for the same harmonization."""
+    from monai.transforms import (
+        Compose, DivisiblePadd, EnsureChannelFirstd, LoadImaged, Orientationd, SaveImaged,
+        ScaleIntensityRanged, Spacingd, SpatialPadd, CropForegroundd,
+    )
+
+    i = cfg.intensity
+    keys = ["image", "label"]
+    threshold = cfg.foreground_threshold
+    return Compose([
+        LoadImaged(keys=keys, allow_missing_keys=True),
+        EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
+        Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True),
+        Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
+        ScaleIntensityRanged(keys="image", a_min=i.a_min, a_max=i.a_max, b_min=i.b_min, b_max=i.b_max, clip=i.clip),
+        CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold,
+                        margin=cfg.foreground_margin, allow_smaller=True, allow_missing_keys=True),
+        SpatialPadd(keys=keys, spatial_size=cfg.min_size, allow_missing_keys=True),
+        DivisiblePadd(keys=keys, k=cfg.divisible_by, allow_missing_keys=True),
+        SaveImaged(keys=keys, output_dir=str(out_dir), output_postfix="", separate_folder=False,
+                   resample=False, print_log=False, allow_missing_keys=True),
+    ])
+
+
+def as_nifti(specs: list[CaseSpec], folder: Path) -> list[CaseSpec]:
+    """Copies of the cases as NIfTI files, geometry unchanged."""
+    copies = []
+    for spec in specs:
+        paths = {}
+        for role, source in (("image", spec.image), ("label", spec.label)):
+            if source is not None:
+                paths[role] = folder / f"{spec.key}_{role}.nii.gz"
+                sitk.WriteImage(read_image(source), str(paths[role]), useCompression=True, compressionLevel=1)
+        copies.append(replace(spec, image=paths["image"], label=paths.get("label")))
+    return copies
+
+
+def run_ours(specs: list[CaseSpec], cfg: HarmonizeConfig, out_dir: Path) -> tuple[float, dict[str, Path]]:
+    settings = case_settings(cfg)
+    start = time.perf_counter()
+    outputs = {}
+    for spec in specs:
+        record = harmonize_case(spec, settings, out_dir)
+        assert record.status == "ok", record.reason
+        outputs[spec.key] = out_dir / record.image
+    return time.perf_counter() - start, outputs
+
+
+def run_monai(specs: list[CaseSpec], cfg: HarmonizeConfig, out_dir: Path) -> tuple[float, dict[str, Path]]:
+    outputs = {}
+    start = time.perf_counter()
+    for spec in specs:
+        case_dir = out_dir / spec.key
+        chain = monai_chain(cfg, case_dir)
+        item = {"image": str(spec.image)}
+        if spec.label is not None:
+            item["label"] = str(spec.label)
+        chain(item)
+        outputs[spec.key] = case_dir / Path(spec.image).name
+    return time.perf_counter() - start, outputs
+
+
+def compare(ours: Path, theirs: Path) -> tuple[bool, bool, float]:
+    a, b = nib.load(ours), nib.load(theirs)
+    same_shape = a.shape == b.shape[: len(a.shape)]
+    same_affine = bool(np.allclose(a.affine, b.affine, atol=1e-3))
+    diff = float(np.abs(a.get_fdata() - np.squeeze(b.get_fdata())).max()) if same_shape else float("nan")
+    return same_shape, same_affine, diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--cases", type=int, default=8, help="cases to run (spread over all datasets)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for ITK and torch")
+    args = parser.parse_args()
+
+    cfg = load_config(args.params)
+    paths = Paths.resolve(cfg, Path(args.params).resolve().parent)
+    if not paths.demo.exists() and any(d.root.startswith(cfg.paths.demo_dir) for d in cfg.harmonize.datasets):
+        from meduet.stages import demo_data
+        demo_data.run(cfg.demo_data, paths)
+    specs = [s for s in discover_all(cfg.harmonize, paths) if s.problem is None]
+    by_dataset: dict[str, list[CaseSpec]] = {}
+    for spec in specs:
+        by_dataset.setdefault(spec.dataset, []).append(spec)
+    chosen = [s for group in zip(*by_dataset.values()) for s in group][: args.cases]  # round-robin over sites
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "inputs").mkdir()
+        chosen = as_nifti(chosen, tmp / "inputs")
+        run_ours(chosen[:1], cfg.harmonize, tmp / "warm_ours")  # import/JIT warm-up for both sides
+        run_monai(chosen[:1], cfg.harmonize, tmp / "warm_monai")
+        t_monai, out_monai = run_monai(chosen, cfg.harmonize, tmp / "monai")
+        t_ours, out_ours = run_ours(chosen, cfg.harmonize, tmp / "ours")
+        rows = [(key, *compare(out_ours[key], out_monai[key])) for key in out_ours]
+
+    n = len(chosen)
+    print(f"\nharmonization of {n} demo volumes ({', '.join(sorted(by_dataset))}), "
+          f"{args.threads} thread(s), target spacing {cfg.harmonize.target_spacing}\n")
+    print(f"{'method':<26}{'seconds':>10}{'volumes/s':>12}{'ratio':>8}")
+    print(f"{'MONAI dict chain':<26}{t_monai:>10.2f}{n / t_monai:>12.2f}{1.0:>8.2f}")
+    print(f"{'meduet harmonize':<26}{t_ours:>10.2f}{n / t_ours:>12.2f}{t_monai / t_ours:>8.2f}")
+    print(f"\n{'case':<28}{'same shape':>11}{'same affine':>12}{'max |diff|':>12}")
+    for key, same_shape, same_affine, diff in rows:
+        print(f"{key:<28}{str(same_shape):>11}{str(same_affine):>12}{diff:>12.2e}")
+    worst = max(r[3] for r in rows)
+    print(f"\nspeed-up {t_monai / t_ours:.2f}x; worst max |diff| {worst:.2e} (intensities scaled to "
+          f"[{cfg.harmonize.intensity.b_min}, {cfg.harmonize.intensity.b_max}])")
+
+
+if __name__ == "__main__":
+    main()
