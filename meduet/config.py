@@ -172,6 +172,28 @@ class HarmonizeConfig(StrictModel):
         return datasets
 
 
+# --------------------------------------------------------------------------- distributed training
+class RayConfig(StrictModel):
+    """How training stages reach Ray Train (see ``meduet.distributed``)."""
+
+    address: str | None = Field(
+        default=None, description="Ray cluster address; None starts a local one (env RAY_ADDRESS overrides)"
+    )
+    num_workers: Annotated[int, Field(ge=1)] = 1
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    local_num_cpus: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="CPUs a local cluster may use; None = all of this machine"
+    )
+    storage: str | None = Field(
+        default=None, description="checkpoints/results: local path or s3:// URI; None = <work_dir>/ray_results"
+    )
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    max_failures: Annotated[int, Field(ge=0)] = 1
+
+
 # --------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(StrictModel):
     """Prefect deployment of the whole pipeline; the stage graph itself lives in dvc.yaml."""
@@ -189,6 +211,7 @@ class MeduetConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     demo_data: DemoDataConfig = Field(default_factory=DemoDataConfig)
     harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 
