@@ -37,6 +37,8 @@ class PathsConfig(StrictModel):
     demo_dir: str = "data/demo"
     harmonized_dir: str = "data/harmonized"
     reports_dir: str = "reports"
+    models_dir: str = "models"
+    latents_dir: str = "data/latents"
     work_dir: str = ".work"
 
 
@@ -172,6 +174,50 @@ class HarmonizeConfig(StrictModel):
         return datasets
 
 
+# --------------------------------------------------------------------------- VAE and latents
+class VAEConfig(StrictModel):
+    """The 3-D KL-VAE tokenizer (stage ``train-vae``)."""
+
+    preset: Literal["maisi", "small", "tiny"] = Field(
+        default="tiny", description="maisi = the published MAISI autoencoder shape; small/tiny for CPU"
+    )
+    pretrained: str | None = Field(
+        default=None, description="existing weights (e.g. MAISI autoencoder.pt), local or s3://; skips training"
+    )
+    crop_size: Size3 = Field(default=(32, 32, 32), description="training crop (D, H, W), multiples of 4")
+    batch_size: Annotated[int, Field(ge=1)] = 2
+    steps: Annotated[int, Field(ge=1)] = 300
+    lr: PositiveFloat = 1e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    kl_weight: Annotated[float, Field(ge=0)] = 1e-6
+    adv_weight: Annotated[float, Field(ge=0)] = 0.0
+    adv_start: Annotated[int, Field(ge=0)] = 0
+    disc_channels: Annotated[int, Field(ge=1)] = 32
+    grad_clip: PositiveFloat = 1.0
+    amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
+    holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
+        default=4_000_000, description="memory bound for whole-volume encode/decode (MAISI tensor splitting)"
+    )
+    log_every: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_multiple_of_4(cls, crop: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(c % 4 for c in crop):
+            raise ValueError(f"every crop dimension must be a multiple of 4 (the VAE's compression), got {crop}")
+        return crop
+
+
+class EncodeLatentsConfig(StrictModel):
+    """Encoding every harmonized volume with the frozen VAE (stage ``encode-latents``)."""
+
+    store_std: bool = Field(default=False, description="also store the posterior standard deviation")
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = 4_000_000
+    workers: Annotated[int, Field(ge=1)] = Field(default=1, description="parallel encoders (Ray tasks)")
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -211,6 +257,8 @@ class MeduetConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     demo_data: DemoDataConfig = Field(default_factory=DemoDataConfig)
     harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    encode_latents: EncodeLatentsConfig = Field(default_factory=EncodeLatentsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
@@ -228,6 +276,8 @@ class Paths:
     demo: Path
     harmonized: Path
     reports: Path
+    models: Path
+    latents: Path
     work: Path
     s3_options: dict[str, Any]
 
@@ -240,6 +290,8 @@ class Paths:
             demo=root / p.demo_dir,
             harmonized=root / p.harmonized_dir,
             reports=root / p.reports_dir,
+            models=root / p.models_dir,
+            latents=root / p.latents_dir,
             work=root / p.work_dir,
             s3_options=s3_options(cfg.storage),
         )

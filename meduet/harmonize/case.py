@@ -257,7 +257,7 @@ def harmonize_case(spec: CaseSpec, settings: CaseSettings, out_dir: Path, input_
     record.out_size = [int(n) for n in volume.grid.size]
     record.out_spacing = [float(s) for s in volume.grid.spacing]
     record.out_origin = list(volume.grid.world_origin)
-    record.window = [volume.window.a_min, volume.window.a_max]
+    record.window = [volume.window.a_min, volume.window.a_max, volume.window.b_min, volume.window.b_max]
     for key, value in volume.foreground_stats.items():
         setattr(record, key, value)
     record.seconds = time.perf_counter() - start

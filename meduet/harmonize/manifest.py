@@ -46,7 +46,7 @@ class CaseRecord(BaseModel):
     out_size: list[int] = []
     out_spacing: list[float] = []
     out_origin: list[float] = []
-    window: list[float] = []  # raw intensities mapped to b_min, b_max
+    window: list[float] = []  # [a_min, a_max, b_min, b_max]: raw range → scaled range
     intensity_mean: float | None = None  # raw intensities inside the foreground
     intensity_std: float | None = None
     intensity_p01: float | None = None

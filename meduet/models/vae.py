@@ -1,0 +1,153 @@
+"""The frozen 3-D KL-VAE that turns harmonized volumes into latents.
+
+Built on MONAI's MAISI autoencoder (``AutoencoderKlMaisi``): three resolution levels, i.e.
+4× compression per axis, so a ``(B, 1, D, H, W)`` volume becomes ``(B, 4, D/4, H/4, W/4)``.
+MAISI's tensor splitting (``num_splits``) runs convolutions and group norms chunk by chunk
+with exact whole-volume statistics, which bounds memory without changing the result; the
+encoding stage picks the split count from the volume size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+PresetName = Literal["maisi", "small", "tiny"]
+
+
+@dataclass(frozen=True)
+class VAEArchitecture:
+    """Hyper-parameters that fix the network's shape (and so its checkpoint keys)."""
+
+    num_channels: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if len(self.num_channels) != len(self.num_res_blocks):
+            raise ValueError("num_channels and num_res_blocks need one entry per level")
+        if any(c % self.norm_num_groups for c in self.num_channels):
+            raise ValueError(f"every channel count {self.num_channels} must divide by norm_num_groups "
+                             f"{self.norm_num_groups}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.num_channels) - 1)
+
+
+PRESETS: dict[str, VAEArchitecture] = {
+    # The published MAISI autoencoder shape (loads MAISI's autoencoder.pt).
+    "maisi": VAEArchitecture((64, 128, 256), (2, 2, 2), 4, 32),
+    # CPU-sized variants with the same 4× compression, for the demo and tests.
+    "small": VAEArchitecture((16, 32, 64), (1, 1, 1), 4, 8),
+    "tiny": VAEArchitecture((8, 16, 32), (1, 1, 1), 4, 8),
+}
+
+
+def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> AutoencoderKlMaisi:
+    """A MAISI-style KL autoencoder for single-channel 3-D volumes.
+
+    Args:
+        arch: network shape (a preset from ``PRESETS`` or custom).
+        num_splits: chunks for MAISI tensor splitting (1 = none); only changes memory use.
+    """
+    n = len(arch.num_channels)
+    return AutoencoderKlMaisi(
+        spatial_dims=3, in_channels=1, out_channels=1,
+        num_res_blocks=arch.num_res_blocks, num_channels=arch.num_channels,
+        attention_levels=(False,) * n, latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_num_groups, with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False, include_fc=False, use_checkpointing=False,
+        use_convtranspose=False, num_splits=num_splits, dim_split=1, norm_float16=False,
+        print_info=False, save_mem=False,
+    )
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the network; the message lists the offending keys."""
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a state dict (or a MAISI-style ``{"state_dict": ...}`` file) strictly.
+
+    Raises:
+        CheckpointMismatchError: naming missing, unexpected and wrongly shaped keys.
+    """
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "autoencoder"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+        raise CheckpointMismatchError(
+            f"{path}: weights do not match the VAE architecture: {len(missing)} missing [{show(missing)}], "
+            f"{len(unexpected)} unexpected [{show(unexpected)}], {len(wrong)} with another shape [{show(wrong)}]"
+        )
+    model.load_state_dict(state)
+
+
+def architecture_dict(arch: VAEArchitecture) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch).items()}
+
+
+def num_splits_for(shape: tuple[int, ...], max_voxels: int, downsample: int = 4) -> int:
+    """Tensor-split count keeping each chunk under ``max_voxels`` input voxels.
+
+    Splits run along H; the count divides the latent extent ``H / downsample`` and leaves
+    every chunk at least 4 latent voxels thick (MAISI's split overlap is 3-4 voxels).
+
+    Args:
+        shape: ``(..., D, H, W)`` of the volume to encode.
+    """
+    d, h, w = shape[-3:]
+    latent_h = h // downsample
+    needed = -(-d * h * w // max_voxels)
+    candidates = [n for n in range(1, latent_h // 4 + 1) if latent_h % n == 0] or [1]
+    fitting = [n for n in candidates if n >= needed]
+    return fitting[0] if fitting else candidates[-1]
+
+
+def set_num_splits(model: torch.nn.Module, num_splits: int) -> None:
+    """Change MAISI tensor splitting in place (an inference-time memory knob, result-neutral)."""
+    for module in model.modules():
+        if hasattr(module, "num_splits"):
+            module.num_splits = num_splits
+
+
+@torch.no_grad()
+def encode_volume(model: AutoencoderKlMaisi, volume: torch.Tensor, max_voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of a whole volume with bounded memory.
+
+    Args:
+        volume: ``(B, 1, D, H, W)`` with D, H, W multiples of 4.
+
+    Returns:
+        ``(mu, sigma)``, each ``(B, 4, D/4, H/4, W/4)``.
+    """
+    set_num_splits(model, num_splits_for(tuple(volume.shape), max_voxels))
+    try:
+        return model.encode(volume)
+    finally:
+        set_num_splits(model, 1)
+
+
+@torch.no_grad()
+def decode_latent(model: AutoencoderKlMaisi, latent: torch.Tensor, max_voxels: int) -> torch.Tensor:
+    """``(B, 4, d, h, w)`` latent → ``(B, 1, 4d, 4h, 4w)`` volume, with bounded memory."""
+    up = tuple(4 * n for n in latent.shape[-3:])
+    set_num_splits(model, num_splits_for(up, max_voxels))
+    try:
+        return model.decode(latent)
+    finally:
+        set_num_splits(model, 1)
