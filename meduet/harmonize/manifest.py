@@ -1,20 +1,13 @@
-"""The harmonized-dataset manifest: one typed row per case, stored as CSV.
-
-List-valued fields (sizes, spacings, directions) are JSON-encoded inside their cell, so
-the file opens in a spreadsheet and round-trips exactly through :func:`read_manifest`.
-"""
+"""The harmonized-dataset manifest (``manifest.csv``): one :class:`CaseRecord` per case."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from meduet.io.atomic import write_text
+from meduet.io.manifest import read_rows, write_rows
 
 
 class CaseRecord(BaseModel):
@@ -56,26 +49,9 @@ class CaseRecord(BaseModel):
     seconds: float = 0.0
 
 
-FIELDS = list(CaseRecord.model_fields)
-_LIST_FIELDS = {name for name, f in CaseRecord.model_fields.items() if str(f.annotation).startswith("list")}
-
-
 def write_manifest(path: Path, records: list[CaseRecord]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for record in sorted(records, key=lambda r: r.key):
-        row = record.model_dump(mode="json")
-        writer.writerow({k: json.dumps(v) if k in _LIST_FIELDS else ("" if v is None else v) for k, v in row.items()})
-    return write_text(path, buffer.getvalue())
+    return write_rows(path, records)
 
 
 def read_manifest(path: Path) -> list[CaseRecord]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    records = []
-    for row in rows:
-        parsed = {k: (json.loads(v) if k in _LIST_FIELDS else (None if v == "" and k.startswith("intensity") else v))
-                  for k, v in row.items()}
-        records.append(CaseRecord.model_validate(parsed))
-    return records
+    return read_rows(path, CaseRecord)

@@ -50,3 +50,15 @@ def mirror(uri: str, cache_root: Path, s3_options: dict[str, Any] | None = None)
         fetched += 1
     log.info("mirrored %s -> %s (%d object(s) fetched)", uri, local_root, fetched)
     return local_root
+
+
+def fetch_file(uri: str, cache_root: Path, s3_options: dict[str, Any] | None = None) -> Path:
+    """A local copy of one remote file (downloaded again only when the size changed)."""
+    fs, path = filesystem(uri, s3_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: remote file not found")
+    target = cache_root / str(uri).replace("://", "/", 1)
+    if not (target.is_file() and target.stat().st_size == int(fs.info(path).get("size", -1))):
+        with atomic_path(target) as tmp:
+            fs.get_file(path, str(tmp))
+    return target
