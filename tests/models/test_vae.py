@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from meduet.models.vae import (
+    PRESETS, CheckpointMismatchError, VAEArchitecture, build_vae, decode_latent, encode_volume, load_weights,
+    num_splits_for,
+)
+
+
+def test_maisi_preset_has_the_published_shape():
+    model = build_vae(PRESETS["maisi"])
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 20.5e6 < n_params < 21.5e6  # MAISI's autoencoder: ~20.9 M parameters
+    assert PRESETS["maisi"].downsample == 4 and PRESETS["maisi"].latent_channels == 4
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32, 48, 40), (2, 1, 16, 32, 16)])
+def test_tiny_vae_compresses_4x_per_axis(shape):
+    model = build_vae(PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        recon, mu, sigma = model(torch.rand(shape))
+    assert mu.shape == (shape[0], 4, *(n // 4 for n in shape[2:]))
+    assert recon.shape == shape and (sigma > 0).all()
+
+
+def test_split_encoding_matches_whole_volume():
+    """Bounded-memory (tensor-split) encoding equals whole-volume encoding."""
+    torch.manual_seed(0)
+    model = build_vae(PRESETS["tiny"]).eval()
+    volume = torch.rand(1, 1, 32, 64, 48)
+    with torch.no_grad():
+        whole_mu, whole_sigma = model.encode(volume)
+        whole_recon = model.decode(whole_mu)
+    assert num_splits_for(volume.shape, max_voxels=20_000) > 1
+    mu, sigma = encode_volume(model, volume, max_voxels=20_000)
+    torch.testing.assert_close(mu, whole_mu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sigma, whole_sigma, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_latent(model, whole_mu, max_voxels=20_000), whole_recon, atol=1e-4, rtol=1e-4)
+    assert all(m.num_splits == 1 for m in model.modules() if hasattr(m, "num_splits"))  # knob restored
+
+
+@pytest.mark.parametrize("shape,max_voxels,expected", [((64, 64, 64), 10**9, 1), ((64, 64, 64), 64**3 // 4, 4),
+                                                       ((16, 16, 16), 1, 1)])
+def test_num_splits_for(shape, max_voxels, expected):
+    assert num_splits_for(shape, max_voxels) == expected
+
+
+def test_mismatched_weights_name_the_keys(tmp_path):
+    small, tiny = build_vae(PRESETS["small"]), build_vae(PRESETS["tiny"])
+    path = tmp_path / "autoencoder.pt"
+    torch.save({"state_dict": small.state_dict()}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"autoencoder.pt: .*another shape \[decoder"):
+        load_weights(tiny, path)
+    state = tiny.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["encoder.blocks.0.conv.conv.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing \[encoder.blocks.0.conv.conv.weight\], "
+                                                      r"1 unexpected \[extra.weight\]"):
+        load_weights(tiny, path, state=state)
+    torch.save(tiny.state_dict(), path)  # a bare state dict loads too
+    load_weights(build_vae(PRESETS["tiny"]), path)
+
+
+def test_architecture_validation():
+    with pytest.raises(ValueError, match="divide by norm_num_groups"):
+        VAEArchitecture((8, 12, 16), (1, 1, 1), 4, 8)
