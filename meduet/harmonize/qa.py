@@ -48,10 +48,13 @@ def fingerprint(records: list[CaseRecord]) -> dict[str, dict]:
 
 
 def _overlay(ax: plt.Axes, image: np.ndarray, label: np.ndarray | None, title: str) -> None:
+    """Image in grey with each label's outline in its own colour (outlines keep the image readable)."""
     ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    if label is not None and label.any():
-        masked = np.ma.masked_equal(label, 0)
-        ax.imshow(masked, cmap="tab20", alpha=0.35, interpolation="nearest", vmin=0, vmax=20)
+    if label is not None:
+        colours = plt.get_cmap("tab20")
+        for value in np.unique(label):
+            if value:
+                ax.contour(label == value, levels=[0.5], colors=[colours(int(value) % 20)], linewidths=0.7)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
