@@ -101,7 +101,12 @@ def padded_box(lo: np.ndarray, hi: np.ndarray, min_size: tuple[int, int, int], d
 
 
 def resample(image: sitk.Image, grid: Grid, interpolator: int, default_value: float, pixel_type: int) -> sitk.Image:
-    """Sample ``image`` on ``grid`` (identity transform: both live in the same world)."""
+    """Sample ``image`` on ``grid`` (identity transform: both live in the same world).
+
+    Grid points just past the last voxel centre (the grid rounds the extent) take the
+    nearest edge value, like MONAI's ``padding_mode="border"``, instead of ``default_value``:
+    a body cut by the scanner's field of view must not gain an artificial air rim.
+    """
     return sitk.Resample(
         image,
         [int(n) for n in grid.size],
@@ -112,4 +117,5 @@ def resample(image: sitk.Image, grid: Grid, interpolator: int, default_value: fl
         tuple(RAS_DIRECTION.flatten()),
         default_value,
         pixel_type,
+        True,  # useNearestNeighborExtrapolator
     )
