@@ -67,17 +67,29 @@ class SiteStyle(StrictModel):
     """How one (simulated) scanner site renders the same anatomy."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    spacing: Spacing = Field(description="voxel spacing (x, y, z) in mm; z is the slice thickness")
-    fov_mm: tuple[PositiveFloat, PositiveFloat] = Field(description="in-plane field of view (x, y) in mm")
+    spacing: Spacing = Field(description="voxel spacing (x, y, z) in mm; z is the slice thickness (contiguous slices)")
+    fov_mm: tuple[PositiveFloat, PositiveFloat] = Field(
+        description="in-plane field of view (x, y) in mm; the reconstruction circle's diameter is the smaller one"
+    )
     hu_offset: float = Field(default=0.0, description="calibration offset added to true HU")
     hu_gain: PositiveFloat = Field(default=1.0, description="calibration gain applied to true HU")
-    hu_gamma: PositiveFloat = Field(default=1.0, description="mild nonlinearity of the calibration curve")
+    hu_gamma: PositiveFloat = Field(
+        default=1.0, description="calibration nonlinearity: power on attenuation relative to water, (HU + 1000) / 1000"
+    )
     noise_std: Annotated[float, Field(ge=0)] = Field(default=10.0, description="noise standard deviation in HU")
-    noise_corr_mm: Annotated[float, Field(ge=0)] = Field(default=0.0, description="noise texture correlation length")
-    kernel: Literal["smooth", "standard", "sharp"] = "standard"
-    bias: Annotated[float, Field(ge=0, le=0.5)] = Field(default=0.0, description="beam-hardening cupping depth")
+    noise_corr_mm: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="in-plane Gaussian sigma (mm) of the noise texture; 0 = white noise"
+    )
+    kernel: Literal["smooth", "standard", "sharp"] = Field(
+        default="standard", description="reconstruction kernel: Gaussian blur (smooth, standard) or edge enhancement"
+    )
+    bias: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        default=0.0, description="beam-hardening cupping: fractional attenuation loss at the body centre"
+    )
     pad_value: float = Field(default=-1024.0, description="HU stored outside the reconstruction circle")
-    orientation: Literal["RAS", "LPS", "permuted"] = "RAS"
+    orientation: Literal["RAS", "LPS", "permuted"] = Field(
+        default="RAS", description="storage order of the array axes; 'permuted' stores sagittal slices (PIR)"
+    )
     file_format: Literal["nii.gz", "nrrd", "mha", "dicom"] = "nii.gz"
 
 
@@ -108,6 +120,9 @@ class DemoDataConfig(StrictModel):
     body_length_mm: PositiveFloat = Field(default=160.0, description="cranio-caudal extent scanned per case")
     sites: list[SiteStyle] = Field(default_factory=_default_sites, min_length=1)
     workers: Annotated[int, Field(ge=1)] = 2
+    compression_level: Annotated[int, Field(ge=0, le=9)] = Field(
+        default=1, description="zlib level of written images (0 = uncompressed .nrrd/.mha; .nii.gz always gzip)"
+    )
 
     @field_validator("sites")
     @classmethod
