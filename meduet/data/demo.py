@@ -14,19 +14,16 @@ Every file is written atomically and identical parameters give byte-identical fi
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import shutil
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -38,6 +35,7 @@ from meduet.data.scanner import ORIENTATION_CODES, SiteGrid, acquire, sub_slice_
 from meduet.io.atomic import atomic_path, write_json
 from meduet.io.dicom import write_dicom_series
 from meduet.io.images import write_image
+from meduet.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +128,13 @@ def build_case(job: CaseJob) -> CaseResult:
     return CaseResult(record, int(image.size), time.perf_counter() - start, preview)
 
 
-def _init_worker(threads: int) -> None:
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
 def _run(jobs: list[CaseJob], workers: int) -> Iterator[tuple[CaseJob, CaseResult]]:
     """Yield ``(job, result)`` as cases finish; ``workers == 1`` runs in this process."""
     if workers == 1:
         for job in jobs:
             yield job, build_case(job)
         return
-    # spawn: workers must not inherit the parent's threads (ITK's pool, tqdm) or locks.
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+    with process_pool(workers) as pool:
         futures = {pool.submit(build_case, job): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()

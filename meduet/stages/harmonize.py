@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import SimpleITK as sitk
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -35,6 +32,7 @@ from meduet.harmonize.intensity import CTWindow, MRPercentiles
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.io.atomic import write_json
 from meduet.io.storage import is_remote, mirror
+from meduet.parallel import process_pool
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
@@ -112,21 +110,10 @@ def _prune(out_dir: Path, records: list[CaseRecord]) -> int:
 
 
 # --------------------------------------------------------------------------- parallel execution
-def _init_worker(threads: int) -> None:
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn: workers must not inherit the parent's threads (Prefect, tqdm) or locks.
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
-
-
 def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path,
               workers: int) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
     """Yield ``(spec, record)`` as cases finish; ``record`` is None if the worker died."""
-    with _pool(workers) as pool:
+    with process_pool(workers) as pool:
         futures: dict[Future, CaseSpec] = {
             pool.submit(harmonize_case, spec, settings, out_dir, digest): spec for spec, digest in jobs
         }

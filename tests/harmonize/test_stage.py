@@ -131,7 +131,8 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     finished_before = len(list(records_dir.glob("*.json")))
     assert finished_before >= 1
 
-    resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True)
+    resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, encoding="utf-8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads(resumed.stdout)["metrics"]
     assert metrics["reused"] == finished_before
     assert metrics["processed"] == 10 - finished_before
