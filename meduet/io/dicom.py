@@ -9,10 +9,13 @@ applies the rescale and returns HU. Reading lives in ``meduet.io.images``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import locale
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,21 @@ FIXED_DATE, FIXED_TIME = "20000101", "000000"
 RESCALE_INTERCEPT, RESCALE_SLOPE = -1024, 1
 _DATE_TAGS = ("0008|0012", "0008|0020", "0008|0021", "0008|0022", "0008|0023")  # creation, study..content
 _TIME_TAGS = ("0008|0013", "0008|0030", "0008|0031", "0008|0032", "0008|0033")
+
+
+@contextlib.contextmanager
+def preserved_locale() -> Iterator[None]:
+    """Undo GDCM's process-wide ``setlocale(LC_ALL, "C")``.
+
+    GDCM switches the C locale to format decimal strings; left that way, Python's
+    preferred encoding in this process silently becomes ASCII (subprocess output with a
+    non-ASCII character then fails to decode).
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def derived_uid(*parts: object) -> str:
@@ -95,21 +113,25 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike[str], *, uid
     staging = _fresh_dir(folder, "tmp")
     names = [f"slice_{k:04d}.dcm" for k in range(array.shape[0])]
     try:
-        for k, name in enumerate(names):
-            # A 2-D slice built from the array: slicing the 3-D image would collapse its
-            # direction matrix, which fails for oblique/permuted orientations.
-            slice_image = sitk.GetImageFromArray(np.ascontiguousarray(array[k]))
-            slice_image.SetSpacing(image.GetSpacing()[:2])
-            position = image.TransformIndexToPhysicalPoint((0, 0, k))
-            for tag, value in common.items():
-                slice_image.SetMetaData(tag, value)
-            slice_image.SetMetaData("0008|0018", derived_uid(uid_key, "instance", k))
-            slice_image.SetMetaData("0020|0013", str(k + 1))
-            slice_image.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
-            slice_image.SetMetaData("0020|1041", _ds(float(np.dot(normal, position))))
-            with atomic_path(staging / name) as tmp:
-                writer.SetFileName(str(tmp))
-                writer.Execute(slice_image)
+        with preserved_locale():
+            for k, name in enumerate(names):
+                # A one-slice 3-D image with the volume's full spacing and direction: a 2-D
+                # slice would make ITK derive SpacingBetweenSlices from a default (and GDCM
+                # keeps state between writes, so the bytes would depend on earlier writes).
+                position = image.TransformIndexToPhysicalPoint((0, 0, k))
+                slice_image = sitk.GetImageFromArray(np.ascontiguousarray(array[k:k + 1]))
+                slice_image.SetSpacing(image.GetSpacing())
+                slice_image.SetDirection(image.GetDirection())
+                slice_image.SetOrigin(position)
+                for tag, value in common.items():
+                    slice_image.SetMetaData(tag, value)
+                slice_image.SetMetaData("0008|0018", derived_uid(uid_key, "instance", k))
+                slice_image.SetMetaData("0020|0013", str(k + 1))
+                slice_image.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
+                slice_image.SetMetaData("0020|1041", _ds(float(np.dot(normal, position))))
+                with atomic_path(staging / name) as tmp:
+                    writer.SetFileName(str(tmp))
+                    writer.Execute(slice_image)
         _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

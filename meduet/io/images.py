@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from meduet.io.atomic import atomic_path
+from meduet.io.dicom import preserved_locale
 
 
 class ImageReadError(Exception):
@@ -78,6 +79,11 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    with preserved_locale():
+        return _read_dicom_series_as_is(folder)
+
+
+def _read_dicom_series_as_is(folder: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise ImageReadError(folder, "folder holds no DICOM series")

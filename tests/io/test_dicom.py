@@ -83,3 +83,19 @@ def test_rejects_anything_but_3d_int16(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="int16"):
         write_dicom_series(sitk.Cast(volume(), sitk.sitkFloat32), tmp_path / "series", uid_key="k")
     assert not (tmp_path / "series").exists()
+
+
+def test_dicom_io_leaves_the_process_locale_alone(tmp_path):
+    """GDCM sets the C locale process-wide; left so, Python would decode subprocess output as ASCII."""
+    import locale
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from meduet.io.dicom import write_dicom_series
+    from meduet.io.images import read_image
+
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), tmp_path / "s", uid_key="k")
+    read_image(tmp_path / "s")
+    assert locale.setlocale(locale.LC_ALL) == before
