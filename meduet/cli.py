@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from meduet.config import ConfigError, Paths, dump_config, load_config
+from meduet.dvc_remote import configure_remote
 from meduet.env import apply_offline_env
-from meduet.stages import STAGES
+from meduet.stages import STAGES, StageError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="action", required=True, metavar="<action>")
     for action, text in (("show", "print the fully resolved configuration"), ("validate", "check a params file")):
         _add_config_args(config_sub.add_parser(action, help=text, description=text))
+    remote = sub.add_parser("remote", help="configure the DVC remote")
+    remote_sub = remote.add_subparsers(dest="action", required=True, metavar="<action>")
+    text = "write storage.dvc_remote_url / s3_endpoint_url (env MEDUET_* overrides) to .dvc/config.local"
+    _add_config_args(remote_sub.add_parser("configure", help=text, description=text))
     return parser
 
 
@@ -41,9 +46,21 @@ def run_stage(name: str, params: str, overrides: list[str]) -> int:
     cfg = load_config(params, overrides)
     paths = Paths.resolve(cfg, Path(params).resolve().parent)
     spec = STAGES[name]
-    result = spec.load()(getattr(cfg, spec.section), paths)
+    extra = {name: getattr(cfg, name) for name in spec.extra}
+    result = spec.load()(getattr(cfg, spec.section), paths, **extra)
     print(json.dumps({"stage": result.stage, "ok": result.ok, "metrics": result.metrics}, indent=2, default=str))
     return 0 if result.ok else 1
+
+
+def run_remote_configure(params: str, overrides: list[str]) -> int:
+    cfg = load_config(params, overrides)
+    settings = configure_remote(Path(params).resolve().parent, cfg.storage)
+    if settings is None:
+        print("no DVC remote: storage.dvc_remote_url is null and MEDUET_DVC_REMOTE_URL is unset")
+    else:
+        endpoint = f" via {settings.endpoint_url}" if settings.endpoint_url else ""
+        print(f"DVC remote '{settings.name}' -> {settings.url}{endpoint} (default, in .dvc/config.local)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{args.params}: OK")
             return 0
+        if args.command == "remote":
+            return run_remote_configure(args.params, args.overrides)
         return run_stage(args.command, args.params, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StageError as error:
+        print(f"error: {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

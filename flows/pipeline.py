@@ -1,0 +1,238 @@
+"""The ``meduet`` Prefect flow: run the DVC stages in order, publish what they report, push.
+
+Orchestration only. The stage graph belongs to ``dvc.yaml`` (read by ``flows.dag``);
+each stage runs as ``dvc repro --single-item <stage>`` so DVC's cache, not Prefect,
+decides whether it reruns. Prefect adds what DVC lacks: retries, schedules, logs in one
+place, and the stages' metrics and plots as artifacts of the run.
+
+Served as the deployment ``meduet/<orchestration.deployment_name>`` by ``flows.serve``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.dag import Stage, load_stages
+from meduet.config import StorageConfig, load_config
+from meduet.dvc_remote import configure_remote, default_remote, dvc_executable
+from meduet.env import offline_env
+
+FLOW_NAME = "meduet"
+DVC_PARAMS_FILE = "params.yaml"  # what every cmd in dvc.yaml passes and DVC tracks
+MAX_EMBEDDED_IMAGE_BYTES = 2 * 1024 * 1024
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+# --------------------------------------------------------------------------- subprocesses
+def stage_env(project_dir: Path) -> dict[str, str]:
+    """Offline environment with the project's venv first on PATH (DVC runs ``meduet ...``)."""
+    env = offline_env()
+    bins = [project_dir / ".venv" / "bin", Path(sys.executable).parent]
+    path = [str(b) for b in bins if b.is_dir()] + [env.get("PATH", os.defpath)]
+    env["PATH"] = os.pathsep.join(path)
+    env["PYTHONUNBUFFERED"] = "1"  # stage logs arrive line by line, not at exit
+    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars: a log line every 5 s, not per item
+    return env
+
+
+def stream(args: list[str], cwd: Path, log_line: Any) -> tuple[int, list[str]]:
+    """Run ``args``, passing each output line (stdout and stderr) to ``log_line`` as it comes."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        args, cwd=cwd, env=stage_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        encoding="utf-8", errors="replace", bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if line:
+                lines.append(line)
+                log_line(line)
+    return proc.returncode, lines
+
+
+def line_logger(logger: Any) -> Any:
+    """Log a subprocess line at INFO, or at ERROR/WARNING when DVC marks it so."""
+
+    def log(line: str) -> None:
+        level = "error" if line.startswith("ERROR") else "warning" if line.startswith("WARNING") else "info"
+        getattr(logger, level)("%s", line)
+
+    return log
+
+
+def repro_outcome(stage: str, lines: Iterable[str]) -> str:
+    """What ``dvc repro`` did with ``stage``, read from its output (informational only)."""
+    text = "\n".join(lines)
+    if f"Running stage '{stage}'" in text:
+        return "ran"
+    if f"Stage '{stage}' is cached" in text:
+        return "restored"  # DVC's run cache had these exact deps and params
+    if f"Stage '{stage}' didn't change" in text:
+        return "unchanged"
+    return "done"
+
+
+# --------------------------------------------------------------------------- artifacts
+def artifact_key(stage: str, path: str) -> str:
+    """Prefect keys allow lowercase letters, digits and dashes: ``harmonize-montage``."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{stage}-{Path(path).stem}".lower()).strip("-")
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and any(isinstance(item, (Mapping, list)) for item in value):
+        for index, item in enumerate(value):
+            yield from _flatten(item, f"{prefix}.{index}" if prefix else str(index))
+    elif isinstance(value, (str, int, float, bool)) or value is None:
+        yield prefix or "value", value
+    else:
+        yield prefix or "value", json.dumps(value, default=str)
+
+
+def metrics_table(path: Path) -> list[dict[str, Any]]:
+    """A metrics file (JSON or YAML, nested as DVC allows) as ``metric``/``value`` rows."""
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return [{"metric": name, "value": value} for name, value in _flatten(data)]
+
+
+def plot_markdown(path: Path, title: str) -> str:
+    """Markdown showing a plot: an image is embedded as a data URI (so it survives the
+    run's folder), a table-like file is linked; anything too large is linked by path."""
+    mime = IMAGE_TYPES.get(path.suffix.lower())
+    if mime and path.stat().st_size <= MAX_EMBEDDED_IMAGE_BYTES:
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"### {title}\n\n![{title}](data:{mime};base64,{encoded})\n"
+    return f"### {title}\n\n`{path}` ({path.stat().st_size} bytes)\n"
+
+
+def _csv_rows(path: Path, limit: int = 200) -> list[dict[str, Any]]:
+    with path.open(newline="") as fh:
+        dialect = "excel-tab" if path.suffix == ".tsv" else "excel"
+        return [row for _, row in zip(range(limit), csv.DictReader(fh, dialect=dialect))]
+
+
+# --------------------------------------------------------------------------- tasks
+@task(name="dvc-repro", cache_policy=NO_CACHE)
+def run_stage(project_dir: str, stage: str, force: bool = False) -> str:
+    """``dvc repro --single-item <stage>``; returns ran / unchanged / restored / done."""
+    logger = get_run_logger()
+    args = [dvc_executable(), "repro", "--single-item", *(["--force"] if force else []), stage]
+    logger.info("%s (in %s)", " ".join(args[1:]), project_dir)
+    returncode, lines = stream(args, Path(project_dir), line_logger(logger))
+    if returncode != 0:
+        raise RuntimeError(f"dvc repro of stage '{stage}' failed with exit code {returncode}")
+    return repro_outcome(stage, lines)
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(project_dir: str, stage: Stage) -> list[str]:
+    """Metrics as table artifacts and plots as markdown artifacts, from dvc.yaml alone."""
+    logger = get_run_logger()
+    root = Path(project_dir)
+    published = []
+    for rel in stage.metrics + stage.plots:
+        path = root / rel
+        if not path.is_file():
+            logger.warning("%s declares %s but it does not exist", stage.name, rel)
+            continue
+        key, description = artifact_key(stage.name, rel), f"{stage.name}: {rel}"
+        if rel in stage.metrics:
+            create_table_artifact(table=metrics_table(path), key=key, description=description)
+        elif path.suffix.lower() in {".csv", ".tsv"}:
+            create_table_artifact(table=_csv_rows(path), key=key, description=description)
+        else:
+            create_markdown_artifact(markdown=plot_markdown(path, rel), key=key, description=description)
+        published.append(key)
+    return published
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def push(project_dir: str, storage: StorageConfig) -> bool:
+    """Configure the remote from params/env, then ``dvc push`` if any default remote exists."""
+    logger = get_run_logger()
+    root = Path(project_dir)
+    settings = configure_remote(root, storage)
+    if settings is not None:
+        logger.info("DVC remote '%s' -> %s (endpoint %s)", settings.name, settings.url, settings.endpoint_url)
+    remote = default_remote(root)
+    if remote is None:
+        logger.info("no DVC remote configured (storage.dvc_remote_url / MEDUET_DVC_REMOTE_URL); not pushing")
+        return False
+    returncode, _ = stream([dvc_executable(), "push"], root, line_logger(logger))
+    if returncode != 0:
+        raise RuntimeError(f"dvc push to remote '{remote}' failed with exit code {returncode}")
+    return True
+
+
+# --------------------------------------------------------------------------- flow
+def select_stages(stages: list[Stage], names: list[str] | None) -> list[Stage]:
+    """The stages named in ``names`` (all when None), kept in execution order."""
+    if not names:
+        return stages
+    known = {s.name for s in stages}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {sorted(known)}")
+    return [s for s in stages if s.name in names]
+
+
+@flow(name=FLOW_NAME, description="MeDUET pipeline: every dvc.yaml stage in order, then dvc push.")
+def meduet(
+    project_dir: str | None = None,
+    params: str = DVC_PARAMS_FILE,
+    stages: list[str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline of ``project_dir`` (default: the current folder).
+
+    Args:
+        project_dir: folder holding ``dvc.yaml`` and ``params.yaml``.
+        params: params file, relative to ``project_dir``, for the ``orchestration`` and
+            ``storage`` settings. The stages themselves read ``params.yaml``: that is the
+            file their ``dvc.yaml`` commands name and DVC tracks.
+        stages: run only these stages (still in dvc.yaml order, upstream not checked).
+        force: rerun the stages even if DVC finds them up to date.
+
+    Returns:
+        ``{"stages": {name: ran|unchanged|restored|done}, "artifacts": [...], "pushed": bool}``
+    """
+    logger = get_run_logger()
+    root = Path(project_dir or Path.cwd()).resolve()
+    cfg = load_config(root / params)
+    if Path(params).as_posix() != DVC_PARAMS_FILE:
+        logger.warning("stages read %s (as dvc.yaml says); %s only sets orchestration/storage", DVC_PARAMS_FILE, params)
+    orchestration = cfg.orchestration
+    retrying = {"retries": orchestration.task_retries, "retry_delay_seconds": orchestration.retry_delay_s}
+    plan = select_stages(load_stages(root), stages)
+    logger.info("stages in order: %s", ", ".join(s.name for s in plan))
+
+    outcome: dict[str, str] = {}
+    artifacts: list[str] = []
+    for stage in plan:
+        outcome[stage.name] = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)(
+            str(root), stage.name, force
+        )
+        artifacts += publish_artifacts.with_options(task_run_name=f"publish-{stage.name}")(str(root), stage)
+    pushed = False
+    if orchestration.push:
+        pushed = push.with_options(task_run_name="dvc-push", **retrying)(str(root), cfg.storage)
+    logger.info("stages: %s; pushed: %s", outcome, pushed)
+    return {"stages": outcome, "artifacts": artifacts, "pushed": pushed}

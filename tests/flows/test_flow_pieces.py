@@ -1,0 +1,74 @@
+"""The flow's pure pieces: artifact rendering, stage selection, DVC output reading, schedules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from flows import pipeline
+from flows.dag import Stage
+from flows.pipeline import artifact_key, metrics_table, plot_markdown, repro_outcome, select_stages
+from flows.serve import schedules
+from meduet.config import OrchestrationConfig
+
+PNG_1x1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def test_metrics_table_flattens_nested_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"cases": 4, "qa": {"failed": 0, "sites": [{"name": "a", "snr": 3.5}]}, "ok": True}))
+    assert metrics_table(path) == [
+        {"metric": "cases", "value": 4},
+        {"metric": "qa.failed", "value": 0},
+        {"metric": "qa.sites.0.name", "value": "a"},
+        {"metric": "qa.sites.0.snr", "value": 3.5},
+        {"metric": "ok", "value": True},
+    ]
+
+
+def test_plot_markdown_embeds_small_images_and_links_large_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "montage.png"
+    path.write_bytes(PNG_1x1)
+    embedded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot_markdown(path, "montage"))
+    assert embedded and base64.b64decode(embedded.group(1)) == PNG_1x1
+    monkeypatch.setattr(pipeline, "MAX_EMBEDDED_IMAGE_BYTES", 10)
+    assert "base64" not in plot_markdown(path, "montage") and str(path) in plot_markdown(path, "montage")
+
+
+@pytest.mark.parametrize(
+    ("stage", "path", "key"),
+    [("demo_data", "reports/demo_data/metrics.json", "demo-data-metrics"),
+     ("harmonize", "reports/harmonize/montage.png", "harmonize-montage")],
+)
+def test_artifact_keys_are_valid_prefect_keys(stage: str, path: str, key: str) -> None:
+    assert artifact_key(stage, path) == key
+
+
+def test_select_stages_keeps_dag_order_and_rejects_unknown_names() -> None:
+    stages = [Stage(n, "true", (), (), (), ()) for n in ("a", "b", "c")]
+    assert [s.name for s in select_stages(stages, ["c", "a"])] == ["a", "c"]
+    assert select_stages(stages, None) == stages
+    with pytest.raises(ValueError, match="unknown stage"):
+        select_stages(stages, ["a", "nope"])
+
+
+@pytest.mark.parametrize(
+    ("output", "outcome"),
+    [("Running stage 'harmonize':\n> meduet harmonize", "ran"),
+     ("Stage 'harmonize' didn't change, skipping", "unchanged"),
+     ("Stage 'harmonize' is cached - skipping run, checking out outputs", "restored")],
+)
+def test_repro_outcome(output: str, outcome: str) -> None:
+    assert repro_outcome("harmonize", output.splitlines()) == outcome
+
+
+def test_schedules_from_orchestration_params() -> None:
+    assert schedules(OrchestrationConfig(cron=None)) == []
+    (cron,) = schedules(OrchestrationConfig(cron="0 3 * * 0", timezone="Europe/Paris"))
+    assert cron.cron == "0 3 * * 0" and cron.timezone == "Europe/Paris"

@@ -1,0 +1,68 @@
+"""End to end through real services: a Prefect server, the served deployment, S3 for push.
+
+Flow runs are started the way an operator would (``prefect deployment run ... --watch``).
+The first must finish Completed with every dvc.yaml output written, every metrics/plots
+file published as an artifact and the DVC cache pushed to the S3 endpoint; the second
+passes flow parameters through the deployment (one stage, forced).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flows.dag import load_stages
+from flows.local import PrefectServer, ServedDeployment, prefect_server, served_deployment, tool
+from flows.pipeline import artifact_key
+
+
+def _deployment_run(server: PrefectServer, deployment: ServedDeployment, params: dict | None = None) -> dict:
+    """``prefect deployment run <name> --watch``; returns the flow run it started."""
+    args = [tool("prefect"), "deployment", "run", deployment.name, "--watch", "--watch-timeout", "180"]
+    args += ["--params", json.dumps(params)] if params else []
+    watch = subprocess.run(
+        args, env=server.client_env(), capture_output=True, encoding="utf-8", errors="replace", check=False
+    )
+    assert watch.returncode == 0, (
+        f"{watch.stdout}\n{watch.stderr}\n--- serve log ---\n{deployment.service.log_tail(60)}"
+    )
+    run = server.latest_flow_run(deployment.id)
+    assert run is not None and run["state"]["type"] == "COMPLETED"
+    return run
+
+
+def _log_text(server: PrefectServer, flow_run_id: str) -> str:
+    logs = server.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+    return "\n".join(entry["message"] for entry in logs)
+
+
+@pytest.mark.services
+def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp_path: Path, dvc) -> None:
+    project = project_copy({
+        "storage.dvc_remote_url": f"s3://{s3_server.bucket}/served",
+        "storage.s3_endpoint_url": s3_server.endpoint_url,
+    })
+    with prefect_server(tmp_path / "prefect-home") as server:
+        with served_deployment(server, project, env=s3_server.env) as deployment:
+            assert deployment.name == "meduet/full-pipeline"
+            first = _deployment_run(server, deployment)
+            artifacts = {a["key"] for a in server.artifacts(first["id"])}
+
+            stages = load_stages(project)
+            for stage in stages:
+                assert all((project / rel).exists() for rel in stage.outputs), stage.name
+                assert {artifact_key(stage.name, rel) for rel in stage.metrics + stage.plots} <= artifacts
+            assert dvc(project, "status", "--json").stdout.strip() in ("{}", "")
+            assert s3_server.filesystem().find(f"{s3_server.bucket}/served"), "dvc push sent nothing"
+
+            last = stages[-1].name
+            second = _deployment_run(server, deployment, {"stages": [last], "force": True})
+            log = _log_text(server, second["id"])
+            assert f"Running stage '{last}'" in log
+            assert all(f"stage '{s.name}'" not in log for s in stages[:-1])
+
+    # Leaving the context managers stopped both process groups, children included.
+    assert not server.service.group_alive() and not deployment.service.group_alive()
