@@ -29,9 +29,16 @@ class StageResult:
 
 @dataclass(frozen=True)
 class StageSpec:
+    """Where a stage's ``run`` lives and which params sections it takes.
+
+    ``run`` receives its own section positionally and each of ``extra`` (e.g. the ``ray``
+    section for training stages) as a keyword argument of the same name.
+    """
+
     module: str
     section: str
     help: str
+    extra: tuple[str, ...] = ()
 
     def load(self) -> Callable[..., StageResult]:
         return importlib.import_module(self.module).run
@@ -40,4 +47,8 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     "demo-data": StageSpec("meduet.stages.demo_data", "demo_data", "generate multi-site CT-like phantoms"),
     "harmonize": StageSpec("meduet.stages.harmonize", "harmonize", "reorient, resample, window, crop, QA"),
+    "train-vae": StageSpec("meduet.stages.train_vae", "vae", "train (or load) the 3-D KL-VAE on Ray Train",
+                           extra=("ray",)),
+    "encode-latents": StageSpec("meduet.stages.encode_latents", "encode_latents",
+                                "encode harmonized volumes into the latent cache on Ray", extra=("ray",)),
 }
