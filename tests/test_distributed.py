@@ -1,0 +1,305 @@
+"""meduet.distributed: Ray Train runs of a toy loop (2 CPU workers, gloo), checkpoints,
+kill-and-resume, refused checkpoints, metric history; plus the helpers outside Ray.
+
+One local Ray serves the whole module (started once: ~10 s). The toy loop is a tiny
+linear regression; its inputs get RNG noise each step so a resume that did not restore
+the generators (or the optimizer, or the LR schedule) would not repeat the losses.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from meduet import distributed as dist
+from meduet.config import MeduetConfig, Paths, RayConfig
+
+STEPS = 16  # 4 epochs of 4 steps per worker (64 samples, batch 8, 2 workers)
+EVERY = 4
+
+
+# --------------------------------------------------------------------------- the toy loop
+def toy_loop(config: dict[str, Any]) -> None:
+    """Linear regression with SGD + momentum + StepLR.
+
+    ``crash_at``: raise before reporting that step, in a run started from scratch only (so
+    a retry that resumed from a checkpoint gets past it).
+    """
+    torch.manual_seed(config["seed"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)  # (N, 4)
+    y = x @ torch.tensor([[1.5], [-2.0], [0.5], [3.0]]) + 0.25  # (N, 1)
+    shuffled = torch.Generator().manual_seed(config["seed"])
+    loader = dist.prepare_loader(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=shuffled))
+    model = dist.prepare_model(torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=6, gamma=0.5)
+
+    start = 0
+    state = dist.load_checkpoint()
+    if state is not None:
+        dist.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        dist.restore_rng(state["rng"])
+    Path(config["marker_dir"], f"rank{dist.world_rank()}").write_text(str(dist.world_size()))
+
+    steps_per_epoch = len(loader)
+    step = start
+    while step < config["steps"]:
+        epoch, skip = divmod(step, steps_per_epoch)
+        dist.set_epoch(loader, epoch)
+        for i, (xb, yb) in enumerate(loader):
+            if i < skip:  # batches this epoch already trained on before the resume
+                continue
+            xb = xb + 0.05 * torch.randn_like(xb)
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            if step == config.get("crash_at") and start == 0:
+                raise RuntimeError(f"simulated crash at step {step}")
+            checkpoint = None
+            if dist.checkpoint_due(step, config["steps"]):
+                checkpoint = {"model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "step": step, "rng": dist.capture_rng()}
+            dist.report({"step": step, "loss": loss, "lr": lr, "start_step": start,
+                         "world_size": dist.world_size()}, checkpoint)
+            if step == config["steps"]:
+                break
+
+
+def loop_config(tmp: Path, **extra: Any) -> dict[str, Any]:
+    marker_dir = tmp / "markers"
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    return {"seed": 7, "steps": STEPS, "marker_dir": str(marker_dir), **extra}
+
+
+def spec(storage: Path | str, config_hash: str, tmp: Path, **overrides: Any) -> dist.RunSpec:
+    fields = dict(stage="toy", config_hash=config_hash, storage=str(storage), checkpoint_every=EVERY,
+                  keep_checkpoints=2, max_failures=0, temp_dir=tmp / "ray", local_num_cpus=2,
+                  metrics_csv=tmp / "history.csv")
+    return dist.RunSpec(**{**fields, **overrides})
+
+
+TWO_CPU_WORKERS = dist.Scaling(num_workers=2, use_gpu=False, cpus_per_worker=1)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One local Ray (2 CPUs) for the module, stopped at the end.
+
+    Ray Train's controller polls workers every 2 s by default; a worker waits for that
+    poll at each checkpoint and at the end of a run. A short interval keeps tests quick.
+    """
+    tmp = tmp_path_factory.mktemp("ray")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        dist.ensure_ray(spec(tmp / "results", "unused", tmp))
+        yield
+        dist.shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[dist.FitResult, Path]:
+    """The reference run: STEPS steps without a crash."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    result = dist.fit(toy_loop, loop_config(tmp), TWO_CPU_WORKERS, spec(tmp / "results", "ref0001", tmp))
+    return result, tmp
+
+
+# --------------------------------------------------------------------------- Ray runs
+@pytest.mark.services
+def test_two_workers_train_report_and_checkpoint(uninterrupted: tuple[dist.FitResult, Path]) -> None:
+    result, tmp = uninterrupted
+    assert sorted(p.name for p in (tmp / "markers").iterdir()) == ["rank0", "rank1"]
+    assert all((tmp / "markers" / f"rank{r}").read_text() == "2" for r in (0, 1))
+
+    steps = [row["step"] for row in result.history]
+    assert steps == list(range(1, STEPS + 1))
+    losses = [row["loss"] for row in result.history]
+    assert np.mean(losses[-4:]) < 0.2 * np.mean(losses[:4])
+    assert result.metrics["step"] == STEPS
+
+    # Checkpoints every EVERY steps, the last keep_checkpoints=2 kept, named by step.
+    run_dir = Path(result.run.run_dir)
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept == [f"checkpoint_{s:09d}" for s in (STEPS - EVERY, STEPS)]
+    assert result.checkpoint == str(run_dir / f"checkpoint_{STEPS:09d}")
+    state = result.load_state()
+    assert state["step"] == STEPS and set(state["model"]) == {"weight", "bias"}
+    assert len(state["rng"]["per_rank"]) == 2
+
+    with open(tmp / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == steps
+    assert list(rows[0]) == ["step", "loss", "lr", "start_step", "world_size"]
+    assert float(rows[-1]["loss"]) == pytest.approx(losses[-1])
+
+
+@pytest.mark.services
+def test_crash_then_resume_repeats_uninterrupted_run(
+    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+) -> None:
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", "ref0001", tmp_path)
+    with pytest.raises(dist.TrainingError, match="simulated crash at step 10"):
+        dist.fit(toy_loop, loop_config(tmp_path, crash_at=10), TWO_CPU_WORKERS, run)
+
+    resumed = dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
+    rows = resumed.history
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    # Steps 1-8 come from the checkpoint's history, 9-16 were run again from step 8.
+    assert {row["start_step"] for row in rows[:8]} == {0}
+    assert {row["start_step"] for row in rows[8:]} == {8}
+    for got, want in zip(rows, reference.history):
+        assert got["lr"] == want["lr"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+
+    got, want = resumed.load_state(), reference.load_state()
+    assert got["step"] == want["step"] == STEPS
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(got["model"][key], want["model"][key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["optimizer"], want["optimizer"], rtol=1e-6, atol=1e-7)  # momentum buffers
+    assert got["scheduler"] == want["scheduler"]
+
+
+@pytest.mark.services
+def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(
+    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+) -> None:
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
+    shutil.copytree(reference.run.run_dir, run.run_dir)
+    state_file = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:100])  # truncated mid-write
+
+    with pytest.raises(dist.CheckpointError, match="corrupted or truncated") as error:
+        dist.fit(toy_loop, loop_config(tmp_path), dist.Scaling(num_workers=1), run)
+    assert str(state_file) in str(error.value)
+
+
+@pytest.mark.services
+def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path) -> None:
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", "other0002", tmp_path)
+    shutil.copytree(reference.run.run_dir, run.run_dir)  # e.g. a folder renamed by hand
+    with pytest.raises(dist.ConfigMismatchError, match="ref0001.*other0002"):
+        dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
+
+
+@pytest.mark.services
+def test_s3_storage_and_ray_retry_resume_from_checkpoint(ray_local: Any, s3_server: Any, tmp_path: Path) -> None:
+    s3_options = {"key": s3_server.env["AWS_ACCESS_KEY_ID"], "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+                  "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
+    run = spec(f"s3://{s3_server.bucket}/runs", "s3run01", tmp_path, s3_options=s3_options, max_failures=1)
+    one_worker = dist.Scaling(num_workers=1)
+    config = loop_config(tmp_path, steps=8, crash_at=6)
+
+    # Crashes at step 6; Ray's one allowed retry resumes from the step-4 checkpoint on S3.
+    result = dist.fit(toy_loop, config, one_worker, run)
+    assert [row["start_step"] for row in result.history] == [0] * 4 + [4] * 4
+    assert result.checkpoint == f"s3://{s3_server.bucket}/runs/toy-s3run01/checkpoint_{8:09d}"
+    assert result.load_state()["step"] == 8
+    assert s3_server.filesystem().exists(f"{s3_server.bucket}/runs/toy-s3run01/{dist.RUN_MARKER}")
+
+
+# --------------------------------------------------------------------------- without Ray
+def test_loop_runs_as_one_plain_worker_outside_fit(tmp_path: Path) -> None:
+    toy_loop(loop_config(tmp_path, steps=4))
+    assert (tmp_path / "markers" / "rank0").read_text() == "1"
+    assert dist.load_checkpoint() is None and not dist.checkpoint_due(4, 4)
+
+
+def test_rng_capture_restore_round_trip() -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = dist.capture_rng()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    dist.restore_rng({"per_rank": [state]})
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+def _write_checkpoint(folder: Path, config_hash: str) -> Path:
+    folder.mkdir(parents=True)
+    envelope = {"format": dist.CHECKPOINT_FORMAT, "stage": "toy", "config_hash": config_hash,
+                "state": {"step": 3, "w": torch.ones(2), "rng": dist.capture_rng()}, "history": []}
+    torch.save(envelope, folder / dist.STATE_FILE)
+    return folder
+
+
+def test_read_checkpoint_checks_file_and_config_hash(tmp_path: Path) -> None:
+    folder = _write_checkpoint(tmp_path / "checkpoint_000000003", "abc")
+    assert dist.read_checkpoint(str(folder), config_hash="abc")["step"] == 3
+    with pytest.raises(dist.ConfigMismatchError, match="config hash abc.*xyz"):
+        dist.read_checkpoint(str(folder), config_hash="xyz")
+
+    state_file = folder / dist.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:-64])
+    with pytest.raises(dist.CheckpointError, match="corrupted or truncated") as error:
+        dist.read_checkpoint(str(folder))
+    assert str(state_file) in str(error.value)
+    with pytest.raises(dist.CheckpointError, match="cannot be read"):
+        dist.read_checkpoint(str(tmp_path / "missing"))
+
+
+def test_specs_from_config(tmp_path: Path) -> None:
+    cfg = MeduetConfig(ray=RayConfig(num_workers=2, cpus_per_worker=0.5, checkpoint_every=10, max_failures=3))
+    paths = Paths.resolve(cfg, tmp_path)
+    scaling = dist.Scaling.from_config(cfg.ray)
+    assert (scaling.num_workers, scaling.backend, scaling.resources_per_worker()) == (2, "gloo", {"CPU": 0.5})
+    run = dist.RunSpec.from_config(cfg.ray, paths, "vae", "0123abcd")
+    assert run.name == "vae-0123abcd"
+    assert run.run_dir == str(tmp_path / ".work" / "ray_results" / "vae-0123abcd")
+    assert (run.checkpoint_every, run.max_failures, run.temp_dir) == (10, 3, tmp_path / ".work" / "ray")
+    assert run.metrics_csv == tmp_path / "reports" / "vae" / "history.csv"
+    s3 = dist.RunSpec.from_config(cfg.ray.model_copy(update={"storage": "s3://b/p"}), paths, "vae", "0123abcd")
+    assert s3.run_dir == "s3://b/p/vae-0123abcd"
+    with pytest.raises(ValueError, match="stage"):
+        dist.RunSpec(stage="a/b", config_hash="x", storage=str(tmp_path))
+    with pytest.raises(ValueError, match="num_workers"):
+        dist.Scaling(num_workers=0)
+
+
+def test_long_ray_temp_dir_falls_back_to_a_short_one(tmp_path: Path) -> None:
+    assert dist._ray_temp_dir(Path("/tmp/meduet-test/ray")) == Path("/tmp/meduet-test/ray")
+    long = tmp_path / ("x" * 40) / "ray"
+    short = dist._ray_temp_dir(long)
+    assert short != long and len(str(short)) + 66 <= 107
+
+
+def test_history_csv_has_union_of_columns(tmp_path: Path) -> None:
+    path = dist.write_history_csv(tmp_path / "h.csv", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4, "lr": 0.1}])
+    assert path.read_text().splitlines() == ["step,loss,lr", "1,0.5,", "2,0.4,0.1"]
+
+
+def square_or_fail(item: int) -> int:
+    if item < 0:
+        raise ValueError(f"negative item {item}")
+    return item * item
+
+
+def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None:
+    run = spec(tmp_path / "runs", "maptasks", tmp_path)
+    scaling = dist.Scaling(num_workers=1, cpus_per_worker=1.0)
+    on_ray = sorted(dist.map_tasks(square_or_fail, list(range(6)), workers=2, scaling=scaling, run=run))
+    in_process = list(dist.map_tasks(square_or_fail, list(range(6)), workers=1, scaling=scaling, run=run))
+    assert on_ray == in_process == [i * i for i in range(6)]
+    for workers in (1, 2):
+        with pytest.raises(dist.TaskError, match=r"task 2 of 3 failed: ValueError: negative item -1"):
+            list(dist.map_tasks(square_or_fail, [1, 2, -1], workers=workers, scaling=scaling, run=run))
