@@ -1,0 +1,131 @@
+"""Stage ``encode-latents``: every harmonized volume through the frozen VAE, cached.
+
+Outputs (``paths.latents``): ``<dataset>/<case>.npy`` posterior means ``(4, d, h, w)``
+float32 (optionally ``<case>_std.npy``), ``manifest.csv`` and ``scale.json`` (latent
+scale factor over the VAE's training cases). Encoding runs as parallel tasks on Ray
+(``encode_latents.workers``); a case already encoded from the same volume with the same
+VAE is reused, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from meduet import distributed as dist
+from meduet.config import EncodeLatentsConfig, Paths, RayConfig
+from meduet.data.latents import LatentRecord, latent_affine, load_latent, read_manifest, save_array, write_manifest, \
+    write_scale
+from meduet.harmonize.manifest import CaseRecord
+from meduet.harmonize.manifest import read_manifest as read_harmonized
+from meduet.io.atomic import write_json
+from meduet.io.images import sha256_file
+from meduet.models.vae import VAEArchitecture, build_vae, encode_volume
+from meduet.stages import StageError, StageResult
+
+log = logging.getLogger(__name__)
+
+
+def load_vae(path: Path) -> tuple[torch.nn.Module, VAEArchitecture, dict]:
+    """The frozen VAE saved by ``train-vae`` (eval mode, CPU)."""
+    if not path.is_file():
+        raise StageError(f"{path}: VAE weights not found; run the train-vae stage first")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    arch = VAEArchitecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
+    model = build_vae(arch).eval()
+    model.load_state_dict(saved["state_dict"])
+    return model, arch, saved
+
+
+def _image_affine(path: Path) -> np.ndarray:
+    """Voxel (i, j, k) → RAS world of a harmonized (RAS, axis-aligned) volume."""
+    image = sitk.ReadImage(str(path))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(image.GetSpacing())
+    affine[:3, 3] = np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])  # LPS → RAS
+    return affine
+
+
+def encode_case(job: dict) -> dict:
+    """Encode one volume (runs inside a Ray task); returns the latent record as a dict."""
+    model, _, _ = load_vae(Path(job["vae"]))
+    torch.set_num_threads(job["threads"])
+    image = sitk.ReadImage(job["image"])
+    volume = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]  # (1, 1, D, H, W)
+    mu, sigma = encode_volume(model, volume, job["max_voxels"])
+    cache = Path(job["cache"])
+    save_array(cache / job["latent"], mu[0].numpy())
+    if job["latent_std"]:
+        save_array(cache / job["latent_std"], sigma[0].numpy())
+    record = dict(job["record"])
+    record["latent_shape"] = list(mu.shape[1:])
+    record["affine"] = latent_affine(_image_affine(Path(job["image"]))).reshape(-1).tolist()
+    return record
+
+
+def _reusable(cache: Path, previous: dict[str, LatentRecord], key: str, image_sha: str, vae_sha: str,
+              store_std: bool) -> LatentRecord | None:
+    record = previous.get(key)
+    if record is None or record.image_sha256 != image_sha or record.vae_sha256 != vae_sha:
+        return None
+    if not (cache / record.latent).is_file() or (store_std and not (cache / record.latent_std).is_file()):
+        return None
+    return record
+
+
+def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
+    """Encode all harmonized volumes; see the module docstring for outputs."""
+    vae_path = paths.models / "vae" / "vae.pt"
+    _, _, saved = load_vae(vae_path)  # fail early, in the driver, on a missing or broken VAE
+    vae_sha = sha256_file(vae_path)
+    held_out = set(saved.get("held_out_cases", []))
+    cases: list[CaseRecord] = [r for r in read_harmonized(paths.harmonized / "manifest.csv") if r.status == "ok"]
+    if not cases:
+        raise StageError("no harmonized case to encode")
+    domains = sorted({c.domain for c in cases})
+    cache = paths.latents
+    previous = {r.key: r for r in read_manifest(cache)} if (cache / "manifest.csv").is_file() else {}
+
+    records: list[LatentRecord] = []
+    jobs: list[dict] = []
+    for case in sorted(cases, key=lambda c: c.key):
+        image = paths.harmonized / case.image
+        image_sha = sha256_file(image)
+        reused = _reusable(cache, previous, case.key, image_sha, vae_sha, cfg.store_std)
+        if reused is not None:
+            records.append(reused)
+            continue
+        stem = f"{case.dataset}/{case.case_id}"
+        record = {"key": case.key, "dataset": case.dataset, "case_id": case.case_id, "domain": case.domain,
+                  "domain_index": domains.index(case.domain), "body_part": case.body_part,
+                  "split": "held_out" if case.key in held_out else "train", "latent": f"{stem}.npy",
+                  "latent_std": f"{stem}_std.npy" if cfg.store_std else "", "orig_spacing": case.orig_spacing,
+                  "image_sha256": image_sha, "vae_sha256": vae_sha, "latent_shape": [], "affine": []}
+        jobs.append({"vae": str(vae_path), "image": str(image), "cache": str(cache), "latent": record["latent"],
+                     "latent_std": record["latent_std"], "max_voxels": cfg.max_voxels_per_split,
+                     "threads": max(1, int(ray.cpus_per_worker)), "record": record})
+    log.info("encode-latents: %d case(s), %d reused, %d to encode on %d worker(s)",
+             len(cases), len(records), len(jobs), cfg.workers)
+    if jobs:
+        scaling = dist.Scaling.from_config(ray)
+        for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
+                                     run=dist.RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
+            records.append(LatentRecord.model_validate(result))
+
+    keep = {cache / "manifest.csv", cache / "scale.json"}
+    keep.update(cache / p for r in records for p in (r.latent, r.latent_std) if p)
+    for path in list(cache.rglob("*")):
+        if path.is_file() and path not in keep:
+            path.unlink()
+    write_manifest(cache, records)
+    train = [load_latent(cache, r) for r in records if r.split == "train"] or [load_latent(cache, r) for r in records]
+    scale = write_scale(cache, train)
+    metrics = {"cases": len(records), "encoded": len(jobs), "reused": len(records) - len(jobs), **scale,
+               "latent_shapes": sorted({"x".join(map(str, r.latent_shape)) for r in records})}
+    write_json(paths.reports / "encode_latents" / "metrics.json", metrics)
+    return StageResult("encode_latents", {"manifest": cache / "manifest.csv", "scale": cache / "scale.json",
+                                          "metrics": paths.reports / "encode_latents" / "metrics.json"}, metrics)
