@@ -77,7 +77,7 @@ def write_scale(cache_dir: Path, latents: list[np.ndarray]) -> dict[str, float]:
     """Compute and save the latent scale factor ``1 / std`` over the training latents."""
     values = np.concatenate([np.asarray(latent, dtype=np.float64).reshape(-1) for latent in latents])
     stats = {"scale_factor": float(1.0 / values.std()), "mean": float(values.mean()), "std": float(values.std()),
-             "cases": len(latents)}
+             "latents": len(latents)}
     write_json(cache_dir / SCALE, stats)
     return stats
 

@@ -24,7 +24,7 @@ from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.images import sha256_file
-from meduet.models.vae import VAEArchitecture, build_vae, encode_volume
+from meduet.models.vae import CheckpointMismatchError, VAEArchitecture, build_vae, encode_volume, load_weights
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,15 @@ def load_vae(path: Path) -> tuple[torch.nn.Module, VAEArchitecture, dict]:
     """The frozen VAE saved by ``train-vae`` (eval mode, CPU)."""
     if not path.is_file():
         raise StageError(f"{path}: VAE weights not found; run the train-vae stage first")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    arch = VAEArchitecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
-    model = build_vae(arch).eval()
-    model.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        arch = VAEArchitecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
+        model = build_vae(arch).eval()
+        load_weights(model, path, state=saved["state_dict"])
+    except CheckpointMismatchError as error:
+        raise StageError(str(error)) from None
+    except Exception as error:  # truncated zip, foreign pickle, missing keys: all mean "not our VAE file"
+        raise StageError(f"{path}: not a readable VAE checkpoint ({type(error).__name__}: {error})") from None
     return model, arch, saved
 
 
@@ -124,7 +129,7 @@ def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     write_manifest(cache, records)
     train = [load_latent(cache, r) for r in records if r.split == "train"] or [load_latent(cache, r) for r in records]
     scale = write_scale(cache, train)
-    metrics = {"cases": len(records), "encoded": len(jobs), "reused": len(records) - len(jobs), **scale,
+    metrics = {"cases": len(records), "encoded": len(jobs), "reused": len(records) - len(jobs), "scale": scale,
                "latent_shapes": sorted({"x".join(map(str, r.latent_shape)) for r in records})}
     write_json(paths.reports / "encode_latents" / "metrics.json", metrics)
     return StageResult("encode_latents", {"manifest": cache / "manifest.csv", "scale": cache / "scale.json",

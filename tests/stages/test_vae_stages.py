@@ -1,0 +1,97 @@
+"""train-vae and encode-latents on a tiny harmonized dataset (a real local Ray)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from meduet.config import MeduetConfig, Paths
+from meduet.data.latents import load_latent, read_manifest, read_scale
+from meduet.harmonize.manifest import read_manifest as read_harmonized
+from meduet.models.vae import PRESETS, build_vae, encode_volume
+from meduet.stages import StageError, encode_latents, harmonize, train_vae
+from tests.harmonize.synth import phantom, write_msd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MeduetConfig, Paths]:
+    root = tmp_path_factory.mktemp("vae_project")
+    datasets = []
+    for site, seed in (("site_a", 0), ("site_b", 10)):
+        write_msd(root / "raw" / site, {f"{site}_{i}": phantom(seed=seed + i) for i in range(2)})
+        datasets.append({"name": site, "root": f"raw/{site}", "domain": site})
+    cfg = MeduetConfig.model_validate({
+        "harmonize": {"datasets": datasets, "target_spacing": [2.0, 2.0, 2.0], "min_size": [16, 16, 16],
+                      "divisible_by": 16, "workers": 1},
+        "vae": {"steps": 4, "crop_size": [16, 16, 16], "warmup_steps": 1, "log_every": 1, "holdout_fraction": 0.5},
+        "encode_latents": {"workers": 2, "store_std": True},
+        "ray": {"checkpoint_every": 2, "local_num_cpus": 2, "max_failures": 0},
+    })
+    paths = Paths.resolve(cfg, root)
+    harmonize.run(cfg.harmonize, paths)
+    train_vae.run(cfg.vae, paths, ray=cfg.ray)
+    return cfg, paths
+
+
+def test_train_vae_writes_weights_metrics_and_figures(trained):
+    cfg, paths = trained
+    saved = torch.load(paths.models / "vae" / "vae.pt", weights_only=True)
+    assert saved["held_out_cases"] == ["site_a__site_a_1", "site_b__site_b_1"]  # one per site
+    assert saved["config"]["steps"] == 4 and saved["architecture"]["num_channels"] == [8, 16, 32]
+    metrics = (paths.reports / "train_vae" / "metrics.json").read_text()
+    assert '"site_a"' in metrics and '"psnr"' in metrics and '"evaluated_on": "held_out"' in metrics
+    history = (paths.reports / "train_vae" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss") and len(history) == 1 + 4
+    for figure in ("loss.png", "reconstructions.png"):
+        assert (paths.reports / "train_vae" / figure).stat().st_size > 2000
+
+
+def test_pretrained_weights_skip_training_and_mismatches_are_named(trained, tmp_path):
+    cfg, paths = trained
+    weights = tmp_path / "autoencoder.pt"
+    torch.save({"state_dict": torch.load(paths.models / "vae" / "vae.pt", weights_only=True)["state_dict"]}, weights)
+    other = Paths.resolve(cfg, tmp_path)
+    other = Paths(**{**other.__dict__, "harmonized": paths.harmonized})
+    result = train_vae.run(cfg.vae.model_copy(update={"pretrained": str(weights)}), other, ray=cfg.ray)
+    assert "final_loss" not in result.metrics and (other.models / "vae" / "vae.pt").is_file()
+    torch.save(build_vae(PRESETS["small"]).state_dict(), weights)
+    with pytest.raises(StageError, match=r"autoencoder.pt: weights do not match .* with another shape"):
+        train_vae.run(cfg.vae.model_copy(update={"pretrained": str(weights)}), other, ray=cfg.ray)
+
+
+def test_encode_latents_caches_means_with_metadata_and_resumes(trained):
+    cfg, paths = trained
+    result = encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    assert (result.metrics["cases"], result.metrics["encoded"]) == (4, 4), result.metrics
+    records = {r.key: r for r in read_manifest(paths.latents)}
+    harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
+    model = encode_latents.load_vae(paths.models / "vae" / "vae.pt")[0]
+    for key, record in records.items():
+        source = harmonized[key]
+        assert record.latent_shape == [4, *(n // 4 for n in reversed(source.out_size))]  # (C, d, h, w)
+        assert record.split == ("held_out" if key.endswith("_1") else "train")
+        assert record.domain_index == ["site_a", "site_b"].index(record.domain)
+        image = sitk.ReadImage(str(paths.harmonized / source.image))
+        volume = torch.from_numpy(sitk.GetArrayFromImage(image))[None, None]
+        np.testing.assert_allclose(load_latent(paths.latents, record), encode_volume(model, volume, 10**9)[0][0],
+                                   atol=1e-5)
+        # the latent affine sends latent voxel (0,0,0) to the centre of image voxels 0..3
+        affine = np.array(record.affine).reshape(4, 4)
+        first_centre = np.array(image.TransformContinuousIndexToPhysicalPoint((1.5, 1.5, 1.5))) * [-1, -1, 1]
+        np.testing.assert_allclose(affine[:3, 3], first_centre, atol=1e-4)
+        assert (paths.latents / record.latent_std).is_file()
+    assert read_scale(paths.latents) > 0
+
+    again = encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    assert (again.metrics["encoded"], again.metrics["reused"]) == (0, 4)
+
+
+def test_broken_vae_file_is_a_clear_error(trained, tmp_path):
+    path = tmp_path / "vae.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(StageError, match=r"vae.pt: not a readable VAE checkpoint"):
+        encode_latents.load_vae(path)
+    with pytest.raises(StageError, match="run the train-vae stage first"):
+        encode_latents.load_vae(tmp_path / "missing.pt")
