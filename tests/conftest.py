@@ -90,6 +90,10 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
             shutil.copy2(REPO_ROOT / rel, dest / rel)
     stages = load_stages(REPO_ROOT)
     produced = {out for stage in stages for out in stage.outputs}
+    # The whole package, not just the deps under it: Ray workers put the project folder
+    # first on sys.path, and a partial copy of meduet/ there would shadow the installed one.
+    shutil.copytree(REPO_ROOT / "meduet", dest / "meduet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                    dirs_exist_ok=True)
     for dep in sorted({dep for stage in stages for dep in stage.deps} - produced):
         src = REPO_ROOT / dep
         if src.is_dir():

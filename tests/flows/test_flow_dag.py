@@ -18,12 +18,14 @@ def _dvc_yaml(**stages: dict) -> str:
 
 def test_repo_pipeline_order_and_artifacts() -> None:
     stages = {s.name: s for s in load_stages(REPO_ROOT)}
-    assert list(stages) == ["demo_data", "harmonize"]
+    assert list(stages) == ["demo_data", "harmonize", "train_vae", "encode_latents"]
     assert stages["demo_data"].metrics == ("reports/demo_data/metrics.json",)
     assert stages["demo_data"].plots == ("reports/demo_data/sites.png",)
     assert stages["harmonize"].metrics == ("reports/harmonize/metrics.json",)
     assert stages["harmonize"].plots == ("reports/harmonize/montage.png",)
     assert "data/harmonized" in stages["harmonize"].outs  # {path: {persist: true}} entry
+    assert "reports/train_vae/reconstructions.png" in stages["train_vae"].plots
+    assert stages["encode_latents"].metrics == ("reports/encode_latents/metrics.json",)
 
 
 def test_order_follows_data_not_file_order() -> None:
@@ -45,12 +47,12 @@ def test_independent_stages_keep_file_order() -> None:
 
 def test_stage_added_to_dvc_yaml_joins_the_flow(tmp_path: Path) -> None:
     doc = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
-    doc["stages"]["latents"] = {"cmd": "meduet latents", "deps": ["data/harmonized"], "outs": ["data/latents"],
-                                "plots": [{"reports/latents/umap.png": {"cache": False}}]}
+    doc["stages"]["probe"] = {"cmd": "meduet probe", "deps": ["data/latents"], "outs": ["data/probe"],
+                              "plots": [{"reports/probe/umap.png": {"cache": False}}]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     stages = load_stages(tmp_path)
-    assert [s.name for s in stages] == ["demo_data", "harmonize", "latents"]
-    assert stages[-1].plots == ("reports/latents/umap.png",)
+    assert [s.name for s in stages] == ["demo_data", "harmonize", "train_vae", "encode_latents", "probe"]
+    assert stages[-1].plots == ("reports/probe/umap.png",)
 
 
 @pytest.mark.parametrize(
