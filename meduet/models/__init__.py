@@ -1,1 +1,1 @@
-"""Networks: the 3-D KL-VAE tokenizer (and, later, the latent ViT and diffusion models)."""
+"""Networks: the 3-D KL-VAE tokenizer, the MeDUET latent ViT and their shared blocks."""
