@@ -233,6 +233,84 @@ class EncodeLatentsConfig(StrictModel):
     workers: Annotated[int, Field(ge=1)] = Field(default=1, description="parallel encoders (Ray tasks)")
 
 
+# --------------------------------------------------------------------------- MeDUET pretraining
+class PretrainLossWeights(StrictModel):
+    """Weights of ``L = L_rec + domain (L_dc + L_ds) + mftd L_MFTD + siqc L_SiQC`` (the paper's defaults)."""
+
+    domain: Annotated[float, Field(ge=0)] = Field(default=0.2, description="lambda1 on the site losses")
+    mftd: Annotated[float, Field(ge=0)] = Field(default=0.5, description="lambda2 on MFTD")
+    siqc: Annotated[float, Field(ge=0)] = Field(default=0.3, description="lambda3 on SiQC")
+    mftd_content: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="lambda_c: the content share inside MFTD (style gets 1 - lambda_c)"
+    )
+
+
+class PretrainConfig(StrictModel):
+    """MeDUET self-supervised pretraining on the latent cache (stage ``pretrain``)."""
+
+    preset: Literal["base", "small", "tiny"] = Field(
+        default="tiny", description="base = the paper's ViT-B on 24^3 latents; small/tiny for CPU"
+    )
+    crop: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="latent crop edge (d = h = w); must equal the preset's input size"
+    )
+    batch_size: Annotated[int, Field(ge=2)] = Field(
+        default=4, description="crops per worker and micro-step; even (sample i mixes with B-1-i)"
+    )
+    steps: Annotated[int, Field(ge=1)] = 300
+    lr: PositiveFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    grad_clip: PositiveFloat = 1.0
+    grad_accumulation: Annotated[int, Field(ge=1)] = Field(default=1, description="micro-batches per optimizer step")
+    amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.5, description="fraction of partner tokens in a mixed sequence (SiQC needs 0.5)"
+    )
+    weights: PretrainLossWeights = Field(default_factory=PretrainLossWeights)
+    mftd_start_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.2, description="MFTD is switched on from step mftd_start_fraction * steps"
+    )
+    ema_start: Annotated[float, Field(ge=0, le=1)] = Field(default=0.997, description="teacher momentum at step 0")
+    ema_end: Annotated[float, Field(ge=0, le=1)] = Field(default=0.9997, description="teacher momentum at the end")
+    learnable_logit_scale: bool = Field(default=False, description="train SiQC's temperatures (needs use_siqc)")
+    use_mftd: bool = Field(default=True, description="ablation switch: masked factor-token distillation")
+    use_siqc: bool = Field(default=True, description="ablation switch: swap-invariance quadruplet contrast")
+    use_grl: bool = Field(
+        default=True, description="ablation switch: off sets the reversal strength to 0, so the content site "
+        "classifier still trains but sends no gradient into the encoder (a detach)"
+    )
+    log_every: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+    @field_validator("batch_size")
+    @classmethod
+    def _even_batch(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"must be even (sample i is mixed with sample B-1-i), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        from meduet.models.meduet import PRESETS  # torch-heavy: imported only when a section is validated
+
+        preset = PRESETS[self.preset]
+        if self.crop % preset.patch_size:
+            raise ValueError(f"crop {self.crop} is not divisible by preset {self.preset!r}'s patch size "
+                             f"{preset.patch_size}")
+        if (self.crop,) * 3 != tuple(preset.input_size):
+            raise ValueError(f"crop {self.crop} must equal preset {self.preset!r}'s input size "
+                             f"{preset.input_size} (fixed sin-cos positions)")
+        if self.ema_start > self.ema_end:
+            raise ValueError(f"ema_start ({self.ema_start}) must not exceed ema_end ({self.ema_end})")
+        if self.use_siqc and self.mask_ratio != 0.5:
+            raise ValueError(f"use_siqc needs mask_ratio 0.5 (equal token groups), got {self.mask_ratio}")
+        if self.learnable_logit_scale and not self.use_siqc:
+            raise ValueError("learnable_logit_scale needs use_siqc (the scales are SiQC's temperatures)")
+        return self
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -274,6 +352,7 @@ class MeduetConfig(StrictModel):
     harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig)
     encode_latents: EncodeLatentsConfig = Field(default_factory=EncodeLatentsConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

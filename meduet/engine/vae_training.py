@@ -8,7 +8,6 @@ step, so a resumed run sees exactly the batches the uninterrupted run would have
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from monai.networks.nets import PatchDiscriminator
 
 from meduet import distributed as dist
 from meduet.data.volumes import CropSampler, load_volume
+from meduet.engine.schedules import warmup_cosine
 from meduet.models.vae import VAEArchitecture, build_vae
 
 
@@ -51,16 +51,6 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
     return kl.flatten(1).sum(dim=1).mean()
-
-
-def warmup_cosine(warmup: int, total: int):
-    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def train_vae_worker(config: dict) -> None:

@@ -51,4 +51,7 @@ STAGES: dict[str, StageSpec] = {
                            extra=("ray",)),
     "encode-latents": StageSpec("meduet.stages.encode_latents", "encode_latents",
                                 "encode harmonized volumes into the latent cache on Ray", extra=("ray",)),
+    "pretrain": StageSpec("meduet.stages.pretrain", "pretrain",
+                          "MeDUET disentangled self-supervised pretraining on the latent cache (Ray Train)",
+                          extra=("ray",)),
 }

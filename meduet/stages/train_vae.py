@@ -23,6 +23,7 @@ from meduet import distributed as dist  # noqa: E402
 from meduet.config import Paths, RayConfig, VAEConfig, config_hash  # noqa: E402
 from meduet.data.volumes import Volume, holdout_split, load_volume, usable_volumes  # noqa: E402
 from meduet.engine.metrics import mae_raw, psnr, ssim  # noqa: E402
+from meduet.engine.plots import plot_history  # noqa: E402
 from meduet.engine.vae_training import VAETrainSettings, train_vae_worker  # noqa: E402
 from meduet.io.atomic import atomic_path, write_json  # noqa: E402
 from meduet.io.storage import fetch_file  # noqa: E402
@@ -101,28 +102,6 @@ def _figure_reconstructions(rows: list[dict], target: Path) -> Path:
                      else 0.25)
             a.set_title(title, fontsize=7)
             a.axis("off")
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return target
-
-
-def plot_history(history: list[dict], keys: list[str], target: Path, title: str) -> Path:
-    """Loss curves (log scale) of a training history as PNG."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [row["step"] for row in history]
-    for key in keys:
-        values = [row.get(key) for row in history]
-        if any(v for v in values):
-            ax.plot(steps, values, label=key)
-    if history:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no training history (pretrained weights)", ha="center", va="center")
-    ax.set_xlabel("step")
-    ax.set_title(title)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, dpi=80, format="png")

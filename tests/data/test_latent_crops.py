@@ -1,0 +1,70 @@
+"""LatentCropSampler: shapes, scaling, padding, labels and (seed, step, rank) determinism."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meduet.data.latent_crops import LatentCropSampler
+from meduet.data.latents import LatentRecord, save_array, write_manifest, write_scale
+
+
+def _latents(root: Path, shapes: list[tuple[int, ...]]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    return [save_array(root / f"l{i}.npy", rng.normal(size=shape).astype(np.float32)) for i, shape in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("crop", [4, 6])
+def test_batch_shapes_labels_and_determinism(tmp_path, crop):
+    paths = _latents(tmp_path, [(4, 10, 9, 8), (4, 8, 8, 12)])
+    sampler = LatentCropSampler(paths, [0, 1], crop, scale=1.0, seed=3)
+    x, domain = sampler.batch(step=5, batch_size=6, rank=1)
+    assert x.shape == (6, 4, crop, crop, crop) and x.dtype == torch.float32
+    assert domain.dtype == torch.int64 and set(domain.tolist()) <= {0, 1}
+    again_x, again_domain = LatentCropSampler(paths, [0, 1], crop, scale=1.0, seed=3).batch(5, 6, 1)
+    assert torch.equal(x, again_x) and torch.equal(domain, again_domain)  # a resumed run sees the same batch
+    assert not torch.equal(x, sampler.batch(5, 6, 0)[0])  # another worker
+    assert not torch.equal(x, sampler.batch(6, 6, 1)[0])  # another step
+    assert not torch.equal(x, LatentCropSampler(paths, [0, 1], crop, scale=1.0, seed=4).batch(5, 6, 1)[0])
+
+
+def test_whole_latent_crop_is_a_scaled_flip_or_rotation(tmp_path):
+    (path,) = _latents(tmp_path, [(4, 4, 4, 4)])
+    latent = torch.from_numpy(np.load(path))
+    x, domain = LatentCropSampler([path], [1], 4, scale=2.5, seed=0).batch(0, 8)
+    assert domain.tolist() == [1] * 8
+    for crop in x:
+        # the same values in another arrangement; each channel keeps its own values
+        torch.testing.assert_close(crop.flatten(1).sort().values, (2.5 * latent).flatten(1).sort().values)
+    assert len({tuple(crop.flatten().tolist()) for crop in x}) > 1  # augmentations vary
+
+
+def test_small_latents_are_zero_padded(tmp_path):
+    (path,) = _latents(tmp_path, [(4, 3, 8, 5)])
+    x, _ = LatentCropSampler([path], [0], 6, scale=1.0, seed=0).batch(0, 4)
+    assert x.shape == (4, 4, 6, 6, 6)
+    # 3 * 6 * 5 of the 6^3 voxels per channel hold latent values; the rest is padding
+    assert all(int((crop[0] != 0).sum()) == 3 * 6 * 5 for crop in x)
+
+
+def test_from_cache_reads_the_scale_and_labels(tmp_path):
+    paths = _latents(tmp_path, [(4, 6, 6, 6), (4, 6, 6, 6)])
+    stats = write_scale(tmp_path, [np.load(p) for p in paths])
+    records = [LatentRecord(key=f"k{i}", dataset="d", case_id=f"c{i}", domain=f"site_{i}", domain_index=i,
+                            body_part="x", split="train", latent=p.name, latent_shape=[4, 6, 6, 6],
+                            affine=list(np.eye(4).ravel()), orig_spacing=[1.0, 1.0, 1.0], image_sha256="0",
+                            vae_sha256="0") for i, p in enumerate(paths)]
+    write_manifest(tmp_path, records)
+    sampler = LatentCropSampler.from_cache(tmp_path, records, 6, seed=0)
+    assert sampler.scale == pytest.approx(stats["scale_factor"]) and sampler.domains == [0, 1]
+
+
+def test_invalid_inputs_are_named(tmp_path):
+    paths = _latents(tmp_path, [(4, 6, 6, 6), (6, 6, 6)])
+    with pytest.raises(ValueError, match="no training latents"):
+        LatentCropSampler([], [], 4, 1.0, 0)
+    with pytest.raises(ValueError, match="2 latents but 1 domain labels"):
+        LatentCropSampler(paths, [0], 4, 1.0, 0)
+    with pytest.raises(ValueError, match=r"l1.npy: expected a \(C, d, h, w\) latent"):
+        LatentCropSampler(paths, [0, 1], 4, 1.0, 0)
