@@ -1,6 +1,5 @@
 """train-vae and encode-latents on a tiny harmonized dataset (a real local Ray)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
