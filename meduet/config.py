@@ -39,6 +39,7 @@ class PathsConfig(StrictModel):
     reports_dir: str = "reports"
     models_dir: str = "models"
     latents_dir: str = "data/latents"
+    factors_dir: str = "data/factors"
     work_dir: str = ".work"
 
 
@@ -311,6 +312,29 @@ class PretrainConfig(StrictModel):
         return self
 
 
+# --------------------------------------------------------------------------- factor evaluation
+class ExtractFactorsConfig(StrictModel):
+    """Whole-volume content/style vectors from the pretrained model (stage ``extract-factors``)."""
+
+    weights: Literal["teacher", "student"] = Field(
+        default="teacher", description="which saved weights encode: the EMA teacher or the student"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
+
+
+class EvaluateDisentanglementConfig(StrictModel):
+    """Linear site probes on the factors and a content/style swap test (stage ``evaluate-disentanglement``)."""
+
+    folds: Annotated[int, Field(ge=2)] = Field(default=5, description="cross-validation folds (stratified by site)")
+    l2: Annotated[float, Field(ge=0)] = Field(default=1e-2, description="L2 penalty on the probe weights")
+    max_iter: Annotated[int, Field(ge=1)] = Field(default=200, description="L-BFGS iterations per probe fit")
+    swap_pairs: Annotated[int, Field(ge=0)] = Field(
+        default=16, description="(A, B) pairs of different sites for the swap test; 0 skips it"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
+    seed: int = 0
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -353,6 +377,8 @@ class MeduetConfig(StrictModel):
     vae: VAEConfig = Field(default_factory=VAEConfig)
     encode_latents: EncodeLatentsConfig = Field(default_factory=EncodeLatentsConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    extract_factors: ExtractFactorsConfig = Field(default_factory=ExtractFactorsConfig)
+    evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
@@ -372,6 +398,7 @@ class Paths:
     reports: Path
     models: Path
     latents: Path
+    factors: Path
     work: Path
     s3_options: dict[str, Any]
 
@@ -386,6 +413,7 @@ class Paths:
             reports=root / p.reports_dir,
             models=root / p.models_dir,
             latents=root / p.latents_dir,
+            factors=root / p.factors_dir,
             work=root / p.work_dir,
             s3_options=s3_options(cfg.storage),
         )

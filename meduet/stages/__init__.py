@@ -54,4 +54,8 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec("meduet.stages.pretrain", "pretrain",
                           "MeDUET disentangled self-supervised pretraining on the latent cache (Ray Train)",
                           extra=("ray",)),
+    "extract-factors": StageSpec("meduet.stages.extract_factors", "extract_factors",
+                                 "whole-volume content and style vectors from the pretrained model"),
+    "evaluate-disentanglement": StageSpec("meduet.stages.evaluate_disentanglement", "evaluate_disentanglement",
+                                          "linear site probes on content and style, and a swap test"),
 }

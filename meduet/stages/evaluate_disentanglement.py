@@ -1,0 +1,258 @@
+"""Stage ``evaluate-disentanglement``: how much site information each factor carries.
+
+Inputs: ``paths.factors`` (stage ``extract-factors``), and for the swap test the pretrained
+model and the latent cache.
+
+1. Linear probes: stratified k-fold cross-validated multinomial logistic regression
+   (standardised features, L2 penalty, L-BFGS) predicting the site from content and from
+   style. Disentangled factors give style ≫ chance and content ≈ chance ``1/K``.
+2. Swap test: for pairs ``(A, B)`` of volumes from different sites, every window of ``A``
+   is encoded, its content tokens entangled with the style tokens of a window of ``B``,
+   decoded (no hidden tokens) and unpatchified to a latent, and that latent re-encoded.
+   The window-averaged re-encoded factors are then scored: the style probe (fit on all
+   volumes) should name ``B``'s site; the content should stay closer (cosine) to ``A``'s.
+   The same round trip with ``A``'s own style is the reference (``self_*`` metrics).
+
+Outputs: ``paths.reports/evaluate_disentanglement/metrics.json`` and ``factors.png``
+(2-D PCA of content and of style, coloured by site).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+from meduet.config import EvaluateDisentanglementConfig, Paths
+from meduet.data.latents import load_latent, read_manifest, read_scale
+from meduet.io.atomic import atomic_path, write_json
+from meduet.models.meduet import MeduetModel
+from meduet.stages import StageError, StageResult
+from meduet.stages.extract_factors import (FACTOR_META, FactorRecord, checkpoint_path, load_factors,
+                                           load_pretrained, sliding_windows)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- linear probe
+@dataclass
+class LinearProbe:
+    """Multinomial logistic regression on standardised features: ``softmax(W ((x - mu) / sd) + b)``."""
+
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,)
+    weight: np.ndarray  # (K, F)
+    bias: np.ndarray  # (K,)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int, l2: float = 1e-2,
+            max_iter: int = 200) -> LinearProbe:
+        """Minimise ``mean CE + l2/2 ||W||²`` over ``x (n, F)``, labels ``y (n,)`` in ``0..K-1``."""
+        mean = x.mean(0)
+        std = x.std(0)
+        std = np.where(std > 1e-8, std, 1.0)  # a constant feature stays 0 after standardising
+        xs = torch.from_numpy((x - mean) / std).double()  # (n, F)
+        yt = torch.from_numpy(np.asarray(y)).long()
+        weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xs @ weight.T + bias, yt) + 0.5 * l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return cls(mean, std, weight.detach().numpy(), bias.detach().numpy())
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.std) @ self.weight.T + self.bias  # (n, K)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(1)
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index ``(n,)`` for each sample: each class shuffled, then dealt round-robin.
+
+    Dealing the classes one after another from a running counter keeps both the class
+    proportions and the fold sizes within one sample of even.
+    """
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    counter = 0
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        fold[members] = (counter + np.arange(len(members))) % folds
+        counter += len(members)
+    return fold
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int = 5, l2: float = 1e-2,
+                   max_iter: int = 200, seed: int = 0) -> dict:
+    """Accuracy of a ``LinearProbe`` over stratified folds (``folds`` capped at the sample count)."""
+    folds = min(folds, len(y))
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 samples, got {len(y)}")
+    fold = stratified_folds(y, folds, seed)
+    accuracies = []
+    for k in range(folds):
+        test = fold == k
+        probe = LinearProbe.fit(x[~test], y[~test], num_classes, l2, max_iter)
+        accuracies.append(float((probe.predict(x[test]) == y[test]).mean()))
+    return {"accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
+            "fold_accuracies": accuracies, "folds": folds}
+
+
+# --------------------------------------------------------------------------- swap test
+@torch.no_grad()
+def swapped_factors(model: MeduetModel, windows_a: torch.Tensor, windows_b: torch.Tensor,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-encoded factors of ``A``'s content rendered with ``B``'s style, averaged over ``A``'s windows.
+
+    Args:
+        windows_a: ``(n_a, C, d, h, w)`` scaled windows of ``A``; window ``i`` takes its style from
+            window ``i mod n_b`` of ``windows_b (n_b, C, d, h, w)``.
+
+    Returns:
+        content ``(E,)`` and style ``(S,)``.
+    """
+    partner = windows_b[torch.arange(len(windows_a)) % len(windows_b)]
+    contents, styles = [], []
+    for xa, xb in zip(windows_a.split(batch_size), partner.split(batch_size), strict=True):
+        content_a, _, cls_a = model.encode_full(xa)  # (b, N, E), _, (b, 1, E)
+        _, style_b, _ = model.encode_full(xb)  # (b, N, S)
+        z = model.entangle(content_a, style_b)  # (b, N, E)
+        hidden = torch.zeros(z.shape[:2], dtype=torch.bool)  # the decoder sees every fused token
+        latent = model.unpatchify(model.decode(z, cls_a, hidden))  # (b, C, d, h, w)
+        content, style, _ = model.encode_full(latent)
+        contents.append(content.mean(1))
+        styles.append(style.mean(1))
+    return torch.cat(contents).mean(0).numpy(), torch.cat(styles).mean(0).numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def swap_test(model: MeduetModel, windows: list[torch.Tensor], content: np.ndarray, y: np.ndarray,
+              style_probe: LinearProbe, content_probe: LinearProbe, pairs: int, batch_size: int,
+              seed: int) -> dict:
+    """Swap content and style between volumes of different sites (see the module docstring).
+
+    Args:
+        windows: per volume, its ``(n_i, C, d, h, w)`` scaled windows.
+        content: ``(n, E)`` extracted content vectors; y: ``(n,)`` site labels.
+        style_probe, content_probe: probes fit on all volumes' style / content.
+        pairs: number of random ``(A, B)`` pairs with different sites.
+    """
+    rng = np.random.default_rng(seed)
+    candidates = [(a, b) for a in range(len(y)) for b in range(len(y)) if y[a] != y[b]]
+    chosen = [candidates[i] for i in rng.choice(len(candidates), size=min(pairs, len(candidates)), replace=False)]
+    rows = []
+    for a, b in chosen:
+        c_swap, s_swap = swapped_factors(model, windows[a], windows[b], batch_size)
+        _, s_self = swapped_factors(model, windows[a], windows[a], batch_size)
+        rows.append({
+            "style_is_b": int(style_probe.predict(s_swap[None])[0] == y[b]),
+            "content_is_a": int(content_probe.predict(c_swap[None])[0] == y[a]),
+            "self_style_is_a": int(style_probe.predict(s_self[None])[0] == y[a]),
+            "cos_a": _cosine(c_swap, content[a]), "cos_b": _cosine(c_swap, content[b]),
+        })
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {"pairs": len(rows),
+            "style_predicted_as_b": mean["style_is_b"],
+            "content_predicted_as_a": mean["content_is_a"],
+            "self_style_predicted_as_a": mean["self_style_is_a"],
+            "content_cosine_to_a": mean["cos_a"], "content_cosine_to_b": mean["cos_b"],
+            "content_closer_to_a": float(np.mean([r["cos_a"] > r["cos_b"] for r in rows]))}
+
+
+# --------------------------------------------------------------------------- figure
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """First two principal-component scores of standardised ``x (n, F)``: ``(n, 2)``."""
+    std = x.std(0)
+    xs = (x - x.mean(0)) / np.where(std > 1e-8, std, 1.0)
+    _, _, vt = np.linalg.svd(xs, full_matrices=False)
+    scores = xs @ vt[:2].T
+    return np.pad(scores, [(0, 0), (0, 2 - scores.shape[1])])  # fewer than 2 components: pad with 0
+
+
+def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains: list[str], target: Path,
+                 probes: dict[str, dict]) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, name, x in ((axes[0], "content", content), (axes[1], "style", style)):
+        scores = pca_2d(x)
+        for k, domain in enumerate(domains):
+            ax.scatter(*scores[y == k].T, s=18, label=domain)
+        acc = probes[name]
+        ax.set_title(f"{name} (probe acc {acc['accuracy_mean']:.2f} ± {acc['accuracy_std']:.2f})", fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"factor PCA by site (chance 1/K = {1 / len(domains):.2f})", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return target
+
+
+# --------------------------------------------------------------------------- stage
+def _scaled_windows(model: MeduetModel, paths: Paths, records: list[FactorRecord]) -> list[torch.Tensor]:
+    latents = {r.key: r for r in read_manifest(paths.latents)}
+    scale = read_scale(paths.latents)
+    missing = [r.key for r in records if r.key not in latents]
+    if missing:
+        raise StageError(f"{paths.latents}: factors of latents no longer in the cache: {missing[:5]}")
+    return [sliding_windows(torch.from_numpy(np.array(load_latent(paths.latents, latents[r.key]),
+                                                        dtype=np.float32)) * scale, model.config.input_size)
+            for r in records]
+
+
+def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
+    """Probe the factors for site information and run the swap test."""
+    arrays, records = load_factors(paths.factors)
+    meta = json.loads((paths.factors / FACTOR_META).read_text())
+    domains = list(meta["domains"])
+    y = arrays["domain_index"].astype(np.int64)
+    content, style = arrays["content"].astype(np.float64), arrays["style"].astype(np.float64)
+    present = sorted(set(y.tolist()))
+    if len(present) < 2:
+        raise StageError(f"{paths.factors}: probes need volumes of at least 2 sites, found {present}")
+
+    num_classes = len(domains)
+    probes = {name: cross_validate(x, y, num_classes, cfg.folds, cfg.l2, cfg.max_iter, cfg.seed)
+              for name, x in (("content", content), ("style", style))}
+    metrics: dict = {"volumes": len(y), "sites": domains, "chance": 1.0 / len(domains),
+                     "majority": float(np.bincount(y).max() / len(y)), "probes": probes,
+                     "content_accuracy": probes["content"]["accuracy_mean"],
+                     "style_accuracy": probes["style"]["accuracy_mean"], "weights": meta["weights"]}
+
+    if cfg.swap_pairs > 0:
+        torch.manual_seed(cfg.seed)
+        model, _ = load_pretrained(checkpoint_path(paths), meta["weights"])
+        if model.config.norm_pix_loss:
+            metrics["swap"] = {"skipped": "norm_pix_loss: decoded patches are normalised, not latents"}
+        else:
+            style_probe = LinearProbe.fit(style, y, num_classes, cfg.l2, cfg.max_iter)
+            content_probe = LinearProbe.fit(content, y, num_classes, cfg.l2, cfg.max_iter)
+            metrics["swap"] = swap_test(model, _scaled_windows(model, paths, records), content, y, style_probe,
+                                        content_probe, cfg.swap_pairs, cfg.batch_size, cfg.seed)
+
+    reports = paths.reports / "evaluate_disentanglement"
+    outputs = {"metrics": write_json(reports / "metrics.json", metrics),
+               "plot": plot_factors(content, style, y, domains, reports / "factors.png", probes)}
+    log.info("evaluate-disentanglement: site probe accuracy content %.3f, style %.3f (chance %.3f)",
+             metrics["content_accuracy"], metrics["style_accuracy"], metrics["chance"])
+    return StageResult("evaluate-disentanglement", outputs, metrics)

@@ -1,0 +1,139 @@
+"""extract-factors and evaluate-disentanglement on a tiny saved model and a synthetic latent cache."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meduet.config import MeduetConfig, Paths
+from meduet.data.latents import read_manifest, read_scale
+from meduet.models.meduet import PRESETS, MeduetModel
+from meduet.stages import StageError, evaluate_disentanglement, extract_factors
+from meduet.stages.evaluate_disentanglement import LinearProbe, cross_validate, stratified_folds
+from meduet.stages.extract_factors import load_factors, sliding_windows, window_starts
+from tests.stages.test_pretrain import _write_cache
+
+
+def _save_tiny_model(paths: Paths, domains: list[str], scale: float) -> MeduetModel:
+    """A randomly initialised tiny model saved in the pretrain stage's checkpoint format."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS["tiny"], num_domains=len(domains))
+    student, teacher = MeduetModel(config), MeduetModel(config)
+    model_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
+    target = paths.models / "pretrain" / "meduet.pt"
+    target.parent.mkdir(parents=True)
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "model_config": model_dict,
+                "config": {}, "domains": domains, "scale_factor": scale, "train_latents": [], "steps": 0}, target)
+    return teacher.eval()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    cfg = MeduetConfig.model_validate({"extract_factors": {"batch_size": 5},
+                                       "evaluate_disentanglement": {"folds": 3, "swap_pairs": 2}})
+    paths = Paths.resolve(cfg, tmp_path_factory.mktemp("factors_project"))
+    _write_cache(paths.latents, per_domain=3)  # six (4, 12, 12, 12) latents of two sites
+    model = _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
+    return cfg, paths, model
+
+
+# --------------------------------------------------------------------------- probe
+def _blobs(separable: bool, n_per_class: int = 30, classes: int = 3, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = rng.normal(size=(len(y), dim))
+    if separable:
+        x[:, :classes] += 4.0 * np.eye(classes)[y]  # class k shifted along axis k
+    return x, y
+
+
+@pytest.mark.parametrize(("separable", "low", "high"), [(True, 0.95, 1.0), (False, 0.0, 0.6)])
+def test_probe_finds_site_signal_only_where_there_is_one(separable: bool, low: float, high: float) -> None:
+    x, y = _blobs(separable)
+    result = cross_validate(x, y, num_classes=3, folds=5, seed=0)
+    assert result["folds"] == 5 and len(result["fold_accuracies"]) == 5
+    assert low <= result["accuracy_mean"] <= high, result  # chance is 1/3
+
+
+def test_probe_standardises_and_predicts_shapes() -> None:
+    x, y = _blobs(True)
+    probe = LinearProbe.fit(1000.0 * x + 50.0, y, num_classes=3)
+    assert probe.weight.shape == (3, 8) and probe.bias.shape == (3,)
+    assert (probe.predict(1000.0 * x + 50.0) == y).mean() > 0.95
+
+
+def test_stratified_folds_balance_classes_and_sizes() -> None:
+    y = np.array([0] * 10 + [1] * 5 + [2] * 7)
+    fold = stratified_folds(y, 5, seed=3)
+    sizes = np.bincount(fold, minlength=5)
+    assert sizes.max() - sizes.min() <= 1
+    for label in range(3):
+        per_fold = np.bincount(fold[y == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(fold, stratified_folds(y, 5, seed=3))
+
+
+# --------------------------------------------------------------------------- windows
+@pytest.mark.parametrize(("size", "window", "starts"), [(8, 8, [0]), (12, 8, [0, 4]), (16, 8, [0, 8]),
+                                                        (20, 8, [0, 8, 12])])
+def test_window_starts_tile_and_align_the_last_to_the_end(size: int, window: int, starts: list[int]) -> None:
+    assert window_starts(size, window) == starts
+
+
+def test_small_latents_are_zero_padded_to_one_window() -> None:
+    latent = torch.ones(2, 5, 8, 12)
+    windows = sliding_windows(latent, (8, 8, 8))
+    assert windows.shape == (2, 2, 8, 8, 8)  # d padded to 8 (one window), w gives two windows
+    assert windows[0, :, :1].abs().sum() == 0 and windows[0, :, 1:6].min() == 1  # centred: 1 before, 2 after
+
+
+# --------------------------------------------------------------------------- stages
+def test_extract_factors_averages_window_factors(project) -> None:
+    cfg, paths, model = project
+    result = extract_factors.run(cfg.extract_factors, paths)
+    arrays, records = load_factors(paths.factors)
+    assert arrays["content"].shape == (6, 32) and arrays["style"].shape == (6, 8)  # E = 32, S = 0.25 E
+    assert list(arrays["domain_index"]) == [0, 0, 0, 1, 1, 1]
+    assert [r.key for r in records] == list(arrays["keys"]) and {r.windows for r in records} == {8}  # 2x2x2
+    assert set(arrays["split"]) == {"train", "held_out"}
+    assert result.metrics["volumes"] == 6 and result.metrics["per_site"] == {"site_a": 3, "site_b": 3}
+
+    # By hand: the teacher on the 8 windows of the first latent, token mean then window mean.
+    record = next(r for r in read_manifest(paths.latents) if r.key == records[0].key)
+    latent = torch.from_numpy(np.load(paths.latents / record.latent)) * read_scale(paths.latents)
+    windows = torch.stack([latent[:, i:i + 8, j:j + 8, k:k + 8] for i in (0, 4) for j in (0, 4) for k in (0, 4)])
+    with torch.no_grad():
+        content, style, _ = model.encode_full(windows)
+    np.testing.assert_allclose(arrays["content"][0], content.mean((0, 1)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(arrays["style"][0], style.mean((0, 1)).numpy(), rtol=1e-4, atol=1e-5)
+    meta = json.loads((paths.factors / "manifest.json").read_text())
+    assert meta["weights"] == "teacher" and meta["domains"] == ["site_a", "site_b"]
+
+
+def test_evaluate_writes_metrics_and_figure(project) -> None:
+    cfg, paths, _ = project
+    if not (paths.factors / "factors.npz").is_file():
+        extract_factors.run(cfg.extract_factors, paths)
+    result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
+    reports = paths.reports / "evaluate_disentanglement"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["chance"] == 0.5 and metrics["volumes"] == 6
+    for name in ("content", "style"):
+        assert 0.0 <= metrics["probes"][name]["accuracy_mean"] <= 1.0 and metrics["probes"][name]["folds"] == 3
+    swap = metrics["swap"]
+    assert swap["pairs"] == 2 and 0.0 <= swap["style_predicted_as_b"] <= 1.0
+    assert -1.0 <= swap["content_cosine_to_a"] <= 1.0
+    assert (reports / "factors.png").stat().st_size > 2000
+    assert result.outputs["plot"] == reports / "factors.png"
+
+
+def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
+    cfg = MeduetConfig()
+    paths = Paths.resolve(cfg, tmp_path)
+    with pytest.raises(StageError, match="encode-latents"):
+        extract_factors.run(cfg.extract_factors, paths)
+    with pytest.raises(StageError, match="extract-factors"):
+        evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
