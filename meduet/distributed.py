@@ -499,6 +499,36 @@ def load_checkpoint() -> dict[str, Any] | None:
     return envelope["state"]
 
 
+def _bare(part: Any) -> Any:
+    return unwrap(part) if isinstance(part, torch.nn.Module) else part
+
+
+def training_state(step: int, **parts: Any) -> dict[str, Any]:
+    """A checkpoint ``state``: every part's ``state_dict`` (models without their DDP
+    wrapper), the step reached and this rank's RNG states.
+
+    Args:
+        step: steps completed.
+        parts: models, optimizers, schedulers, ... by the name :func:`resume` loads them under.
+    """
+    return {**{name: _bare(part).state_dict() for name, part in parts.items()}, "step": step, "rng": capture_rng()}
+
+
+def resume(**parts: Any) -> int:
+    """Load the run's latest checkpoint into ``parts`` and return the step to continue from.
+
+    The counterpart of :func:`training_state` (same part names); 0 when starting fresh.
+    RNG states are restored last, so a resumed run draws what the uninterrupted one would.
+    """
+    state = load_checkpoint()
+    if state is None:
+        return 0
+    for name, part in parts.items():
+        _bare(part).load_state_dict(state[name])
+    restore_rng(state["rng"])
+    return int(state["step"])
+
+
 def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as Python numbers/strings (tensors and numpy scalars unwrapped)."""
     plain: dict[str, Any] = {}

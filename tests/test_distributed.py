@@ -43,14 +43,8 @@ def toy_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=6, gamma=0.5)
 
-    start = 0
-    state = dist.load_checkpoint()
-    if state is not None:
-        dist.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        dist.restore_rng(state["rng"])
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    start = dist.resume(**parts)
     Path(config["marker_dir"], f"rank{dist.world_rank()}").write_text(str(dist.world_size()))
 
     steps_per_epoch = len(loader)
@@ -71,10 +65,8 @@ def toy_loop(config: dict[str, Any]) -> None:
             step += 1
             if step == config.get("crash_at") and start == 0:
                 raise RuntimeError(f"simulated crash at step {step}")
-            checkpoint = None
-            if dist.checkpoint_due(step, config["steps"]):
-                checkpoint = {"model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "step": step, "rng": dist.capture_rng()}
+            due = dist.checkpoint_due(step, config["steps"])
+            checkpoint = dist.training_state(step, **parts) if due else None
             dist.report({"step": step, "loss": loss, "lr": lr, "start_step": start,
                          "world_size": dist.world_size()}, checkpoint)
             if step == config["steps"]:

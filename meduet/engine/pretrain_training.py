@@ -126,15 +126,8 @@ def pretrain_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.warmup_steps, s.steps))
     weights = LossWeights(**s.weights)
 
-    start = 0
-    state = dist.load_checkpoint()
-    if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        dist.restore_rng(state["rng"])
+    parts = {"student": student, "teacher": teacher, "optimizer": optimizer, "scheduler": scheduler}
+    start = dist.resume(**parts)
 
     sampler = LatentCropSampler([Path(p) for p in s.latents], s.domains, student.config.input_size[0], s.scale,
                                 s.seed)
@@ -166,11 +159,7 @@ def pretrain_worker(config: dict) -> None:
         ema_update(teacher, student, momentum)
 
         done = step + 1
-        checkpoint = None
-        if dist.checkpoint_due(done, s.steps):
-            checkpoint = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done,
-                          "rng": dist.capture_rng()}
+        checkpoint = dist.training_state(done, **parts) if dist.checkpoint_due(done, s.steps) else None
         if checkpoint is not None or done % s.log_every == 0 or done == s.steps:
             dist.report({"step": done, **{term: sums[term].item() for term in TERMS}, "lr": lr,
                          "momentum": momentum}, checkpoint)

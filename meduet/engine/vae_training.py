@@ -69,17 +69,10 @@ def train_vae_worker(config: dict) -> None:
         optimizer_d = torch.optim.AdamW(disc.parameters(), lr=s.lr, betas=(0.5, 0.999))
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
-    start = 0
-    state = dist.load_checkpoint()
-    if state is not None:
-        dist.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if adversarial:
-            dist.unwrap(disc).load_state_dict(state["discriminator"])
-            optimizer_d.load_state_dict(state["optimizer_d"])
-        start = int(state["step"])
-        dist.restore_rng(state["rng"])
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if adversarial:
+        parts |= {"discriminator": disc, "optimizer_d": optimizer_d}
+    start = dist.resume(**parts)
 
     sampler = CropSampler([load_volume(Path(p)) for p in s.volumes], s.crop_size, s.seed)
     use_amp = s.amp and device.type == "cuda"
@@ -112,12 +105,8 @@ def train_vae_worker(config: dict) -> None:
             optimizer_d.step()
 
         done = step + 1
-        checkpoint = None
-        if done % s.checkpoint_every == 0 or done == s.steps:
-            checkpoint = {"model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "step": done, "rng": dist.capture_rng()}
-            if adversarial:
-                checkpoint |= {"discriminator": dist.unwrap(disc).state_dict(), "optimizer_d": optimizer_d.state_dict()}
+        due = done % s.checkpoint_every == 0 or done == s.steps
+        checkpoint = dist.training_state(done, **parts) if due else None
         if checkpoint is not None or done % s.log_every == 0:
             dist.report({"step": done, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
                          "g_adv": g_adv.item(), "d_loss": d_loss.item(), "lr": scheduler.get_last_lr()[0]},
