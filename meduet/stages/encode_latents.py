@@ -46,9 +46,8 @@ def load_vae(path: Path) -> tuple[torch.nn.Module, VAEArchitecture, dict]:
     return model, arch, saved
 
 
-def _image_affine(path: Path) -> np.ndarray:
+def _image_affine(image: sitk.Image) -> np.ndarray:
     """Voxel (i, j, k) → RAS world of a harmonized (RAS, axis-aligned) volume."""
-    image = sitk.ReadImage(str(path))
     affine = np.eye(4)
     affine[:3, :3] = np.diag(image.GetSpacing())
     affine[:3, 3] = np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])  # LPS → RAS
@@ -68,7 +67,7 @@ def encode_case(job: dict) -> dict:
         save_array(cache / job["latent_std"], sigma[0].numpy())
     record = dict(job["record"])
     record["latent_shape"] = list(mu.shape[1:])
-    record["affine"] = latent_affine(_image_affine(Path(job["image"]))).reshape(-1).tolist()
+    record["affine"] = latent_affine(_image_affine(image)).reshape(-1).tolist()
     return record
 
 
