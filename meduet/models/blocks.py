@@ -2,7 +2,8 @@
 
 - ``PatchEmbed3d``: non-overlapping 3-D patches of a latent ``(B, C, d, h, w)`` to tokens ``(B, N, E)``.
 - ``sincos_pos_embed_3d``: the fixed (not learned) 3-D sine-cosine position table.
-- ``TransformerBlock``: pre-norm attention + MLP using ``scaled_dot_product_attention``.
+- ``TransformerBlock``: pre-norm attention + MLP using ``scaled_dot_product_attention``; its
+  matrices are ``meduet.models.lean_linear`` layers, which store less for backward.
 - ``patchify`` / ``unpatchify``: latents to per-token flat patches and back (reconstruction targets).
 """
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from meduet.models.lean_linear import GeluMlp, LeanLinear, lean_linear, norm_linear
 
 Grid = tuple[int, int, int]
 
@@ -117,11 +120,14 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # applied through lean_linear / norm_linear
+        self.proj = LeanLinear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.num_heads)
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``(B, N, E)`` -> ``(B, N, E)``; ``norm`` (the block's pre-norm) is fused into the qkv projection."""
+        qkv = lean_linear(x, self.qkv.weight, self.qkv.bias) if norm is None else norm_linear(
+            x, norm, self.qkv.weight, self.qkv.bias)
+        q, k, v = rearrange(qkv, "b n (three h e) -> three b h n e", three=3, h=self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, E/heads)
         return self.proj(rearrange(out, "b h n e -> b n (h e)"))  # (B, N, E)
 
@@ -139,13 +145,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
-        hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim=dim, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = GeluMlp(dim=dim, hidden=int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, E)`` -> ``(B, N, E)``."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(x, self.norm1)
+        return x + self.mlp(x, self.norm2)
