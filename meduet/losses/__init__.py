@@ -74,6 +74,13 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
         mask = random_mix_mask(batch, cfg.num_tokens, cfg.mask_ratio, device=x.device, generator=generator)
     check_mask(mask, cfg.mask_ratio)
 
+    # The teacher's targets depend only on x and the mask: computing them first keeps their
+    # transient activations from adding to the student's stored ones.
+    teacher_out: dict[str, torch.Tensor] = {}
+    if use_mftd or use_siqc:
+        with torch.no_grad():
+            teacher_out = _teacher_targets(teacher, x, mask, use_mftd=use_mftd, use_siqc=use_siqc)
+
     # Steps 1-2: mix, encode, demix into factors.
     demixed = encode_demix(student, x, mask)
     fused = [fuse(student, demixed, mask)]  # (B, N, E) factual remix
@@ -96,8 +103,6 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
         redo += [pred[1]] if use_siqc else []
         re_content, re_style, _ = student.encode_full(student.unpatchify(torch.cat(redo)))
         re_content, re_style = re_content.split(2 * batch), re_style.split(2 * batch)  # per view, (2B, N, .)
-        with torch.no_grad():
-            teacher_out = _teacher_targets(teacher, x, mask, use_mftd=use_mftd, use_siqc=use_siqc)
 
     zero = x.new_zeros(())
     losses["mftd"] = zero
