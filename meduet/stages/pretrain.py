@@ -52,7 +52,8 @@ def _settings(cfg: PretrainConfig, model: MeduetConfig, train: list[LatentRecord
         model=model.to_dict(), latents=[str(latents / r.latent) for r in train],
         domains=[r.domain_index for r in train], scale=scale, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
         betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation, amp=cfg.amp, weights=weights,
+        grad_clip=cfg.grad_clip, grad_accumulation=cfg.grad_accumulation, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16,
+        weights=weights,
         mftd_start=round(cfg.mftd_start_fraction * cfg.steps), ema_start=cfg.ema_start, ema_end=cfg.ema_end,
         use_mftd=cfg.use_mftd, use_siqc=cfg.use_siqc, log_every=cfg.log_every, seed=cfg.seed,
     )

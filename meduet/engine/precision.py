@@ -1,0 +1,47 @@
+"""Mixed precision: when to autocast to bf16, one rule for every training loop.
+
+bf16 autocast halves activation memory and, where the hardware multiplies bf16 natively,
+runs matrix products about twice as fast (measured in ``benchmarks/pretrain_step.py``).
+GPUs with bf16 support qualify; so do CPUs with AVX512-BF16 or AMX, but on those it is
+opt-in (``cpu_bf16``) because CPU runs are usually the small, reproducible ones. On a CPU
+without native bf16, autocast would emulate it slowly, so it stays off there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def amp_dtype(device: torch.device, *, amp: bool, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The autocast dtype for a training loop on ``device``, or ``None`` for full fp32.
+
+    Args:
+        amp: autocast on GPUs.
+        cpu_bf16: also autocast on CPUs with native bf16.
+    """
+    wanted = amp and (device.type != "cpu" or cpu_bf16)
+    if wanted and not native_bf16(device):
+        log.warning("bf16 autocast requested but %s has no native bf16; training in fp32", device)
+        return None
+    return torch.bfloat16 if wanted else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``; a no-op context for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
