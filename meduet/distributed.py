@@ -21,8 +21,9 @@ Runs, checkpoints and resume
     ``s3://``). Ray Train 2.x keeps a snapshot of the run's reported checkpoints in that
     folder and, when a trainer is created again with the same name and storage, hands the
     latest one to the workers through ``ray.train.get_checkpoint()``; :func:`load_checkpoint`
-    reads it. So a second :func:`fit` with the same :class:`RunSpec` resumes where the
-    first stopped (crash, kill, preemption), and Ray's own retries
+    reads it, or a newer complete ``checkpoint_<step>`` folder that Ray had not listed yet
+    when the run was killed. So a second :func:`fit` with the same :class:`RunSpec`
+    resumes where the first stopped (crash, kill, preemption), and Ray's own retries
     (``RunSpec.max_failures``) resume the same way. Every checkpoint and the run folder
     record the config hash; a mismatch is refused, never silently loaded.
     (Ray 2.x's ``TorchTrainer.restore`` / ``can_restore`` / ``resume_from_checkpoint``
@@ -336,6 +337,9 @@ class _Session:
     config_hash: str
     checkpoint_every: int
     scheme: str  # "s3://" or "": turns Ray's scheme-less paths back into names users know
+    storage: str = ""  # RunSpec.storage and s3_options: where the run folder is, for load_checkpoint
+    s3_options: Mapping[str, Any] = field(default_factory=dict)
+    run_name: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -486,17 +490,57 @@ def load_checkpoint() -> dict[str, Any] | None:
     if _SESSION is None:
         return None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    path = f"{checkpoint.path}/{STATE_FILE}"
-    name = _SESSION.scheme + path
-    try:
-        data = _read_bytes(checkpoint.filesystem, path)
-    except (FileNotFoundError, OSError) as error:
-        raise CheckpointError(f"{name}: cannot be read ({error})") from None
-    envelope = _load_envelope(data, name, _SESSION.config_hash)
+    listed = _checkpoint_step(checkpoint.path) if checkpoint is not None else -1
+    envelope = _newer_unlisted_checkpoint(listed)
+    if envelope is None:
+        if checkpoint is None:
+            return None
+        path = f"{checkpoint.path}/{STATE_FILE}"
+        name = _SESSION.scheme + path
+        try:
+            data = _read_bytes(checkpoint.filesystem, path)
+        except (FileNotFoundError, OSError) as error:
+            raise CheckpointError(f"{name}: cannot be read ({error})") from None
+        envelope = _load_envelope(data, name, _SESSION.config_hash)
     _SESSION.history = [dict(row) for row in envelope.get("history", [])]
     return envelope["state"]
+
+
+def _checkpoint_step(path: str) -> int:
+    """Step of a ``.../checkpoint_<step>`` folder (-1 for other names)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("checkpoint_")
+    return int(digits) if name.startswith("checkpoint_") and digits.isdigit() else -1
+
+
+def _newer_unlisted_checkpoint(listed_step: int) -> dict[str, Any] | None:
+    """The envelope of the newest complete checkpoint folder newer than Ray's listed one.
+
+    Ray lists a checkpoint in its run snapshot some time after the folder is in storage;
+    a run killed in between (node loss, SIGKILL) would otherwise resume from the previous
+    one and redo those steps. A folder that cannot be read (an upload cut short) is skipped
+    with a warning; one of another config is refused as always.
+    """
+    fs, root = _filesystem(_SESSION.storage, _SESSION.s3_options)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{_SESSION.run_name}", allow_not_found=True))
+    except OSError as error:
+        log.warning("cannot list run folder %s for unlisted checkpoints: %s", _SESSION.run_name, error)
+        return None
+    folders = sorted((info.path for info in infos if info.type == pyarrow.fs.FileType.Directory
+                      and _checkpoint_step(info.path) > listed_step), key=_checkpoint_step, reverse=True)
+    for folder in folders:
+        name = f"{_SESSION.scheme}{folder}/{STATE_FILE}"
+        try:
+            envelope = _load_envelope(_read_bytes(fs, f"{folder}/{STATE_FILE}"), name, _SESSION.config_hash)
+        except ConfigMismatchError:
+            raise
+        except (OSError, CheckpointError) as error:
+            log.warning("skipping unlisted checkpoint %s: %s", name, error)
+            continue
+        log.info("resuming from %s, written before the run stopped but not yet listed by Ray", name)
+        return envelope
+    return None
 
 
 def _bare(part: Any) -> Any:
@@ -586,9 +630,9 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
         "state": {**state, "rng": {"per_rank": per_rank_rng}}, "history": list(session.history),
     }
     step = int(state.get("step", len(session.history)))
-    # Atomic for readers: Ray copies the staged folder to the run's storage and only then
-    # lists it in the run snapshot that resumes read, so a crash mid-write or mid-upload
-    # leaves an unlisted folder, never a torn "latest" checkpoint.
+    # Ray copies the staged folder to the run's storage and only then lists it in the run
+    # snapshot. load_checkpoint also takes a complete folder that is not listed yet (a kill
+    # in between) and skips one whose state.pt is torn (a kill mid-upload).
     with tempfile.TemporaryDirectory(prefix="meduet-ckpt-", ignore_cleanup_errors=True) as staging:
         torch.save(envelope, Path(staging) / STATE_FILE)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(staging),
@@ -733,7 +777,8 @@ def fit(
     _claim_run_folder(run)
     fs, root = _filesystem(run.storage, run.s3_options)
     session = _Session(stage=run.stage, config_hash=run.config_hash, checkpoint_every=run.checkpoint_every,
-                       scheme="s3://" if run.storage.startswith("s3://") else "")
+                       scheme="s3://" if run.storage.startswith("s3://") else "", storage=run.storage,
+                       s3_options=dict(run.s3_options), run_name=run.name)
 
     trainer = ray.train.torch.TorchTrainer(
         functools.partial(_run_worker, loop=loop, session=session),

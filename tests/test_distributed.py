@@ -185,6 +185,23 @@ def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(
 
 
 @pytest.mark.services
+def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
+    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+) -> None:
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
+    shutil.copytree(reference.run.run_dir, run.run_dir)
+    listed = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
+    torn = Path(run.run_dir) / f"checkpoint_{STEPS + EVERY:09d}" / dist.STATE_FILE  # upload cut by a kill
+    torn.parent.mkdir()
+    torn.write_bytes(listed.read_bytes()[:-100])
+
+    resumed = dist.fit(toy_loop, loop_config(tmp_path), dist.Scaling(num_workers=1), run)
+    assert resumed.history == reference.history  # resumed at the listed final step: nothing ran again
+    assert resumed.checkpoint == str(listed.parent)
+
+
+@pytest.mark.services
 def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path) -> None:
     reference, _ = uninterrupted
     run = spec(tmp_path / "results", "other0002", tmp_path)
