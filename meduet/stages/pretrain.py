@@ -11,7 +11,6 @@ shape, the ``pretrain`` section, the site list) and ``paths.reports/pretrain/``:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from meduet.engine.plots import plot_history
 from meduet.engine.pretrain_training import TERMS, PretrainSettings, pretrain_worker
 from meduet.io.atomic import atomic_path, write_json
 from meduet.models.meduet import PRESETS, MeduetConfig
-from meduet.stages import StageError, StageResult
+from meduet.stages import StageError, StageResult, run_key
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,8 @@ def run(cfg: PretrainConfig, paths: Paths, ray: RayConfig) -> StageResult:
     model = _model_config(cfg, len(domains))
     settings = _settings(cfg, model, train, paths.latents, read_scale(paths.latents))
 
-    # New latents mean a new run, never a resume of the old one's checkpoints.
-    data_hash = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-    run_hash = hashlib.sha256(f"{config_hash(cfg)}:{data_hash}".encode()).hexdigest()[:16]
-    spec = dist.RunSpec.from_config(ray, paths, "pretrain", run_hash)
+    # New latents or code mean a new run, never a resume of the old one's checkpoints.
+    spec = dist.RunSpec.from_config(ray, paths, "pretrain", run_key(config_hash(cfg), manifest))
     result = dist.fit(pretrain_worker, dataclasses.asdict(settings), dist.Scaling.from_config(ray), spec)
     state = result.load_state()
 

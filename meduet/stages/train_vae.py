@@ -7,7 +7,6 @@ Outputs: ``paths.models/vae/vae.pt`` (weights, architecture, config, split) and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -30,14 +29,9 @@ from meduet.io.storage import fetch_file  # noqa: E402
 from meduet.models.vae import (  # noqa: E402
     PRESETS, CheckpointMismatchError, architecture_dict, build_vae, decode_latent, encode_volume, load_weights,
 )
-from meduet.stages import StageError, StageResult  # noqa: E402
+from meduet.stages import StageError, StageResult, run_key  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def _data_hash(harmonized_dir: Path) -> str:
-    """Hash of the harmonized manifest: new data means a new training run, never a resume."""
-    return hashlib.sha256((harmonized_dir / "manifest.csv").read_bytes()).hexdigest()[:16]
 
 
 def _train(cfg: VAEConfig, train: list[Volume], paths: Paths, ray: RayConfig) -> tuple[dict, list[dict]]:
@@ -48,8 +42,9 @@ def _train(cfg: VAEConfig, train: list[Volume], paths: Paths, ray: RayConfig) ->
         adv_start=cfg.adv_start, disc_channels=cfg.disc_channels, grad_clip=cfg.grad_clip, amp=cfg.amp,
         seed=cfg.seed, checkpoint_every=ray.checkpoint_every, log_every=cfg.log_every,
     )
-    run_hash = hashlib.sha256(f"{config_hash(cfg)}:{_data_hash(paths.harmonized)}".encode()).hexdigest()[:16]
-    run = dist.RunSpec.from_config(ray, paths, "train_vae", run_hash)
+    # New data or code means a new run, never a resume of the old one's checkpoints.
+    key = run_key(config_hash(cfg), paths.harmonized / "manifest.csv")
+    run = dist.RunSpec.from_config(ray, paths, "train_vae", key)
     result = dist.fit(train_vae_worker, asdict(settings), dist.Scaling.from_config(ray), run)
     return result.load_state()["model"], result.history
 

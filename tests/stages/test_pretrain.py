@@ -220,3 +220,22 @@ def test_invalid_pretrain_sections_are_named(overrides, message):
 def test_params_yaml_pretrain_section_validates():
     params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     assert PretrainConfig.model_validate(params["pretrain"]).preset == "tiny"
+
+
+def test_run_key_changes_with_config_data_and_code(tmp_path, monkeypatch):
+    from meduet import stages
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("key\ncase0\n")
+    monkeypatch.setattr(stages, "PACKAGE_ROOT", package)
+    key = stages.run_key("cfg1", manifest)
+    assert key == stages.run_key("cfg1", manifest) and len(key) == 16
+    assert stages.run_key("cfg2", manifest) != key
+    (package / "a.py").write_text("x = 2\n")  # a code change: the old run's weights no longer apply
+    changed_code = stages.run_key("cfg1", manifest)
+    assert changed_code != key
+    manifest.write_text("key\ncase1\n")
+    assert stages.run_key("cfg1", manifest) != changed_code
