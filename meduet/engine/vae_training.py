@@ -17,6 +17,7 @@ from monai.networks.nets import PatchDiscriminator
 
 from meduet import distributed as dist
 from meduet.data.volumes import CropSampler, load_volume
+from meduet.engine.precision import amp_dtype, autocast
 from meduet.engine.schedules import warmup_cosine
 from meduet.models.vae import VAEArchitecture, build_vae
 
@@ -75,11 +76,11 @@ def train_vae_worker(config: dict) -> None:
     start = dist.resume(**parts)
 
     sampler = CropSampler([load_volume(Path(p)) for p in s.volumes], s.crop_size, s.seed)
-    use_amp = s.amp and device.type == "cuda"
+    precision = amp_dtype(device, amp=s.amp)
     rank = dist.world_rank()
     for step in range(start, s.steps):
         x = sampler.batch(step, s.batch_size, rank).to(device)  # (B, 1, D, H, W)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with autocast(device, precision):
             recon, mu, sigma = model(x)
             l1 = torch.mean(torch.abs(recon.float() - x))
             kl = kl_divergence(mu.float(), sigma.float())
@@ -96,7 +97,7 @@ def train_vae_worker(config: dict) -> None:
 
         d_loss = torch.zeros(())
         if adversarial and step >= s.adv_start:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, precision):
                 fake = adv_loss(disc(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
                 real = adv_loss(disc(x)[-1], target_is_real=True, for_discriminator=True)
                 d_loss = 0.5 * (fake + real)
