@@ -4,7 +4,8 @@ Each optimizer step is ``meduet.engine.pretrain_step.train_step`` over ``grad_ac
 micro-batches (latent crops and mixing masks drawn from ``(seed, step, rank)``, so a resumed
 run sees the same data), then the cosine LR step and the EMA update of the teacher with the
 cosine momentum of this step. MFTD joins from step ``mftd_start``; before that the teacher
-only serves SiQC's keys.
+only serves SiQC's keys. Each reported row holds the mean losses of the steps since the
+previous row (``lr`` and ``momentum`` are those of the reported step).
 
 The student goes through ``dist.prepare_model`` (DDP with several workers) wrapped in
 ``PretrainObjective``. The teacher is held outside DDP (it is not trained; every rank applies
@@ -102,6 +103,8 @@ def pretrain_worker(config: dict) -> None:
                                    generator=step_generator(s.seed, index, rank, _MASK_STREAM))  # (B, N)
             yield x.to(device), domain.to(device), mask.to(device)
 
+    window: dict[str, torch.Tensor] = {}  # loss sums since the last report: rows are interval means
+    window_steps = 0
     for step in range(start, s.steps):
         lr = scheduler.get_last_lr()[0]  # the rate of this step
         losses = train_step(objective, teacher, optimizer, micro_batches(step), accumulation=s.grad_accumulation,
@@ -110,9 +113,12 @@ def pretrain_worker(config: dict) -> None:
         scheduler.step()
         momentum = cosine_momentum(step, s.steps, start=s.ema_start, end=s.ema_end)
         ema_update(teacher, student, momentum)
+        window = {term: window.get(term, 0.0) + losses[term] for term in TERMS}
+        window_steps += 1
 
         done = step + 1
         checkpoint = dist.training_state(done, **parts) if dist.checkpoint_due(done, s.steps) else None
         if checkpoint is not None or done % s.log_every == 0 or done == s.steps:
-            dist.report({"step": done, **{term: losses[term].item() for term in TERMS}, "lr": lr,
+            dist.report({"step": done, **{term: (window[term] / window_steps).item() for term in TERMS}, "lr": lr,
                          "momentum": momentum}, checkpoint)
+            window, window_steps = {}, 0
