@@ -261,6 +261,22 @@ class MeduetModel(nn.Module):
         """
         return self.decode(torch.cat([z, z]), torch.cat([cls, cls]), torch.cat([mask, ~mask]))
 
+    def reconstruct(self, z: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every position predicted the way training scores it: hidden from the decoder.
+
+        ``decode_dual`` with the complementary halves ``mask`` / ``~mask``; each position is
+        taken from the pass that hid it (as ``reconstruction_loss`` scores them). Decoding
+        with nothing hidden is a setting the decoder never trained on.
+
+        Args:
+            z: ``(B, N, E)`` fused tokens; cls: ``(B, 1, E)``; mask: ``(B, N)`` bool split.
+
+        Returns:
+            ``(B, N, p**3 * C)`` predicted patches.
+        """
+        first, second = self.decode_dual(z, cls, mask).chunk(2)  # pass 1 hid mask, pass 2 hid ~mask
+        return torch.where(mask[..., None], first, second)
+
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """Decoder output ``(B, N, p**3 * C)`` -> latents ``(B, C, d, h, w)``."""
         return unpatchify(patches, self.config.patch_size, self.config.grid, self.config.in_channels)

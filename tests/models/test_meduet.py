@@ -84,6 +84,16 @@ def test_batched_dual_decoding_equals_two_separate_decoder_calls():
     torch.testing.assert_close(dual, separate, atol=1e-5, rtol=1e-5)
 
 
+def test_reconstruct_takes_each_position_from_the_pass_that_hid_it():
+    torch.manual_seed(0)
+    model = MeduetModel(TINY).eval()
+    z, cls = torch.randn(2, 64, 32), torch.randn(2, 1, 32)
+    mask = random_mix_mask(2, 64, 0.5)
+    full = model.reconstruct(z, cls, mask)
+    torch.testing.assert_close(full[mask], model.decode(z, cls, mask)[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[~mask], model.decode(z, cls, ~mask)[~mask], atol=1e-5, rtol=1e-5)
+
+
 def test_decoder_ignores_hidden_tokens():
     torch.manual_seed(0)
     model = MeduetModel(TINY).eval()

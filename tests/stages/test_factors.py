@@ -123,11 +123,29 @@ def test_evaluate_writes_metrics_and_figure(project) -> None:
     assert metrics["chance"] == 0.5 and metrics["volumes"] == 6
     for name in ("content", "style"):
         assert 0.0 <= metrics["probes"][name]["accuracy_mean"] <= 1.0 and metrics["probes"][name]["folds"] == 3
+    # The synthetic sites differ by a latent offset and gain: the input statistics name the site.
+    assert metrics["latent_statistics_accuracy"] == 1.0
     swap = metrics["swap"]
-    assert swap["pairs"] == 2 and 0.0 <= swap["style_predicted_as_b"] <= 1.0
+    assert swap["pairs"] == 2 and metrics["swap_accuracy"] == swap["style_closer_to_b_roundtrip"]
+    for key in ("style_closer_to_b_roundtrip", "content_closer_to_a_roundtrip", "style_predicted_as_b",
+                "self_style_predicted_as_a"):
+        assert swap[key] in (0.0, 0.5, 1.0)  # 2 pairs
     assert -1.0 <= swap["content_cosine_to_a"] <= 1.0
     assert (reports / "factors.png").stat().st_size > 2000
     assert result.outputs["plot"] == reports / "factors.png"
+
+
+def test_swapped_factors_reuse_the_decoder_halves_of_a_seed(project) -> None:
+    cfg, paths, _ = project
+    model, _ = extract_factors.load_pretrained(paths.models / "pretrain" / "meduet.pt")
+    windows = torch.randn(3, model.config.in_channels, *model.config.input_size)  # (3, C, d, h, w)
+    with torch.no_grad():
+        first = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=0)
+        again = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=0)
+        other = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=1)
+    for a, b, c in zip(first, again, other, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)  # other hidden halves, another prediction
 
 
 def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
