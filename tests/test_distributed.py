@@ -169,13 +169,19 @@ def test_crash_then_resume_repeats_uninterrupted_run(
     assert got["scheduler"] == want["scheduler"]
 
 
+def _copy_of_run(reference: dist.FitResult, tmp_path: Path) -> dist.RunSpec:
+    """A run of the reference's config whose folder is a copy of the finished reference run."""
+    run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
+    shutil.copytree(reference.run.run_dir, run.run_dir)
+    return run
+
+
 @pytest.mark.services
 def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(
     uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
 ) -> None:
     reference, _ = uninterrupted
-    run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
-    shutil.copytree(reference.run.run_dir, run.run_dir)
+    run = _copy_of_run(reference, tmp_path)
     state_file = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
     state_file.write_bytes(state_file.read_bytes()[:100])  # truncated mid-write
 
@@ -189,8 +195,7 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
     uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
 ) -> None:
     reference, _ = uninterrupted
-    run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
-    shutil.copytree(reference.run.run_dir, run.run_dir)
+    run = _copy_of_run(reference, tmp_path)
     listed = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
     torn = Path(run.run_dir) / f"checkpoint_{STEPS + EVERY:09d}" / dist.STATE_FILE  # upload cut by a kill
     torn.parent.mkdir()
