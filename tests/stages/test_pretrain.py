@@ -76,8 +76,11 @@ def test_pretraining_lowers_the_loss_and_writes_every_output(pretrained):
     history = (paths.reports / "pretrain" / "history.csv").read_text().splitlines()
     header = history[0].split(",")
     assert header[0] == "step" and set(TERMS) | {"lr", "momentum"} <= set(header) and len(history) == 1 + STEPS
-    totals = [float(row.split(",")[header.index("total")]) for row in history[1:]]
-    assert np.mean(totals[-5:]) < np.mean(totals[:5]), totals
+    # Every term the encoder minimises goes down; the content site loss is adversarial (the
+    # encoder ascends it through the gradient reversal), so it has no direction to assert.
+    for term in ("total", "rec", "domain_style", "mftd", "siqc"):
+        values = [float(row.split(",")[header.index(term)]) for row in history[1:]]
+        assert np.mean(values[-5:]) < np.mean(values[:5]), (term, values)
     assert (paths.reports / "pretrain" / "loss.png").stat().st_size > 2000
 
     metrics = result.metrics
