@@ -337,9 +337,9 @@ class _Session:
     config_hash: str
     checkpoint_every: int
     scheme: str  # "s3://" or "": turns Ray's scheme-less paths back into names users know
-    storage: str = ""  # RunSpec.storage and s3_options: where the run folder is, for load_checkpoint
-    s3_options: Mapping[str, Any] = field(default_factory=dict)
-    run_name: str = ""
+    storage: str  # RunSpec.storage, s3_options and name: where load_checkpoint finds the run folder
+    s3_options: Mapping[str, Any]
+    run_name: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
