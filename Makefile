@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: install run test bench clean
+.PHONY: install run repro test bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: install
 	$(BIN)/python -m flows.run_local
+
+# The DVC graph alone (no Prefect): stage commands call `meduet`, so the venv goes on PATH.
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
 	$(BIN)/python -m pytest

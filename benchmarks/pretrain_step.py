@@ -1,7 +1,7 @@
 """One MeDUET pretraining step: time, peak memory, FLOPs and achieved FLOP/s.
 
-Measures the real optimizer step of the pretraining loop (``meduet.engine.pretrain_step.train_step``:
-mixing, demixing, batched dual decoding, domain heads, MFTD and SiQC re-encodings, the
+Measures the real optimizer step of the pretraining loop (``meduet.engine.loop.optimizer_step``
+over the pretraining trainer's parts: mixing, demixing, batched dual decoding, domain heads, MFTD and SiQC re-encodings, the
 teacher's targets, AdamW) plus the EMA update, for ``base`` at batch 2 and a small preset at
 batch 8: on CPU in fp32 and, where the CPU has native bf16, with bf16 autocast; on GPU (bf16)
 when one is available. Every row runs in its own process, so peak memory is that row's alone.
@@ -26,10 +26,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from meduet.engine.ema import build_teacher, cosine_momentum, ema_update
+from meduet.config import PretrainConfig
+from meduet.engine.ema import build_teacher
+from meduet.engine.loop import optimizer_step
 from meduet.engine.precision import native_bf16
-from meduet.engine.pretrain_step import PretrainObjective, build_optimizer, train_step
-from meduet.losses import LossWeights
+from meduet.engine.pretrain_training import PretrainObjective, pretrain_trainer
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
 
@@ -46,18 +47,19 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     config = dataclasses.replace(PRESETS[preset], num_domains=4)
     student = MeduetModel(config).to(device)
     teacher = build_teacher(student)
-    objective = PretrainObjective(student)
-    optimizer = build_optimizer(student, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, config.in_channels, *config.input_size, generator=generator).to(device)
     domain = (torch.arange(batch) % 4).to(device)
     mask = random_mix_mask(batch, config.num_tokens, config.mask_ratio, generator=generator).to(device)
+    # The paper's loss weights (the section's defaults), MFTD and SiQC on from the first step.
+    cfg = PretrainConfig(preset=preset, crop=config.input_size[0], batch_size=batch, steps=10,
+                         mftd_start_fraction=0.0, amp=bf16, cpu_bf16=bf16)
+    trainer = pretrain_trainer(cfg=cfg, objective=PretrainObjective(student), teacher=teacher,
+                               batches=lambda step: [(x, domain, mask, step)], device=device)
 
     def step() -> dict[str, torch.Tensor]:
-        losses = train_step(objective, teacher, optimizer, [(x, domain, mask)], accumulation=1,
-                            weights=LossWeights(), use_mftd=True, use_siqc=True, grad_clip=1.0,
-                            amp_dtype=torch.bfloat16 if bf16 else None)
-        ema_update(teacher, student, cosine_momentum(1, 10))
+        losses = optimizer_step(trainer, trainer.batches(1))
+        trainer.after_step(1)  # the EMA update
         return losses
 
     with FlopCounterMode(display=False) as counter:  # one counted step (also the warm-up)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meduet.models.architectures import MEDUET_PRESETS
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 Spacing = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 Size3 = tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
@@ -298,9 +300,7 @@ class PretrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
-        from meduet.models.meduet import PRESETS  # torch-heavy: imported only when a section is validated
-
-        preset = PRESETS[self.preset]
+        preset = MEDUET_PRESETS[self.preset]
         if self.crop % preset.patch_size:
             raise ValueError(f"crop {self.crop} is not divisible by preset {self.preset!r}'s patch size "
                              f"{preset.patch_size}")

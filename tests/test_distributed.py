@@ -21,13 +21,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from meduet import distributed as dist
 from meduet.config import MeduetConfig, Paths, RayConfig
+from meduet.distributed.driver import _ray_temp_dir
+from meduet.engine.checkpoint import CHECKPOINT_FORMAT, STATE_FILE, CheckpointError, ConfigMismatchError, read_checkpoint
+from meduet.engine.history import write_history_csv
+from meduet.engine.rng import capture_rng, restore_rng
+from meduet.engine.runs import RUN_MARKER, RunSpec, Scaling
 
 STEPS = 16  # 4 epochs of 4 steps per worker (64 samples, batch 8, 2 workers)
 EVERY = 4
 
 
 # --------------------------------------------------------------------------- the toy loop
-def toy_loop(config: dict[str, Any]) -> None:
+def toy_loop(**config: Any) -> None:
     """Linear regression with SGD + momentum + StepLR.
 
     ``crash_at``: raise before reporting that step, in a run started from scratch only (so
@@ -79,14 +84,14 @@ def loop_config(tmp: Path, **extra: Any) -> dict[str, Any]:
     return {"seed": 7, "steps": STEPS, "marker_dir": str(marker_dir), **extra}
 
 
-def spec(storage: Path | str, config_hash: str, tmp: Path, **overrides: Any) -> dist.RunSpec:
+def spec(storage: Path | str, config_hash: str, tmp: Path, **overrides: Any) -> RunSpec:
     fields = dict(stage="toy", config_hash=config_hash, storage=str(storage), checkpoint_every=EVERY,
                   keep_checkpoints=2, max_failures=0, temp_dir=tmp / "ray", local_num_cpus=2,
                   metrics_csv=tmp / "history.csv")
-    return dist.RunSpec(**{**fields, **overrides})
+    return RunSpec(**{**fields, **overrides})
 
 
-TWO_CPU_WORKERS = dist.Scaling(num_workers=2, use_gpu=False, cpus_per_worker=1)
+TWO_CPU_WORKERS = Scaling(num_workers=2, use_gpu=False, cpus_per_worker=1)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -169,7 +174,7 @@ def test_crash_then_resume_repeats_uninterrupted_run(
     assert got["scheduler"] == want["scheduler"]
 
 
-def _copy_of_run(reference: dist.FitResult, tmp_path: Path) -> dist.RunSpec:
+def _copy_of_run(reference: dist.FitResult, tmp_path: Path) -> RunSpec:
     """A run of the reference's config whose folder is a copy of the finished reference run."""
     run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
     shutil.copytree(reference.run.run_dir, run.run_dir)
@@ -182,11 +187,11 @@ def test_corrupted_checkpoint_is_a_checkpoint_error_naming_the_file(
 ) -> None:
     reference, _ = uninterrupted
     run = _copy_of_run(reference, tmp_path)
-    state_file = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
+    state_file = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / STATE_FILE
     state_file.write_bytes(state_file.read_bytes()[:100])  # truncated mid-write
 
-    with pytest.raises(dist.CheckpointError, match="corrupted or truncated") as error:
-        dist.fit(toy_loop, loop_config(tmp_path), dist.Scaling(num_workers=1), run)
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as error:
+        dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1), run)
     assert str(state_file) in str(error.value)
 
 
@@ -196,12 +201,12 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
 ) -> None:
     reference, _ = uninterrupted
     run = _copy_of_run(reference, tmp_path)
-    listed = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / dist.STATE_FILE
-    torn = Path(run.run_dir) / f"checkpoint_{STEPS + EVERY:09d}" / dist.STATE_FILE  # upload cut by a kill
+    listed = Path(run.run_dir) / f"checkpoint_{STEPS:09d}" / STATE_FILE
+    torn = Path(run.run_dir) / f"checkpoint_{STEPS + EVERY:09d}" / STATE_FILE  # upload cut by a kill
     torn.parent.mkdir()
     torn.write_bytes(listed.read_bytes()[:-100])
 
-    resumed = dist.fit(toy_loop, loop_config(tmp_path), dist.Scaling(num_workers=1), run)
+    resumed = dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1), run)
     assert resumed.history == reference.history  # resumed at the listed final step: nothing ran again
     assert resumed.checkpoint == str(listed.parent)
 
@@ -211,7 +216,7 @@ def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitRe
     reference, _ = uninterrupted
     run = spec(tmp_path / "results", "other0002", tmp_path)
     shutil.copytree(reference.run.run_dir, run.run_dir)  # e.g. a folder renamed by hand
-    with pytest.raises(dist.ConfigMismatchError, match="ref0001.*other0002"):
+    with pytest.raises(ConfigMismatchError, match="ref0001.*other0002"):
         dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
 
 
@@ -220,7 +225,7 @@ def test_s3_storage_and_ray_retry_resume_from_checkpoint(ray_local: Any, s3_serv
     s3_options = {"key": s3_server.env["AWS_ACCESS_KEY_ID"], "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"],
                   "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
     run = spec(f"s3://{s3_server.bucket}/runs", "s3run01", tmp_path, s3_options=s3_options, max_failures=1)
-    one_worker = dist.Scaling(num_workers=1)
+    one_worker = Scaling(num_workers=1)
     config = loop_config(tmp_path, steps=8, crash_at=6)
 
     # Crashes at step 6; Ray's one allowed retry resumes from the step-4 checkpoint on S3.
@@ -228,12 +233,12 @@ def test_s3_storage_and_ray_retry_resume_from_checkpoint(ray_local: Any, s3_serv
     assert [row["start_step"] for row in result.history] == [0] * 4 + [4] * 4
     assert result.checkpoint == f"s3://{s3_server.bucket}/runs/toy-s3run01/checkpoint_{8:09d}"
     assert result.load_state()["step"] == 8
-    assert s3_server.filesystem().exists(f"{s3_server.bucket}/runs/toy-s3run01/{dist.RUN_MARKER}")
+    assert s3_server.filesystem().exists(f"{s3_server.bucket}/runs/toy-s3run01/{RUN_MARKER}")
 
 
 # --------------------------------------------------------------------------- without Ray
 def test_loop_runs_as_one_plain_worker_outside_fit(tmp_path: Path) -> None:
-    toy_loop(loop_config(tmp_path, steps=4))
+    toy_loop(**loop_config(tmp_path, steps=4))
     assert (tmp_path / "markers" / "rank0").read_text() == "1"
     assert dist.load_checkpoint() is None and not dist.checkpoint_due(4, 4)
 
@@ -242,63 +247,63 @@ def test_rng_capture_restore_round_trip() -> None:
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    state = dist.capture_rng()
+    state = capture_rng()
     first = (torch.rand(3), np.random.rand(3), random.random())
-    dist.restore_rng({"per_rank": [state]})
+    restore_rng({"per_rank": [state]})
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
 
 
 def _write_checkpoint(folder: Path, config_hash: str) -> Path:
     folder.mkdir(parents=True)
-    envelope = {"format": dist.CHECKPOINT_FORMAT, "stage": "toy", "config_hash": config_hash,
-                "state": {"step": 3, "w": torch.ones(2), "rng": dist.capture_rng()}, "history": []}
-    torch.save(envelope, folder / dist.STATE_FILE)
+    envelope = {"format": CHECKPOINT_FORMAT, "stage": "toy", "config_hash": config_hash,
+                "state": {"step": 3, "w": torch.ones(2), "rng": capture_rng()}, "history": []}
+    torch.save(envelope, folder / STATE_FILE)
     return folder
 
 
 def test_read_checkpoint_checks_file_and_config_hash(tmp_path: Path) -> None:
     folder = _write_checkpoint(tmp_path / "checkpoint_000000003", "abc")
-    assert dist.read_checkpoint(str(folder), config_hash="abc")["step"] == 3
-    with pytest.raises(dist.ConfigMismatchError, match="config hash abc.*xyz"):
-        dist.read_checkpoint(str(folder), config_hash="xyz")
+    assert read_checkpoint(str(folder), config_hash="abc")["step"] == 3
+    with pytest.raises(ConfigMismatchError, match="config hash abc.*xyz"):
+        read_checkpoint(str(folder), config_hash="xyz")
 
-    state_file = folder / dist.STATE_FILE
+    state_file = folder / STATE_FILE
     state_file.write_bytes(state_file.read_bytes()[:-64])
-    with pytest.raises(dist.CheckpointError, match="corrupted or truncated") as error:
-        dist.read_checkpoint(str(folder))
+    with pytest.raises(CheckpointError, match="corrupted or truncated") as error:
+        read_checkpoint(str(folder))
     assert str(state_file) in str(error.value)
-    with pytest.raises(dist.CheckpointError, match="cannot be read"):
-        dist.read_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(str(tmp_path / "missing"))
 
 
 def test_specs_from_config(tmp_path: Path) -> None:
     cfg = MeduetConfig(ray=RayConfig(num_workers=2, cpus_per_worker=0.5, checkpoint_every=10, max_failures=3))
     paths = Paths.resolve(cfg, tmp_path)
-    scaling = dist.Scaling.from_config(cfg.ray)
+    scaling = Scaling.from_config(cfg.ray)
     assert (scaling.num_workers, scaling.backend, scaling.resources_per_worker()) == (2, "gloo", {"CPU": 0.5})
-    run = dist.RunSpec.from_config(cfg.ray, paths, "vae", "0123abcd")
+    run = RunSpec.from_config(cfg.ray, paths, "vae", "0123abcd")
     assert run.name == "vae-0123abcd"
     assert run.run_dir == str(tmp_path / ".work" / "ray_results" / "vae-0123abcd")
     assert (run.checkpoint_every, run.max_failures, run.temp_dir) == (10, 3, tmp_path / ".work" / "ray")
     assert run.metrics_csv == tmp_path / "reports" / "vae" / "history.csv"
-    s3 = dist.RunSpec.from_config(cfg.ray.model_copy(update={"storage": "s3://b/p"}), paths, "vae", "0123abcd")
+    s3 = RunSpec.from_config(cfg.ray.model_copy(update={"storage": "s3://b/p"}), paths, "vae", "0123abcd")
     assert s3.run_dir == "s3://b/p/vae-0123abcd"
     with pytest.raises(ValueError, match="stage"):
-        dist.RunSpec(stage="a/b", config_hash="x", storage=str(tmp_path))
+        RunSpec(stage="a/b", config_hash="x", storage=str(tmp_path))
     with pytest.raises(ValueError, match="num_workers"):
-        dist.Scaling(num_workers=0)
+        Scaling(num_workers=0)
 
 
 def test_long_ray_temp_dir_falls_back_to_a_short_one(tmp_path: Path) -> None:
-    assert dist._ray_temp_dir(Path("/tmp/meduet-test/ray")) == Path("/tmp/meduet-test/ray")
+    assert _ray_temp_dir(Path("/tmp/meduet-test/ray")) == Path("/tmp/meduet-test/ray")
     long = tmp_path / ("x" * 40) / "ray"
-    short = dist._ray_temp_dir(long)
+    short = _ray_temp_dir(long)
     assert short != long and len(str(short)) + 66 <= 107
 
 
 def test_history_csv_has_union_of_columns(tmp_path: Path) -> None:
-    path = dist.write_history_csv(tmp_path / "h.csv", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4, "lr": 0.1}])
+    path = write_history_csv(tmp_path / "h.csv", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4, "lr": 0.1}])
     assert path.read_text().splitlines() == ["step,loss,lr", "1,0.5,", "2,0.4,0.1"]
 
 
@@ -310,7 +315,7 @@ def square_or_fail(item: int) -> int:
 
 def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None:
     run = spec(tmp_path / "runs", "maptasks", tmp_path)
-    scaling = dist.Scaling(num_workers=1, cpus_per_worker=1.0)
+    scaling = Scaling(num_workers=1, cpus_per_worker=1.0)
     on_ray = sorted(dist.map_tasks(square_or_fail, list(range(6)), workers=2, scaling=scaling, run=run))
     in_process = list(dist.map_tasks(square_or_fail, list(range(6)), workers=1, scaling=scaling, run=run))
     assert on_ray == in_process == [i * i for i in range(6)]

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from meduet.config import SiteStyle
 from meduet.data.phantom import LABELS, SCANNER_STREAM, TISSUE_HU, Label, sample_subject
 from meduet.data.scanner import ORIENTATION_CODES, SiteGrid, acquire, sub_slice_offsets, to_storage
-from meduet.io.atomic import atomic_path, write_json
+from meduet.io.atomic import write_json
 from meduet.io.dicom import write_dicom_series
+from meduet.io.figures import save_figure
 from meduet.io.images import write_image
 from meduet.parallel import process_pool
 
@@ -269,7 +270,5 @@ def plot_sites(previews: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, fl
         ax.axis("off")
     fig.suptitle("demo-data: case 0 at every site, middle axial slice", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))  # leave the top to the suptitle
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp)
-    return target
+    return save_figure(fig, target, dpi="figure")
 

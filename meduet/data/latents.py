@@ -11,26 +11,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from meduet.io.atomic import atomic_path, write_json
-from meduet.io.manifest import read_rows, write_rows
+from meduet.io.manifest import CaseIdentity, read_rows, write_rows
 
 MANIFEST = "manifest.csv"
 SCALE = "scale.json"
 
 
-class LatentRecord(BaseModel):
+class LatentRecord(CaseIdentity):
     """One cached latent and its provenance."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    key: str
-    dataset: str
-    case_id: str
-    domain: str
     domain_index: int  # position of ``domain`` in the sorted list of all domains
-    body_part: str
     split: str  # "train" or "held_out" (the VAE's hold-out)
     latent: str  # path relative to the cache folder
     latent_std: str = ""

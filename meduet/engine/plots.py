@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from meduet.io.atomic import atomic_path  # noqa: E402
+from meduet.io.figures import plt, save_figure
 
 
 def plot_history(history: list[dict], keys: list[str], target: Path, title: str) -> Path:
@@ -36,7 +31,4 @@ def plot_history(history: list[dict], keys: list[str], target: Path, title: str)
     ax.set_xlabel("step")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return target
+    return save_figure(fig, target)

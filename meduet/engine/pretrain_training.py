@@ -1,11 +1,10 @@
-"""The per-worker MeDUET pretraining loop (run by ``meduet.distributed.fit`` on every worker).
+"""The MeDUET pretraining trainer: its parts for the shared loop (``meduet.engine.loop``).
 
-Each optimizer step is ``meduet.engine.pretrain_step.train_step`` over ``grad_accumulation``
-micro-batches (latent crops and mixing masks drawn from ``(seed, step, rank)``, so a resumed
-run sees the same data), then the cosine LR step and the EMA update of the teacher with the
-cosine momentum of this step. MFTD joins from step ``mftd_start``; before that the teacher
-only serves SiQC's keys. Each reported row holds the mean losses of the steps since the
-previous row (``lr`` and ``momentum`` are those of the reported step).
+Each optimizer step is the loop's ``optimizer_step`` over ``grad_accumulation`` micro-batches
+of ``pretrain_losses`` (latent crops and mixing masks drawn from ``(seed, index, rank)``, so a
+resumed run sees the same data), then the cosine LR step and, in ``after_step``, the EMA
+update of the teacher with the cosine momentum of this step. MFTD joins from step
+``mftd_start_fraction * steps``; before that the teacher only serves SiQC's keys.
 
 The student goes through ``dist.prepare_model`` (DDP with several workers) wrapped in
 ``PretrainObjective``. The teacher is held outside DDP (it is not trained; every rank applies
@@ -14,111 +13,132 @@ the same EMA update to the same weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from meduet import distributed as dist
+from meduet.config import PretrainConfig
 from meduet.data.latent_crops import LatentCropSampler, step_generator
 from meduet.engine.ema import build_teacher, cosine_momentum, ema_update
+from meduet.engine.loop import Trainer
 from meduet.engine.precision import amp_dtype
-from meduet.engine.pretrain_step import TERMS, PretrainObjective, build_optimizer, train_step
 from meduet.engine.schedules import warmup_cosine
-from meduet.losses import LossWeights
+from meduet.losses import LossWeights, pretrain_losses
 from meduet.losses.mixing import random_mix_mask
-from meduet.models.meduet import MeduetConfig, MeduetModel
+from meduet.models.meduet import MeduetArchitecture, MeduetModel
 
-__all__ = ["TERMS", "PretrainSettings", "build_model", "pretrain_worker"]
-
+TERMS = ("rec", "domain_content", "domain_style", "mftd", "siqc", "total")
+# Name parts of parameters kept out of weight decay besides every parameter with ndim < 2.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 _MASK_STREAM = 1  # generator stream of the mixing masks (stream 0 = the crops)
 
+# One micro-batch: latents (B, C, d, h, w), sites (B,), mixing mask (B, N), and its step.
+PretrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Everything one worker needs; plain values so Ray can ship them.
 
-    ``model`` is ``MeduetConfig.to_dict()`` (``num_domains`` = sites in the latent cache);
-    ``latents``/``domains`` are the training latents' files and site indices.
+class PretrainObjective(nn.Module):
+    """The student plus its pretraining loss as one ``forward`` (so DDP can wrap it).
+
+    DDP synchronises gradients only for computation done inside its ``forward``, and
+    ``pretrain_losses`` calls the student's encoder and decoder methods, not its ``forward``.
+
+    Args:
+        student: the trained ``MeduetModel``.
     """
 
-    model: dict
-    latents: list[str]
-    domains: list[int]
-    scale: float
-    batch_size: int
-    steps: int
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    warmup_steps: int
-    grad_clip: float
-    grad_accumulation: int
-    amp: bool
-    cpu_bf16: bool
-    weights: dict  # LossWeights fields
-    mftd_start: int
-    ema_start: float
-    ema_end: float
-    use_mftd: bool
-    use_siqc: bool
-    log_every: int
-    seed: int
+    def __init__(self, student: MeduetModel) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor, domain: torch.Tensor, mask: torch.Tensor, teacher: MeduetModel, *,
+                weights: LossWeights, use_mftd: bool, use_siqc: bool) -> dict[str, torch.Tensor]:
+        """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``."""
+        return pretrain_losses(self.student, teacher, x, domain, mask=mask, weights=weights,
+                               use_mftd=use_mftd, use_siqc=use_siqc)
 
 
-def build_model(model: dict) -> MeduetModel:
-    """A ``MeduetModel`` from ``MeduetConfig.to_dict()`` (lists from JSON/Ray become tuples)."""
-    return MeduetModel(MeduetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}))
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices and kernels only.
+
+    Every parameter with fewer than 2 dimensions (norm scales and shifts, biases, logit
+    scales) and the token-like parameters named in ``NO_DECAY_NAMES`` go to the no-decay
+    group: decaying them pulls scales, offsets and embeddings towards 0 without
+    regularising anything. Frozen parameters (e.g. fixed logit scales) are left out.
+
+    Returns:
+        ``[{"params", "weight_decay": weight_decay, "names"}, {"params", "weight_decay": 0.0, "names"}]``.
+    """
+    decay: dict[str, nn.Parameter] = {}
+    no_decay: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            exempt = param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES)
+            (no_decay if exempt else decay)[name] = param
+    return [{"params": list(decay.values()), "weight_decay": weight_decay, "names": list(decay)},
+            {"params": list(no_decay.values()), "weight_decay": 0.0, "names": list(no_decay)}]
 
 
-def pretrain_worker(config: dict) -> None:
-    """Pretrain MeDUET on latent crops; checkpoints and metrics go through ``meduet.distributed``."""
-    s = PretrainSettings(**config)
-    torch.manual_seed(s.seed)  # same initial weights on every rank (DDP also broadcasts them)
+def loss_weights(cfg: PretrainConfig) -> LossWeights:
+    """The section's loss weights; ``use_grl: false`` sets the reversal strength to 0."""
+    return LossWeights(**cfg.weights.model_dump(), grl_lambda=1.0 if cfg.use_grl else 0.0)
+
+
+def pretrain_trainer(*, cfg: PretrainConfig, objective: nn.Module, teacher: MeduetModel,
+                     batches: Callable[[int], Iterable[PretrainBatch]], device: torch.device) -> Trainer:
+    """The loop's parts around a built student (``objective``) and teacher.
+
+    Shared by :func:`build_trainer` and ``benchmarks/pretrain_step.py``, so the benchmark
+    times the step the pipeline runs.
+    """
+    student = dist.unwrap(objective).student
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(student, cfg.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    weights = loss_weights(cfg)
+    mftd_start = round(cfg.mftd_start_fraction * cfg.steps)
+
+    def loss(batch: PretrainBatch) -> dict[str, torch.Tensor]:
+        x, domain, mask, step = batch
+        return objective(x, domain, mask, teacher, weights=weights, use_mftd=cfg.use_mftd and step >= mftd_start,
+                         use_siqc=cfg.use_siqc)
+
+    def update_teacher(step: int) -> dict[str, float]:
+        momentum = cosine_momentum(step, cfg.steps, start=cfg.ema_start, end=cfg.ema_end)
+        ema_update(teacher, student, momentum)
+        return {"momentum": momentum}
+
+    return Trainer(checkpointed={"student": student, "teacher": teacher, "optimizer": optimizer,
+                                 "scheduler": scheduler},
+                   optimizer=optimizer, scheduler=scheduler, loss=loss, batches=batches, terms=TERMS, device=device,
+                   accumulation=cfg.grad_accumulation, grad_clip=cfg.grad_clip,
+                   amp_dtype=amp_dtype(device, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16), after_step=update_teacher)
+
+
+def build_trainer(*, cfg: PretrainConfig, architecture: MeduetArchitecture, latents: list[str], domains: list[int],
+                  scale: float) -> Trainer:
+    """MeDUET pretraining on crops of the latent cache.
+
+    Args:
+        architecture: the network's shape (``num_domains`` = sites of the latent cache).
+        latents: ``.npy`` files of the training latents; ``domains``: their site indices.
+        scale: the latent cache's scale factor.
+    """
     device = dist.device()
-    student = build_model(s.model)
+    student = MeduetModel(architecture)
     teacher = build_teacher(student).to(device)  # starts equal to the student
     objective = dist.prepare_model(PretrainObjective(student))
-    student = dist.unwrap(objective).student
-    optimizer = build_optimizer(student, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.warmup_steps, s.steps))
-    weights = LossWeights(**s.weights)
-
-    parts = {"student": student, "teacher": teacher, "optimizer": optimizer, "scheduler": scheduler}
-    start = dist.resume(**parts)
-
-    sampler = LatentCropSampler([Path(p) for p in s.latents], s.domains, student.config.input_size[0], s.scale,
-                                s.seed)
-    precision = amp_dtype(device, amp=s.amp, cpu_bf16=s.cpu_bf16)
+    sampler = LatentCropSampler([Path(p) for p in latents], domains, architecture.input_size[0], scale, cfg.seed)
     rank = dist.world_rank()
-    num_tokens, mask_ratio = student.config.num_tokens, student.config.mask_ratio
 
-    def micro_batches(step: int):
-        # With several workers every micro-batch all-reduces its gradients (no DDP no_sync
-        # branch here): correct, and the loop stays free of distributed special cases.
-        for micro in range(s.grad_accumulation):
-            index = step * s.grad_accumulation + micro  # micro-batch index: resumable, like the step
-            x, domain = sampler.batch(index, s.batch_size, rank)  # (B, C, d, h, w), (B,)
-            mask = random_mix_mask(s.batch_size, num_tokens, mask_ratio,
-                                   generator=step_generator(s.seed, index, rank, _MASK_STREAM))  # (B, N)
-            yield x.to(device), domain.to(device), mask.to(device)
+    def batches(step: int):
+        for micro in range(cfg.grad_accumulation):
+            index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
+            x, domain = sampler.batch(index, cfg.batch_size, rank)  # (B, C, d, h, w), (B,)
+            mask = random_mix_mask(cfg.batch_size, architecture.num_tokens, architecture.mask_ratio,
+                                   generator=step_generator(cfg.seed, index, rank, _MASK_STREAM))  # (B, N)
+            yield x.to(device), domain.to(device), mask.to(device), step
 
-    window: dict[str, torch.Tensor] = {}  # loss sums since the last report: rows are interval means
-    window_steps = 0
-    for step in range(start, s.steps):
-        lr = scheduler.get_last_lr()[0]  # the rate of this step
-        losses = train_step(objective, teacher, optimizer, micro_batches(step), accumulation=s.grad_accumulation,
-                            weights=weights, use_mftd=s.use_mftd and step >= s.mftd_start, use_siqc=s.use_siqc,
-                            grad_clip=s.grad_clip, amp_dtype=precision)
-        scheduler.step()
-        momentum = cosine_momentum(step, s.steps, start=s.ema_start, end=s.ema_end)
-        ema_update(teacher, student, momentum)
-        window = {term: window.get(term, 0.0) + losses[term] for term in TERMS}
-        window_steps += 1
-
-        done = step + 1
-        checkpoint = dist.training_state(done, **parts) if dist.checkpoint_due(done, s.steps) else None
-        if checkpoint is not None or done % s.log_every == 0 or done == s.steps:
-            dist.report({"step": done, **{term: (window[term] / window_steps).item() for term in TERMS}, "lr": lr,
-                         "momentum": momentum}, checkpoint)
-            window, window_steps = {}, 0
+    return pretrain_trainer(cfg=cfg, objective=objective, teacher=teacher, batches=batches, device=device)

@@ -1,14 +1,13 @@
-"""The per-worker VAE training loop (run by ``meduet.distributed.fit`` on every worker).
+"""The VAE trainer: its parts for the shared loop (``meduet.engine.loop``).
 
 Losses: L1 reconstruction + ``kl_weight`` · KL divergence to N(0, I) + optionally, from
 ``adv_start`` on, ``adv_weight`` · least-squares patch adversarial loss (MONAI
-``PatchDiscriminator``). bf16 autocast on GPU. Batches come from ``CropSampler`` indexed by
-step, so a resumed run sees exactly the batches the uninterrupted run would have.
+``PatchDiscriminator``, stepped after the generator in ``after_step``). bf16 autocast on GPU.
+Batches come from ``CropSampler`` indexed by step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,32 +15,14 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 
 from meduet import distributed as dist
+from meduet.config import VAEConfig
 from meduet.data.volumes import CropSampler, load_volume
+from meduet.engine.loop import Trainer
 from meduet.engine.precision import amp_dtype, autocast
 from meduet.engine.schedules import warmup_cosine
-from meduet.models.vae import VAEArchitecture, build_vae
+from meduet.models.vae import PRESETS, build_vae
 
-
-@dataclass(frozen=True)
-class VAETrainSettings:
-    """Everything one worker needs; plain values so Ray can ship them."""
-
-    architecture: dict
-    volumes: list[str]
-    crop_size: tuple[int, int, int]
-    batch_size: int
-    steps: int
-    lr: float
-    warmup_steps: int
-    kl_weight: float
-    adv_weight: float
-    adv_start: int
-    disc_channels: int
-    grad_clip: float
-    amp: bool
-    seed: int
-    checkpoint_every: int
-    log_every: int
+TERMS = ("loss", "l1", "kl", "g_adv", "d_loss")
 
 
 def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -54,61 +35,56 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(dim=1).mean()
 
 
-def train_vae_worker(config: dict) -> None:
-    """Train the VAE on random crops; checkpoints and metrics go through ``meduet.distributed``."""
-    s = VAETrainSettings(**config)
-    torch.manual_seed(s.seed)
+def build_trainer(*, cfg: VAEConfig, volumes: list[str]) -> Trainer:
+    """The VAE's parts, trained on random crops of the harmonized ``volumes`` (``.nii.gz`` paths)."""
     device = dist.device()
-    arch = VAEArchitecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.architecture.items()})
-    model = dist.prepare_model(build_vae(arch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.warmup_steps, s.steps))
-    adversarial = s.adv_weight > 0
-    if adversarial:
-        disc = dist.prepare_model(PatchDiscriminator(spatial_dims=3, channels=s.disc_channels, in_channels=1,
-                                                     num_layers_d=3, norm="INSTANCE"))
-        optimizer_d = torch.optim.AdamW(disc.parameters(), lr=s.lr, betas=(0.5, 0.999))
-        adv_loss = PatchAdversarialLoss(criterion="least_squares")
-
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    if adversarial:
-        parts |= {"discriminator": disc, "optimizer_d": optimizer_d}
-    start = dist.resume(**parts)
-
-    sampler = CropSampler([load_volume(Path(p)) for p in s.volumes], s.crop_size, s.seed)
-    precision = amp_dtype(device, amp=s.amp)
+    model = dist.prepare_model(build_vae(PRESETS[cfg.preset]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    precision = amp_dtype(device, amp=cfg.amp)
+    checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    sampler = CropSampler([load_volume(Path(p)) for p in volumes], tuple(cfg.crop_size), cfg.seed)
     rank = dist.world_rank()
-    for step in range(start, s.steps):
-        x = sampler.batch(step, s.batch_size, rank).to(device)  # (B, 1, D, H, W)
+    zero = torch.zeros((), device=device)
+
+    adversarial = cfg.adv_weight > 0
+    if adversarial:
+        disc = dist.prepare_model(PatchDiscriminator(spatial_dims=3, channels=cfg.disc_channels, in_channels=1,
+                                                     num_layers_d=3, norm="INSTANCE"))
+        optimizer_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        checkpointed |= {"discriminator": disc, "optimizer_d": optimizer_d}
+    last: dict[str, torch.Tensor] = {}  # the step's input and reconstruction, for the discriminator step
+
+    def batches(step: int):
+        yield step, sampler.batch(step, cfg.batch_size, rank).to(device)  # (B, 1, D, H, W)
+
+    def loss(batch: tuple[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        step, x = batch
+        recon, mu, sigma = model(x)
+        l1 = torch.mean(torch.abs(recon.float() - x))
+        kl = kl_divergence(mu.float(), sigma.float())
+        total = l1 + cfg.kl_weight * kl
+        g_adv = zero
+        if adversarial and step >= cfg.adv_start:
+            g_adv = adv_loss(disc(recon.float())[-1], target_is_real=True, for_discriminator=False)
+            total = total + cfg.adv_weight * g_adv
+            last.update(x=x, recon=recon.detach().float())
+        return {"loss": total, "l1": l1, "kl": kl, "g_adv": g_adv}
+
+    def discriminator_step(step: int) -> dict[str, torch.Tensor]:
+        if not last:
+            return {"d_loss": zero}
         with autocast(device, precision):
-            recon, mu, sigma = model(x)
-            l1 = torch.mean(torch.abs(recon.float() - x))
-            kl = kl_divergence(mu.float(), sigma.float())
-            loss = l1 + s.kl_weight * kl
-            g_adv = torch.zeros((), device=device)
-            if adversarial and step >= s.adv_start:
-                g_adv = adv_loss(disc(recon.float())[-1], target_is_real=True, for_discriminator=False)
-                loss = loss + s.adv_weight * g_adv
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        scheduler.step()
+            fake = adv_loss(disc(last["recon"])[-1], target_is_real=False, for_discriminator=True)
+            real = adv_loss(disc(last["x"])[-1], target_is_real=True, for_discriminator=True)
+            d_loss = 0.5 * (fake + real)
+        optimizer_d.zero_grad(set_to_none=True)
+        (cfg.adv_weight * d_loss).backward()
+        optimizer_d.step()
+        last.clear()
+        return {"d_loss": d_loss.detach()}
 
-        d_loss = torch.zeros(())
-        if adversarial and step >= s.adv_start:
-            with autocast(device, precision):
-                fake = adv_loss(disc(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
-                real = adv_loss(disc(x)[-1], target_is_real=True, for_discriminator=True)
-                d_loss = 0.5 * (fake + real)
-            optimizer_d.zero_grad(set_to_none=True)
-            (s.adv_weight * d_loss).backward()
-            optimizer_d.step()
-
-        done = step + 1
-        due = done % s.checkpoint_every == 0 or done == s.steps
-        checkpoint = dist.training_state(done, **parts) if due else None
-        if checkpoint is not None or done % s.log_every == 0:
-            dist.report({"step": done, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
-                         "g_adv": g_adv.item(), "d_loss": d_loss.item(), "lr": scheduler.get_last_lr()[0]},
-                        checkpoint)
+    return Trainer(checkpointed=checkpointed, optimizer=optimizer, scheduler=scheduler, loss=loss, batches=batches,
+                   terms=TERMS, device=device, total="loss", grad_clip=cfg.grad_clip, amp_dtype=precision,
+                   after_step=discriminator_step if adversarial else lambda step: {"d_loss": zero})

@@ -5,21 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 
-from meduet.io.manifest import read_rows, write_rows
+from meduet.io.manifest import CaseIdentity, read_rows, write_rows
 
 
-class CaseRecord(BaseModel):
+class CaseRecord(CaseIdentity):
     """What happened to one input case (also the per-case resume record)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    key: str
-    dataset: str
-    case_id: str
-    domain: str
-    body_part: str
     split: Literal["train", "test"]
     status: Literal["ok", "quarantined"]
     reason: str = ""

@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import SimpleITK as sitk
 
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-
-from meduet.harmonize.manifest import CaseRecord  # noqa: E402
-from meduet.io.atomic import atomic_path, write_text  # noqa: E402
+from meduet.harmonize.manifest import CaseRecord
+from meduet.io.atomic import write_text
+from meduet.io.figures import plt, save_figure
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -84,10 +81,7 @@ def montage(records: list[CaseRecord], harmonized_dir: Path, target: Path) -> Pa
                  f"{domain}\n{record.case_id} axial")
         _overlay(axes[1, column], coronal, None if label is None else label[:, y, :][::-1, ::-1], "coronal")
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return target
+    return save_figure(fig, target)
 
 
 def report(records: list[CaseRecord], metrics: dict, target: Path) -> Path:

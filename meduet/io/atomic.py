@@ -63,3 +63,12 @@ def write_text(target: str | os.PathLike[str], text: str) -> Path:
 def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` as indented, key-sorted JSON (stable for DVC hashing)."""
     return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_save(target: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save(obj)`` to ``target`` atomically (model files, checkpoints)."""
+    import torch  # only the writers of model files need it; keep this module light
+
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)
+    return Path(target)

@@ -13,11 +13,23 @@ import typing
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from meduet.io.atomic import write_text
 
 Row = TypeVar("Row", bound=BaseModel)
+
+
+class CaseIdentity(BaseModel):
+    """Who a row is about: the fields every per-case record (harmonized, latent, factor) starts with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str  # "<dataset>__<case_id>", unique across datasets
+    dataset: str
+    case_id: str
+    domain: str  # the site / scanner
+    body_part: str
 
 
 def _list_fields(model: type[BaseModel]) -> set[str]:

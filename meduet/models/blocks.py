@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from meduet.models.architectures import Grid
 from meduet.models.lean_linear import GeluMlp, LeanLinear, lean_linear, norm_linear
 
-Grid = tuple[int, int, int]
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -11,98 +11,16 @@ Shapes: latents ``(B, C, d, h, w)``; ``N = d*h*w / p**3`` tokens; widths ``E`` (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from meduet.models.blocks import Grid, PatchEmbed3d, TransformerBlock, sincos_pos_embed_3d, unpatchify
+from meduet.models.architectures import MEDUET_PRESETS as PRESETS
+from meduet.models.architectures import MeduetArchitecture
+from meduet.models.blocks import PatchEmbed3d, TransformerBlock, sincos_pos_embed_3d, unpatchify
 
-
-@dataclass(frozen=True)
-class MeduetConfig:
-    """Hyper-parameters that fix the network's shape (and so its checkpoint keys).
-
-    Args:
-        input_size: latent crop ``(d, h, w)``.
-        in_channels: latent channels ``C``.
-        patch_size: patch edge ``p``; must divide every entry of ``input_size``.
-        embed_dim, depth, num_heads: encoder width ``E``, blocks and heads.
-        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder width ``Ed``, blocks, heads.
-        mlp_ratio: MLP hidden width relative to the block width.
-        s_ratio: style width ``S = round(s_ratio * E)``.
-        mask_ratio: fraction ``r`` of partner tokens in a mixed sequence.
-        num_domains: number of sites ``K`` for the domain classifiers.
-        norm_pix_loss: reconstruct per-patch normalised latents.
-        learnable_logit_scale: train SiQC's logit scales (fixed at ``log(1/0.07)`` otherwise).
-    """
-
-    input_size: Grid = (24, 24, 24)
-    in_channels: int = 4
-    patch_size: int = 4
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_embed_dim: int = 384
-    decoder_depth: int = 8
-    decoder_num_heads: int = 12
-    mlp_ratio: float = 4.0
-    s_ratio: float = 0.25
-    mask_ratio: float = 0.5
-    num_domains: int = 2
-    norm_pix_loss: bool = False
-    learnable_logit_scale: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.input_size) != 3 or any(n % self.patch_size for n in self.input_size):
-            raise ValueError(f"input_size {self.input_size} must be 3 sizes divisible by patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                             f"decoder_num_heads {self.decoder_num_heads}")
-        if min(self.depth, self.decoder_depth, self.in_channels) < 1:
-            raise ValueError("depth, decoder_depth and in_channels must be at least 1")
-        if self.style_dim < 1:
-            raise ValueError(f"s_ratio {self.s_ratio} gives an empty style width for embed_dim {self.embed_dim}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        if self.num_domains < 2:
-            raise ValueError(f"domain supervision needs at least 2 sites, got {self.num_domains}")
-
-    @property
-    def style_dim(self) -> int:
-        return round(self.s_ratio * self.embed_dim)
-
-    @property
-    def grid(self) -> Grid:
-        """Patch grid ``(d/p, h/p, w/p)``."""
-        d, h, w = self.input_size
-        return d // self.patch_size, h // self.patch_size, w // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def patch_dim(self) -> int:
-        """Length ``p**3 * C`` of a flattened patch (the decoder's output per token)."""
-        return self.patch_size**3 * self.in_channels
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PRESETS: dict[str, MeduetConfig] = {
-    # The paper's ViT-B on 24³ latent crops (6³ tokens of 4³ patches).
-    "base": MeduetConfig(),
-    # CPU-sized variants for the demo and tests.
-    "small": MeduetConfig(input_size=(16, 16, 16), patch_size=4, embed_dim=96, depth=4, num_heads=4,
-                          decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-    "tiny": MeduetConfig(input_size=(8, 8, 8), patch_size=2, embed_dim=32, depth=2, num_heads=2,
-                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0),
-}
+__all__ = ["PRESETS", "MeduetArchitecture", "MeduetModel"]
 
 
 def _domain_mlp(width: int, num_domains: int) -> nn.Sequential:
@@ -115,13 +33,13 @@ class MeduetModel(nn.Module):
     """Latent ViT encoder with content/style factor heads and an MAE-style decoder.
 
     Args:
-        config: network shape; see ``MeduetConfig`` (``PRESETS`` holds named ones).
+        config: network shape; see ``MeduetArchitecture`` (``PRESETS`` holds named ones).
     """
 
-    def __init__(self, config: MeduetConfig) -> None:
+    def __init__(self, config: MeduetArchitecture) -> None:
         super().__init__()
-        if not isinstance(config, MeduetConfig):
-            raise ValueError(f"config must be a MeduetConfig, got {type(config).__name__}")
+        if not isinstance(config, MeduetArchitecture):
+            raise ValueError(f"config must be a MeduetArchitecture, got {type(config).__name__}")
         self.config = cfg = config
         e, s, ed = cfg.embed_dim, cfg.style_dim, cfg.decoder_embed_dim
 

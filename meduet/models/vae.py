@@ -9,44 +9,16 @@ encoding stage picks the split count from the volume size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-PresetName = Literal["maisi", "small", "tiny"]
+from meduet.models.architectures import VAE_PRESETS as PRESETS
+from meduet.models.architectures import VAEArchitecture
 
-
-@dataclass(frozen=True)
-class VAEArchitecture:
-    """Hyper-parameters that fix the network's shape (and so its checkpoint keys)."""
-
-    num_channels: tuple[int, ...]
-    num_res_blocks: tuple[int, ...]
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-
-    def __post_init__(self) -> None:
-        if len(self.num_channels) != len(self.num_res_blocks):
-            raise ValueError("num_channels and num_res_blocks need one entry per level")
-        if any(c % self.norm_num_groups for c in self.num_channels):
-            raise ValueError(f"every channel count {self.num_channels} must divide by norm_num_groups "
-                             f"{self.norm_num_groups}")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.num_channels) - 1)
-
-
-PRESETS: dict[str, VAEArchitecture] = {
-    # The published MAISI autoencoder shape (loads MAISI's autoencoder.pt).
-    "maisi": VAEArchitecture((64, 128, 256), (2, 2, 2), 4, 32),
-    # CPU-sized variants with the same 4× compression, for the demo and tests.
-    "small": VAEArchitecture((16, 32, 64), (1, 1, 1), 4, 8),
-    "tiny": VAEArchitecture((8, 16, 32), (1, 1, 1), 4, 8),
-}
+__all__ = ["PRESETS", "CheckpointMismatchError", "VAEArchitecture", "build_vae", "decode_latent", "encode_volume",
+           "load_weights"]
 
 
 def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> AutoencoderKlMaisi:
@@ -95,10 +67,6 @@ def load_weights(model: torch.nn.Module, path: str | Path, state: dict[str, torc
             f"{len(unexpected)} unexpected [{show(unexpected)}], {len(wrong)} with another shape [{show(wrong)}]"
         )
     model.load_state_dict(state)
-
-
-def architecture_dict(arch: VAEArchitecture) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch).items()}
 
 
 def num_splits_for(shape: tuple[int, ...], max_voxels: int, downsample: int = 4) -> int:

@@ -6,7 +6,6 @@ section it takes. Modules are imported lazily so ``meduet --help`` stays fast.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,28 +15,6 @@ from typing import Any
 
 class StageError(RuntimeError):
     """A stage failed as a whole; the message says why and where to look."""
-
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_key(config_digest: str, input_file: Path) -> str:
-    """Name part of a training run: its config section, its input data and the code.
-
-    A run folder with this key is resumed (or, when finished, returned as is), so the key
-    changes with anything that would make the old run's weights wrong: the config section
-    (``meduet.config.config_hash``), the input listing ``input_file`` (a manifest) and the
-    ``meduet`` package's source.
-
-    Returns:
-        16 hex digits.
-    """
-    digest = hashlib.sha256(f"{config_digest}:".encode())
-    digest.update(hashlib.sha256(input_file.read_bytes()).digest())
-    for source in sorted(PACKAGE_ROOT.rglob("*.py")):
-        digest.update(source.relative_to(PACKAGE_ROOT).as_posix().encode())
-        digest.update(hashlib.sha256(source.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 @dataclass

@@ -17,33 +17,20 @@ import SimpleITK as sitk
 import torch
 
 from meduet import distributed as dist
+from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EncodeLatentsConfig, Paths, RayConfig
-from meduet.data.latents import LatentRecord, latent_affine, load_latent, read_manifest, save_array, write_manifest, \
-    write_scale
+from meduet.data.latents import (MANIFEST, LatentRecord, latent_affine, load_latent, read_manifest, save_array,
+                                 write_manifest, write_scale)
+from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.images import sha256_file
-from meduet.models.vae import CheckpointMismatchError, VAEArchitecture, build_vae, encode_volume, load_weights
+from meduet.io.prune import prune_unowned
+from meduet.models.vae import encode_volume
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
-
-
-def load_vae(path: Path) -> tuple[torch.nn.Module, VAEArchitecture, dict]:
-    """The frozen VAE saved by ``train-vae`` (eval mode, CPU)."""
-    if not path.is_file():
-        raise StageError(f"{path}: VAE weights not found; run the train-vae stage first")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        arch = VAEArchitecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
-        model = build_vae(arch).eval()
-        load_weights(model, path, state=saved["state_dict"])
-    except CheckpointMismatchError as error:
-        raise StageError(str(error)) from None
-    except Exception as error:  # truncated zip, foreign pickle, missing keys: all mean "not our VAE file"
-        raise StageError(f"{path}: not a readable VAE checkpoint ({type(error).__name__}: {error})") from None
-    return model, arch, saved
 
 
 def _image_affine(image: sitk.Image) -> np.ndarray:
@@ -56,7 +43,7 @@ def _image_affine(image: sitk.Image) -> np.ndarray:
 
 def encode_case(job: dict) -> dict:
     """Encode one volume (runs inside a Ray task); returns the latent record as a dict."""
-    model, _, _ = load_vae(Path(job["vae"]))
+    model, _ = load_vae(Path(job["vae"]))
     torch.set_num_threads(job["threads"])
     image = sitk.ReadImage(job["image"])
     volume = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]  # (1, 1, D, H, W)
@@ -83,16 +70,16 @@ def _reusable(cache: Path, previous: dict[str, LatentRecord], key: str, image_sh
 
 def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     """Encode all harmonized volumes; see the module docstring for outputs."""
-    vae_path = paths.models / "vae" / "vae.pt"
-    _, _, saved = load_vae(vae_path)  # fail early, in the driver, on a missing or broken VAE
-    vae_sha = sha256_file(vae_path)
+    vae_file = vae_path(paths)
+    _, saved = load_vae(vae_file)  # fail early, in the driver, on a missing or broken VAE
+    vae_sha = sha256_file(vae_file)
     held_out = set(saved.get("held_out_cases", []))
     cases: list[CaseRecord] = [r for r in read_harmonized(paths.harmonized / "manifest.csv") if r.status == "ok"]
     if not cases:
         raise StageError("no harmonized case to encode")
     domains = sorted({c.domain for c in cases})
     cache = paths.latents
-    previous = {r.key: r for r in read_manifest(cache)} if (cache / "manifest.csv").is_file() else {}
+    previous = {r.key: r for r in read_manifest(cache)} if (cache / MANIFEST).is_file() else {}
 
     records: list[LatentRecord] = []
     jobs: list[dict] = []
@@ -109,22 +96,20 @@ def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
                   "split": "held_out" if case.key in held_out else "train", "latent": f"{stem}.npy",
                   "latent_std": f"{stem}_std.npy" if cfg.store_std else "", "orig_spacing": case.orig_spacing,
                   "image_sha256": image_sha, "vae_sha256": vae_sha, "latent_shape": [], "affine": []}
-        jobs.append({"vae": str(vae_path), "image": str(image), "cache": str(cache), "latent": record["latent"],
+        jobs.append({"vae": str(vae_file), "image": str(image), "cache": str(cache), "latent": record["latent"],
                      "latent_std": record["latent_std"], "max_voxels": cfg.max_voxels_per_split,
                      "threads": max(1, int(ray.cpus_per_worker)), "record": record})
     log.info("encode-latents: %d case(s), %d reused, %d to encode on %d worker(s)",
              len(cases), len(records), len(jobs), cfg.workers)
     if jobs:
-        scaling = dist.Scaling.from_config(ray)
+        scaling = Scaling.from_config(ray)
         for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
-                                     run=dist.RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
+                                     run=RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
             records.append(LatentRecord.model_validate(result))
 
-    keep = {cache / "manifest.csv", cache / "scale.json"}
+    keep = {cache / MANIFEST, cache / "scale.json"}
     keep.update(cache / p for r in records for p in (r.latent, r.latent_std) if p)
-    for path in list(cache.rglob("*")):
-        if path.is_file() and path not in keep:
-            path.unlink()
+    prune_unowned(cache, keep)
     write_manifest(cache, records)
     train = [load_latent(cache, r) for r in records if r.split == "train"] or [load_latent(cache, r) for r in records]
     scale = write_scale(cache, train)

@@ -27,100 +27,25 @@ Outputs: ``paths.reports/evaluate_disentanglement/metrics.json`` and ``factors.p
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
+from meduet.artifacts.factors import FactorRecord, load_factors
+from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import EvaluateDisentanglementConfig, Paths
 from meduet.data.latents import load_latent, read_manifest, read_scale
-from meduet.io.atomic import atomic_path, write_json
+from meduet.data.windows import sliding_windows
+from meduet.engine.probes import LinearProbe, cross_validate, pca_2d
+from meduet.io.atomic import write_json
+from meduet.io.figures import plt, save_figure
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import MeduetModel
 from meduet.stages import StageError, StageResult
-from meduet.stages.extract_factors import (FACTOR_META, FactorRecord, checkpoint_path, load_factors,
-                                           load_pretrained, sliding_windows)
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- linear probe
-@dataclass
-class LinearProbe:
-    """Multinomial logistic regression on standardised features: ``softmax(W ((x - mu) / sd) + b)``."""
-
-    mean: np.ndarray  # (F,)
-    std: np.ndarray  # (F,)
-    weight: np.ndarray  # (K, F)
-    bias: np.ndarray  # (K,)
-
-    @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int, l2: float = 1e-2,
-            max_iter: int = 200) -> LinearProbe:
-        """Minimise ``mean CE + l2/2 ||W||²`` over ``x (n, F)``, labels ``y (n,)`` in ``0..K-1``."""
-        mean = x.mean(0)
-        std = x.std(0)
-        std = np.where(std > 1e-8, std, 1.0)  # a constant feature stays 0 after standardising
-        xs = torch.from_numpy((x - mean) / std).double()  # (n, F)
-        yt = torch.from_numpy(np.asarray(y)).long()
-        weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(xs @ weight.T + bias, yt) + 0.5 * l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return cls(mean, std, weight.detach().numpy(), bias.detach().numpy())
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std) @ self.weight.T + self.bias  # (n, K)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.logits(x).argmax(1)
-
-
-def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """Fold index ``(n,)`` for each sample: each class shuffled, then dealt round-robin.
-
-    Dealing the classes one after another from a running counter keeps both the class
-    proportions and the fold sizes within one sample of even.
-    """
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(y), dtype=np.int64)
-    counter = 0
-    for label in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == label))
-        fold[members] = (counter + np.arange(len(members))) % folds
-        counter += len(members)
-    return fold
-
-
-def cross_validate(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int = 5, l2: float = 1e-2,
-                   max_iter: int = 200, seed: int = 0) -> dict:
-    """Accuracy of a ``LinearProbe`` over stratified folds (``folds`` capped at the sample count)."""
-    folds = min(folds, len(y))
-    if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 samples, got {len(y)}")
-    fold = stratified_folds(y, folds, seed)
-    accuracies = []
-    for k in range(folds):
-        test = fold == k
-        probe = LinearProbe.fit(x[~test], y[~test], num_classes, l2, max_iter)
-        accuracies.append(float((probe.predict(x[test]) == y[test]).mean()))
-    return {"accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "fold_accuracies": accuracies, "folds": folds}
 
 
 # --------------------------------------------------------------------------- swap test
@@ -204,15 +129,6 @@ def swap_test(model: MeduetModel, windows: list[torch.Tensor], content: np.ndarr
 
 
 # --------------------------------------------------------------------------- figure
-def pca_2d(x: np.ndarray) -> np.ndarray:
-    """First two principal-component scores of standardised ``x (n, F)``: ``(n, 2)``."""
-    std = x.std(0)
-    xs = (x - x.mean(0)) / np.where(std > 1e-8, std, 1.0)
-    _, _, vt = np.linalg.svd(xs, full_matrices=False)
-    scores = xs @ vt[:2].T
-    return np.pad(scores, [(0, 0), (0, 2 - scores.shape[1])])  # fewer than 2 components: pad with 0
-
-
 def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains: list[str], target: Path,
                  probes: dict[str, dict]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
@@ -227,10 +143,7 @@ def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"factor PCA by site (chance 1/K = {1 / len(domains):.2f})", fontsize=10)
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return target
+    return save_figure(fig, target)
 
 
 # --------------------------------------------------------------------------- stage
@@ -252,8 +165,7 @@ def latent_statistics(latents: list[torch.Tensor]) -> np.ndarray:
 
 def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     """Probe the factors for site information and run the swap test."""
-    arrays, records = load_factors(paths.factors)
-    meta = json.loads((paths.factors / FACTOR_META).read_text())
+    arrays, records, meta = load_factors(paths.factors)
     domains = list(meta["domains"])
     y = arrays["domain_index"].astype(np.int64)
     content, style = arrays["content"].astype(np.float64), arrays["style"].astype(np.float64)
@@ -275,7 +187,7 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
 
     if cfg.swap_pairs > 0:
         torch.manual_seed(cfg.seed)
-        model, _ = load_pretrained(checkpoint_path(paths), meta["weights"])
+        model, _ = load_meduet(meduet_path(paths), meta["weights"])
         if model.config.norm_pix_loss:
             metrics["swap"] = {"skipped": "norm_pix_loss: decoded patches are normalised, not latents"}
         else:

@@ -31,6 +31,7 @@ from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover
 from meduet.harmonize.intensity import CTWindow, MRPercentiles
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.io.atomic import write_json
+from meduet.io.prune import prune_unowned
 from meduet.io.storage import is_remote, mirror
 from meduet.parallel import process_pool
 from meduet.stages import StageError, StageResult
@@ -101,12 +102,7 @@ def _prune(out_dir: Path, records: list[CaseRecord]) -> int:
     for record in records:
         keep.add(_record_path(out_dir, record.key))
         keep.update(out_dir / rel for rel in (record.image, record.label) if rel and record.status == "ok")
-    removed = 0
-    for path in list(out_dir.rglob("*")):
-        if path.is_file() and path not in keep:
-            path.unlink()
-            removed += 1
-    return removed
+    return prune_unowned(out_dir, keep)
 
 
 # --------------------------------------------------------------------------- parallel execution

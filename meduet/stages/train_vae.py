@@ -2,51 +2,26 @@
 
 Outputs: ``paths.models/vae/vae.pt`` (weights, architecture, config, split) and
 ``paths.reports/train_vae/``: ``metrics.json`` (held-out PSNR / SSIM / MAE per site),
-``history.csv`` (losses per logged step), ``loss.png``, ``reconstructions.png``.
+``history.csv`` (mean losses since the previous row), ``loss.png``, ``reconstructions.png``.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from meduet import distributed as dist  # noqa: E402
-from meduet.config import Paths, RayConfig, VAEConfig, config_hash  # noqa: E402
-from meduet.data.volumes import Volume, holdout_split, load_volume, usable_volumes  # noqa: E402
-from meduet.engine.metrics import mae_raw, psnr, ssim  # noqa: E402
-from meduet.engine.plots import plot_history  # noqa: E402
-from meduet.engine.vae_training import VAETrainSettings, train_vae_worker  # noqa: E402
-from meduet.io.atomic import atomic_path, write_json  # noqa: E402
-from meduet.io.storage import fetch_file  # noqa: E402
-from meduet.models.vae import (  # noqa: E402
-    PRESETS, CheckpointMismatchError, architecture_dict, build_vae, decode_latent, encode_volume, load_weights,
-)
-from meduet.stages import StageError, StageResult, run_key  # noqa: E402
-
-log = logging.getLogger(__name__)
-
-
-def _train(cfg: VAEConfig, train: list[Volume], paths: Paths, ray: RayConfig) -> tuple[dict, list[dict]]:
-    settings = VAETrainSettings(
-        architecture=architecture_dict(PRESETS[cfg.preset]), volumes=[str(v.path) for v in train],
-        crop_size=tuple(cfg.crop_size), batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps, kl_weight=cfg.kl_weight, adv_weight=cfg.adv_weight,
-        adv_start=cfg.adv_start, disc_channels=cfg.disc_channels, grad_clip=cfg.grad_clip, amp=cfg.amp,
-        seed=cfg.seed, checkpoint_every=ray.checkpoint_every, log_every=cfg.log_every,
-    )
-    # New data or code means a new run, never a resume of the old one's checkpoints.
-    key = run_key(config_hash(cfg), paths.harmonized / "manifest.csv")
-    run = dist.RunSpec.from_config(ray, paths, "train_vae", key)
-    result = dist.fit(train_vae_worker, asdict(settings), dist.Scaling.from_config(ray), run)
-    return result.load_state()["model"], result.history
+from meduet.artifacts.vae import save_vae, vae_path
+from meduet.config import Paths, RayConfig, VAEConfig
+from meduet.data.volumes import Volume, holdout_split, load_volume, usable_volumes
+from meduet.engine.metrics import mae_raw, psnr, ssim
+from meduet.engine.training_stage import TrainedRun, finish_training_stage, fit_trainer
+from meduet.engine.vae_training import build_trainer
+from meduet.io.figures import plt, save_figure
+from meduet.io.storage import fetch_file
+from meduet.models.vae import PRESETS, CheckpointMismatchError, build_vae, decode_latent, encode_volume, load_weights
+from meduet.stages import StageError, StageResult
 
 
 def _pretrained(cfg: VAEConfig, paths: Paths) -> dict:
@@ -98,10 +73,7 @@ def _figure_reconstructions(rows: list[dict], target: Path) -> Path:
             a.set_title(title, fontsize=7)
             a.axis("off")
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return target
+    return save_figure(fig, target)
 
 
 def run(cfg: VAEConfig, paths: Paths, ray: RayConfig) -> StageResult:
@@ -110,18 +82,18 @@ def run(cfg: VAEConfig, paths: Paths, ray: RayConfig) -> StageResult:
     train, held_out = holdout_split(volumes, cfg.holdout_fraction)
     if not train:
         raise StageError(f"{paths.harmonized / 'manifest.csv'}: no harmonized case to train on")
-    reports = paths.reports / "train_vae"
+    trained: TrainedRun | None = None
     if cfg.pretrained:
-        state, history = _pretrained(cfg, paths), []
+        state = _pretrained(cfg, paths)
     else:
-        state, history = _train(cfg, train, paths, ray)
+        trained = fit_trainer(stage="train_vae", cfg=cfg, build=build_trainer,
+                              inputs={"volumes": [str(v.path) for v in train]},
+                              input_manifest=paths.harmonized / "manifest.csv", paths=paths, ray=ray)
+        state = trained.state["model"]
 
     arch = PRESETS[cfg.preset]
-    target = paths.models / "vae" / "vae.pt"
-    with atomic_path(target) as tmp:
-        torch.save({"state_dict": state, "architecture": architecture_dict(arch), "config": cfg.model_dump(mode="json"),
-                    "train_cases": [v.key for v in train], "held_out_cases": [v.key for v in held_out]}, tmp)
-
+    target = save_vae(vae_path(paths), state=state, architecture=arch, config=cfg.model_dump(mode="json"),
+                      train_cases=[v.key for v in train], held_out_cases=[v.key for v in held_out])
     model = build_vae(arch).eval()
     model.load_state_dict(state)
     # With one case per site nothing is held out; the figure and numbers then show
@@ -131,12 +103,9 @@ def run(cfg: VAEConfig, paths: Paths, ray: RayConfig) -> StageResult:
     metrics = {"train_cases": len(train), "held_out_cases": len(held_out),
                "evaluated_on": "held_out" if held_out else "train (no held-out case)", "per_site": _per_site(rows),
                "overall": {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "mae_raw")}}
-    if history:
-        metrics["final_loss"] = history[-1]["loss"]
-    write_json(reports / "metrics.json", metrics)
-    outputs = {"vae": target, "metrics": reports / "metrics.json",
-               "reconstructions": _figure_reconstructions(rows, reports / "reconstructions.png"),
-               "loss_curve": plot_history(history, ["loss", "l1", "g_adv", "d_loss"], reports / "loss.png",
-                                          "VAE training")}
-    log.info("train-vae: %s", metrics.get("overall"))
-    return StageResult("train_vae", outputs, metrics)
+    if trained is not None and trained.history:
+        metrics["final_loss"] = trained.history[-1]["loss"]
+    figure = _figure_reconstructions(rows, paths.reports / "train_vae" / "reconstructions.png")
+    return finish_training_stage("train_vae", paths=paths, outputs={"vae": target, "reconstructions": figure},
+                                 metrics=metrics, run=trained, terms=["loss", "l1", "g_adv", "d_loss"],
+                                 title="VAE training")

@@ -5,7 +5,7 @@ import torch
 
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.blocks import PatchEmbed3d, TransformerBlock, patchify, sincos_pos_embed_3d, unpatchify
-from meduet.models.meduet import PRESETS, MeduetConfig, MeduetModel
+from meduet.models.meduet import PRESETS, MeduetArchitecture, MeduetModel
 
 TINY = PRESETS["tiny"]
 
@@ -23,7 +23,7 @@ def test_base_preset_has_the_paper_shape():
 ])
 def test_config_rejects_inconsistent_shapes(kwargs):
     with pytest.raises(ValueError):
-        MeduetConfig(**kwargs)
+        MeduetArchitecture(**kwargs)
 
 
 def test_model_rejects_wrong_latent_shape():

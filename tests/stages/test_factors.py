@@ -12,8 +12,10 @@ from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import read_manifest, read_scale
 from meduet.models.meduet import PRESETS, MeduetModel
 from meduet.stages import StageError, evaluate_disentanglement, extract_factors
-from meduet.stages.evaluate_disentanglement import LinearProbe, cross_validate, stratified_folds
-from meduet.stages.extract_factors import load_factors, sliding_windows, window_starts
+from meduet.artifacts.factors import load_factors
+from meduet.artifacts.pretrained import load_meduet, save_meduet
+from meduet.data.windows import sliding_windows, window_starts
+from meduet.engine.probes import LinearProbe, cross_validate, stratified_folds
 from tests.stages.test_pretrain import _write_cache
 
 
@@ -22,11 +24,8 @@ def _save_tiny_model(paths: Paths, domains: list[str], scale: float) -> MeduetMo
     torch.manual_seed(0)
     config = dataclasses.replace(PRESETS["tiny"], num_domains=len(domains))
     student, teacher = MeduetModel(config), MeduetModel(config)
-    model_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in config.to_dict().items()}
-    target = paths.models / "pretrain" / "meduet.pt"
-    target.parent.mkdir(parents=True)
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "model_config": model_dict,
-                "config": {}, "domains": domains, "scale_factor": scale, "train_latents": [], "steps": 0}, target)
+    save_meduet(paths.models / "pretrain" / "meduet.pt", student=student.state_dict(), teacher=teacher.state_dict(),
+                architecture=config, config={}, domains=domains, scale_factor=scale, train_latents=[], steps=0)
     return teacher.eval()
 
 
@@ -94,7 +93,7 @@ def test_small_latents_are_zero_padded_to_one_window() -> None:
 def test_extract_factors_averages_window_factors(project) -> None:
     cfg, paths, model = project
     result = extract_factors.run(cfg.extract_factors, paths)
-    arrays, records = load_factors(paths.factors)
+    arrays, records, _ = load_factors(paths.factors)
     assert arrays["content"].shape == (6, 32) and arrays["style"].shape == (6, 8)  # E = 32, S = 0.25 E
     assert list(arrays["domain_index"]) == [0, 0, 0, 1, 1, 1]
     assert [r.key for r in records] == list(arrays["keys"]) and {r.windows for r in records} == {8}  # 2x2x2
@@ -137,7 +136,7 @@ def test_evaluate_writes_metrics_and_figure(project) -> None:
 
 def test_swapped_factors_reuse_the_decoder_halves_of_a_seed(project) -> None:
     cfg, paths, _ = project
-    model, _ = extract_factors.load_pretrained(paths.models / "pretrain" / "meduet.pt")
+    model, _ = load_meduet(paths.models / "pretrain" / "meduet.pt")
     windows = torch.randn(3, model.config.in_channels, *model.config.input_size)  # (3, C, d, h, w)
     with torch.no_grad():
         first = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=0)

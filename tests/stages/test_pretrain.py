@@ -1,13 +1,6 @@
 """pretrain: a tiny MeDUET pretraining run through the stage on a synthetic latent cache (a real local Ray)."""
 
-import contextlib
-import csv
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from meduet import distributed as dist
 from meduet.config import ConfigError, MeduetConfig, Paths, PretrainConfig, config_from_dict
 from meduet.data.latents import LatentRecord, save_array, write_manifest, write_scale
-from meduet.engine.pretrain_step import param_groups
-from meduet.engine.pretrain_training import TERMS, build_model
+from meduet.engine.checkpoint import read_checkpoint
+from meduet.engine.pretrain_training import TERMS, param_groups
+from meduet.models.architectures import MeduetArchitecture
 from meduet.models.meduet import PRESETS, MeduetModel
 from meduet.stages import StageError, pretrain
 
@@ -90,9 +83,9 @@ def test_pretraining_lowers_the_loss_and_writes_every_output(pretrained):
 
     saved = torch.load(paths.models / "pretrain" / "meduet.pt", weights_only=True)
     assert saved["domains"] == ["site_a", "site_b"] and saved["config"] == cfg.pretrain.model_dump(mode="json")
-    assert saved["model_config"]["num_domains"] == 2 and saved["steps"] == STEPS
+    assert saved["architecture"]["num_domains"] == 2 and saved["steps"] == STEPS
     for which in ("student", "teacher"):
-        model = build_model(saved["model_config"])
+        model = MeduetModel(MeduetArchitecture.from_dict(saved["architecture"]))
         model.load_state_dict(saved[which])
     student, teacher = saved["student"], saved["teacher"]
     assert not torch.equal(student["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])  # EMA lags
@@ -101,7 +94,7 @@ def test_pretraining_lowers_the_loss_and_writes_every_output(pretrained):
 def test_checkpoint_holds_everything_a_resume_needs(pretrained):
     _, paths, _ = pretrained
     latest = max(_checkpoints(paths)).parent
-    state = dist.read_checkpoint(str(latest))
+    state = read_checkpoint(str(latest))
     assert {"student", "teacher", "optimizer", "scheduler", "step", "rng"} <= set(state)
     assert state["step"] == STEPS and state["scheduler"]["last_epoch"] == STEPS
     assert "logit_scale_content" in state["student"]  # SiQC temperatures travel with the model
@@ -116,71 +109,6 @@ def test_rerun_of_a_finished_run_resumes_without_redoing_steps(pretrained):
     assert _checkpoints(paths) == before  # no step ran again, so no checkpoint was rewritten
     assert again.metrics == first.metrics
     assert (paths.reports / "pretrain" / "history.csv").read_text() == history
-
-
-def _history(paths: Paths) -> list[dict[str, float]]:
-    with open(paths.reports / "pretrain" / "history.csv", newline="") as fh:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
-
-
-def _kill_session(session: int) -> None:
-    """SIGKILL every live process of ``session`` (Ray's processes may sit in other process groups)."""
-    for _ in range(100):
-        listing = subprocess.run(["ps", "-o", "pid=,stat=", "-s", str(session)], capture_output=True, text=True)
-        alive = [int(pid) for pid, stat in (line.split() for line in listing.stdout.splitlines()) if "Z" not in stat]
-        if not alive:
-            return
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    raise AssertionError(f"processes of session {session} survive SIGKILL: {alive}")
-
-
-@pytest.mark.services
-def test_killed_pretraining_resumes_at_its_last_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path):
-    steps = 40  # 4 checkpoints, all kept
-    cfg = _config(steps=steps)
-    reference = Paths.resolve(cfg, tmp_path / "reference")
-    _write_cache(reference.latents, per_domain=3)
-    pretrain.run(cfg.pretrain, reference, ray=cfg.ray)
-
-    root = tmp_path / "killed"
-    paths = Paths.resolve(cfg, root)
-    _write_cache(paths.latents, per_domain=3)
-    (root / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    command = [sys.executable, "-m", "meduet.cli", "pretrain", "--params", str(root / "params.yaml")]
-    repo = Path(__file__).resolve().parents[2]
-    # SIGKILL of the whole process group (driver, local Ray, worker) once a checkpoint exists:
-    # nothing gets to clean up, as when a node dies.
-    process = subprocess.Popen(command, cwd=repo, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        while not _checkpoints(paths) and process.poll() is None:
-            time.sleep(0.02)
-    finally:
-        _kill_session(process.pid)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    before = _checkpoints(paths)
-    kept = {int(p.parent.name.split("_")[1]) for p in before}
-    assert kept and max(kept) < steps
-    assert not (paths.models / "pretrain" / "meduet.pt").exists()
-
-    resumed = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = _history(paths)
-    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))  # no step lost, none repeated
-    after = _checkpoints(paths)
-    assert all(after[p] == mtime for p, mtime in before.items())  # resumed: checkpoints up to the kill not redone
-    assert len(after) == steps // 10
-    for got, want in zip(rows, _history(reference), strict=True):
-        assert got["total"] == pytest.approx(want["total"], rel=1e-4), got["step"]
-    got = torch.load(paths.models / "pretrain" / "meduet.pt", weights_only=True)
-    want = torch.load(reference.models / "pretrain" / "meduet.pt", weights_only=True)
-    for which in ("student", "teacher"):
-        for key, value in want[which].items():
-            torch.testing.assert_close(got[which][key], value, rtol=1e-4, atol=1e-5, msg=f"{which}.{key}")
 
 
 def test_param_groups_keep_norms_biases_and_tokens_out_of_weight_decay():
@@ -225,20 +153,29 @@ def test_params_yaml_pretrain_section_validates():
     assert PretrainConfig.model_validate(params["pretrain"]).preset == "tiny"
 
 
-def test_run_key_changes_with_config_data_and_code(tmp_path, monkeypatch):
-    from meduet import stages
+def test_run_key_changes_with_config_data_scaling_and_code(tmp_path, monkeypatch):
+    from meduet.engine import runs
 
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "a.py").write_text("x = 1\n")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("key\ncase0\n")
-    monkeypatch.setattr(stages, "PACKAGE_ROOT", package)
-    key = stages.run_key("cfg1", manifest)
-    assert key == stages.run_key("cfg1", manifest) and len(key) == 16
-    assert stages.run_key("cfg2", manifest) != key
+    monkeypatch.setattr(runs, "PACKAGE_ROOT", package)
+    key = runs.run_key("cfg1", manifest)
+    assert key == runs.run_key("cfg1", manifest) and len(key) == 16
+    assert runs.run_key("cfg2", manifest) != key
     (package / "a.py").write_text("x = 2\n")  # a code change: the old run's weights no longer apply
-    changed_code = stages.run_key("cfg1", manifest)
+    changed_code = runs.run_key("cfg1", manifest)
     assert changed_code != key
     manifest.write_text("key\ncase1\n")
-    assert stages.run_key("cfg1", manifest) != changed_code
+    new_data = runs.run_key("cfg1", manifest)
+    assert new_data != changed_code
+    # Another worker count or device changes each step's batch and numerics: another run,
+    # so a rerun with ray.num_workers changed never returns the old run's weights.
+    one, two = runs.Scaling(num_workers=1), runs.Scaling(num_workers=2, cpus_per_worker=0.5)
+    keys = {runs.run_key("cfg1", manifest, one), runs.run_key("cfg1", manifest, two),
+            runs.run_key("cfg1", manifest, runs.Scaling(num_workers=1, use_gpu=True)), new_data}
+    assert len(keys) == 4
+    assert runs.run_key("cfg1", manifest, runs.Scaling(num_workers=1, cpus_per_worker=2.0)) == \
+        runs.run_key("cfg1", manifest, one)  # resources per worker do not change what is computed

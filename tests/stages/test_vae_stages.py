@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from meduet.artifacts.vae import load_vae
 from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import load_latent, read_manifest, read_scale
 from meduet.harmonize.manifest import read_manifest as read_harmonized
@@ -66,7 +67,7 @@ def test_encode_latents_caches_means_with_metadata_and_resumes(trained):
     assert (result.metrics["cases"], result.metrics["encoded"]) == (4, 4), result.metrics
     records = {r.key: r for r in read_manifest(paths.latents)}
     harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
-    model = encode_latents.load_vae(paths.models / "vae" / "vae.pt")[0]
+    model = load_vae(paths.models / "vae" / "vae.pt")[0]
     for key, record in records.items():
         source = harmonized[key]
         assert record.latent_shape == [4, *(n // 4 for n in reversed(source.out_size))]  # (C, d, h, w)
@@ -91,6 +92,6 @@ def test_broken_vae_file_is_a_clear_error(trained, tmp_path):
     path = tmp_path / "vae.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(StageError, match=r"vae.pt: not a readable VAE checkpoint"):
-        encode_latents.load_vae(path)
+        load_vae(path)
     with pytest.raises(StageError, match="run the train-vae stage first"):
-        encode_latents.load_vae(tmp_path / "missing.pt")
+        load_vae(tmp_path / "missing.pt")

@@ -1,0 +1,42 @@
+"""Sliding windows over a whole latent, in the model's input size.
+
+Stride = window, the last window of an axis aligned to the end; a latent smaller than the
+window is zero-padded, centred, as the training crops are. Used wherever a whole volume is
+encoded by a model trained on crops (factor extraction, evaluation).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def window_starts(size: int, window: int) -> list[int]:
+    """Window origins along one axis: stride ``window``, the last one aligned to the end.
+
+    ``size`` must be at least ``window`` (pad first).
+    """
+    if size < window:
+        raise ValueError(f"axis of size {size} is smaller than the window {window}")
+    starts = list(range(0, size - window + 1, window))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def pad_to_window(latent: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+    """Zero-pad ``(C, d, h, w)`` (centred) so that every spatial axis is at least ``window``."""
+    pad = [max(0, n - s) for n, s in zip(window, latent.shape[1:], strict=True)]
+    if not any(pad):
+        return latent
+    # F.pad takes the last axis first: (w_lo, w_hi, h_lo, h_hi, d_lo, d_hi)
+    return torch.nn.functional.pad(latent, [p for n in reversed(pad) for p in (n // 2, n - n // 2)])
+
+
+def sliding_windows(latent: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+    """All windows of a ``(C, d, h, w)`` latent: ``(n_windows, C, *window)``."""
+    latent = pad_to_window(latent, window)
+    starts = [window_starts(n, k) for n, k in zip(latent.shape[1:], window, strict=True)]
+    wd, wh, ww = window
+    return torch.stack([latent[:, i:i + wd, j:j + wh, k:k + ww] for i, j, k in itertools.product(*starts)])
