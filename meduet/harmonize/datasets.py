@@ -27,6 +27,7 @@ class CaseSpec:
     image: Path | None
     label: Path | None = None
     problem: str | None = None
+    unlisted: bool = False  # the dataset itself could not be listed (missing, empty, unreadable index)
 
     @property
     def key(self) -> str:
@@ -108,30 +109,40 @@ def _broken(info: DatasetInfo, problem: str, case_id: str = "dataset.json") -> C
     return CaseSpec(info.name, case_id, info.domain, info.body_part, "train", None, None, problem)
 
 
+def unlisted(info: DatasetInfo, problem: str) -> CaseSpec:
+    """The one entry of a dataset whose cases could not be listed at all.
+
+    Such a dataset may only be unreachable for a moment (an unmounted share, an S3 outage,
+    an index being rewritten): its earlier outputs must be kept, never pruned as dropped.
+    """
+    return CaseSpec(info.name, "dataset.json", info.domain, info.body_part, "train", None, None, problem,
+                    unlisted=True)
+
+
 def discover(info: DatasetInfo) -> list[CaseSpec]:
     """All cases of one dataset folder, problems included (never raises for bad content)."""
     meta_path = info.root / "dataset.json"
     if not info.root.is_dir():
-        return [_broken(info, f"{info.root}: dataset folder not found")]
+        return [unlisted(info, f"{info.root}: dataset folder not found")]
     meta: dict = {}
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return [_broken(info, f"{meta_path}: not valid JSON ({error})")]
+            return [unlisted(info, f"{meta_path}: not valid JSON ({error})")]
         if not isinstance(meta, dict):
-            return [_broken(info, f"{meta_path}: top level must be an object")]
+            return [unlisted(info, f"{meta_path}: top level must be an object")]
     layout = info.layout
     if layout == "auto":
         layout = "msd" if "training" in meta else "nnunet"
     if layout == "msd":
         if not meta:
-            return [_broken(info, f"{meta_path}: MSD layout needs a dataset.json with a 'training' list")]
+            return [unlisted(info, f"{meta_path}: MSD layout needs a dataset.json with a 'training' list")]
         cases = _msd_cases(info, meta)
     else:
         cases = _nnunet_cases(info, meta)
     if not cases:
-        return [_broken(info, f"{info.root}: no cases found ({layout} layout)")]
+        return [unlisted(info, f"{info.root}: no cases found ({layout} layout)")]
     seen: set[str] = set()
     unique = []
     for index, case in enumerate(cases):

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from meduet.config import HarmonizeConfig, Paths, config_hash
 from meduet.harmonize import qa
 from meduet.harmonize.case import CaseSettings, harmonize_case, input_hash
-from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover
+from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
 from meduet.harmonize.intensity import CTWindow, MRPercentiles
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.io.atomic import write_json
@@ -61,15 +62,14 @@ def discover_all(cfg: HarmonizeConfig, paths: Paths) -> list[CaseSpec]:
     specs: list[CaseSpec] = []
     for source in cfg.datasets:
         root = paths.local(source.root)
-        if is_remote(root):
-            try:
-                root = mirror(str(root), paths.work / "s3-mirror", paths.s3_options)
-            except Exception as error:  # network/credentials/bucket errors come in many types
-                specs.append(CaseSpec(source.name, "dataset.json", source.domain, source.body_part, "train", None,
-                                      problem=f"{source.root}: cannot mirror remote dataset ({error})"))
-                continue
         info = DatasetInfo(source.name, Path(root), source.domain, source.body_part, source.layout,
                            source.include_unlabeled)
+        if is_remote(root):
+            try:
+                info = replace(info, root=Path(mirror(str(root), paths.work / "s3-mirror", paths.s3_options)))
+            except Exception as error:  # network/credentials/bucket errors come in many types
+                specs.append(unlisted(info, f"{source.root}: cannot mirror remote dataset ({error})"))
+                continue
         specs.extend(discover(info))
     return specs
 
@@ -94,6 +94,19 @@ def _reusable(out_dir: Path, spec: CaseSpec, digest: str, settings: CaseSettings
     if any(rel and not (out_dir / rel).is_file() for rel in outputs):
         return None
     return record
+
+
+def _earlier_records(out_dir: Path, datasets: set[str]) -> list[CaseRecord]:
+    """The last run's records of ``datasets`` (their outputs stay until the dataset can be listed again)."""
+    records = []
+    for path in sorted((out_dir / "records").glob("*.json")):
+        try:
+            record = CaseRecord.model_validate_json(path.read_text())
+        except (ValidationError, OSError):
+            continue
+        if record.dataset in datasets and record.case_id != "dataset.json":
+            records.append(record)
+    return records
 
 
 def _prune(out_dir: Path, records: list[CaseRecord]) -> int:
@@ -186,6 +199,14 @@ def run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
                 raise HarmonizeError(f"fail_fast: {record.key}: {record.reason}")
     progress.close()
 
+    # A dataset that could not be listed keeps its earlier cases, outputs and records:
+    # pruning may only remove what a listed dataset no longer has.
+    unreachable = {spec.dataset: spec.problem for spec in specs if spec.unlisted}
+    kept = _earlier_records(out_dir, set(unreachable))
+    for dataset, problem in unreachable.items():
+        log.warning("harmonize: dataset %s could not be listed (%s); its %d earlier case(s) are kept as they were",
+                    dataset, problem, sum(r.dataset == dataset for r in kept))
+    records.extend(kept)
     pruned = _prune(out_dir, records)
     write_manifest(out_dir / "manifest.csv", records)
     ok = [r for r in records if r.status == "ok"]
@@ -197,6 +218,8 @@ def run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
         "reused": reused,
         "processed": len(jobs),
         "pruned_files": pruned,
+        "unlisted_datasets": unreachable,
+        "kept_from_unlisted": len(kept),
         "seconds": round(processed_seconds, 3),
         "volumes_per_s": round(len(jobs) / processed_seconds, 3) if jobs else None,
         "ok_per_domain": dict(sorted(Counter(r.domain for r in ok).items())),

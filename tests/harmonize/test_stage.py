@@ -111,6 +111,42 @@ def test_outputs_of_dropped_cases_and_stale_temp_files_are_pruned(tmp_path):
     assert not stale_tmp.exists() and not (paths.harmonized / "a" / "imagesTr" / "case_01.nii.gz").exists()
 
 
+@pytest.mark.parametrize("outage", ["folder gone", "empty mount point", "index unreadable"])
+def test_a_dataset_that_cannot_be_listed_keeps_its_earlier_outputs(tmp_path, outage):
+    site_a, site_b = _msd_site(tmp_path / "raw" / "a", 2), _msd_site(tmp_path / "raw" / "b", 1, seed=5)
+    cfg, paths = _config(tmp_path, [_ds("a", site_a, "site_a"), _ds("b", site_b, "site_b")])
+    harmonize.run(cfg.harmonize, paths)
+    before = {p.relative_to(paths.harmonized): p.read_bytes() for p in (paths.harmonized / "a").rglob("*")
+              if p.is_file()} | {p.relative_to(paths.harmonized): p.read_bytes()
+                                  for p in (paths.harmonized / "records").glob("a__*.json")}
+    assert len(before) == 6  # 2 images, 2 labels, 2 records
+
+    hidden = tmp_path / "hidden"
+    site_a.rename(hidden)  # an unmounted share: the folder is gone ...
+    if outage == "empty mount point":
+        site_a.mkdir()  # ... or its mount point is left empty
+    elif outage == "index unreadable":
+        site_a.mkdir()
+        (site_a / "dataset.json").write_text("{ half-written")
+    metrics = harmonize.run(cfg.harmonize, paths).metrics
+
+    assert metrics["pruned_files"] == 0 and metrics["kept_from_unlisted"] == 2
+    assert list(metrics["unlisted_datasets"]) == ["a"]
+    after = {rel: (paths.harmonized / rel).read_bytes() for rel in before}
+    assert after == before  # every earlier output of the dataset untouched
+    records = {r.key: r for r in read_manifest(paths.harmonized / "manifest.csv")}
+    assert {k for k, r in records.items() if r.status == "ok"} == {"a__case_00", "a__case_01", "b__case_00"}
+    assert records["a__dataset.json"].status == "quarantined"  # and the outage is reported
+
+    if outage != "folder gone":
+        (site_a / "dataset.json").unlink(missing_ok=True)
+        site_a.rmdir()
+    hidden.rename(site_a)  # back again: nothing to redo, the outage's entry is gone
+    metrics = harmonize.run(cfg.harmonize, paths).metrics
+    assert (metrics["processed"], metrics["reused"], metrics["unlisted_datasets"]) == (0, 3, {})
+    assert "a__dataset.json" not in {r.key for r in read_manifest(paths.harmonized / "manifest.csv")}
+
+
 def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     site = _msd_site(tmp_path / "raw", 10, size=(96, 96, 48))
     params = tmp_path / "params.yaml"
