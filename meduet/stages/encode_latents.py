@@ -3,8 +3,9 @@
 Outputs (``paths.latents``): ``<dataset>/<case>.npy`` posterior means ``(4, d, h, w)``
 float32 (optionally ``<case>_std.npy``), ``manifest.csv`` and ``scale.json`` (latent
 scale factor over the VAE's training cases). Encoding runs as parallel tasks on Ray
-(``encode_latents.workers``); a case already encoded from the same volume with the same
-VAE is reused, so an interrupted run resumes.
+(``encode_latents.workers``). Each finished case is recorded at once
+(``records/<key>.json``), and a case already encoded from the same volume with the same VAE
+is reused, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from pydantic import ValidationError
 
 from meduet import distributed as dist
 from meduet.artifacts.vae import load_vae, vae_path
@@ -58,6 +60,22 @@ def encode_case(job: dict) -> dict:
     return record
 
 
+def _record_path(cache: Path, key: str) -> Path:
+    return cache / "records" / f"{key}.json"
+
+
+def _previous(cache: Path) -> dict[str, LatentRecord]:
+    """What earlier runs encoded: the manifest, and the per-case records of a run killed before it."""
+    previous = {r.key: r for r in read_manifest(cache)} if (cache / MANIFEST).is_file() else {}
+    for path in sorted((cache / "records").glob("*.json")):
+        try:
+            record = LatentRecord.model_validate_json(path.read_text())
+        except (ValidationError, OSError):  # a torn record: that case is encoded again
+            continue
+        previous[record.key] = record
+    return previous
+
+
 def _reusable(cache: Path, previous: dict[str, LatentRecord], key: str, image_sha: str, vae_sha: str,
               store_std: bool) -> LatentRecord | None:
     record = previous.get(key)
@@ -79,21 +97,22 @@ def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
         raise StageError("no harmonized case to encode")
     domains = sorted({c.domain for c in cases})
     cache = paths.latents
-    previous = {r.key: r for r in read_manifest(cache)} if (cache / MANIFEST).is_file() else {}
+    previous = _previous(cache)
 
     records: list[LatentRecord] = []
     jobs: list[dict] = []
     for case in sorted(cases, key=lambda c: c.key):
         image = paths.harmonized / case.image
         image_sha = sha256_file(image)
+        split = "held_out" if case.key in held_out else "train"
         reused = _reusable(cache, previous, case.key, image_sha, vae_sha, cfg.store_std)
-        if reused is not None:
-            records.append(reused)
+        if reused is not None:  # the site numbering follows today's sites, not the earlier run's
+            records.append(reused.model_copy(update={"domain_index": domains.index(case.domain), "split": split}))
             continue
         stem = f"{case.dataset}/{case.case_id}"
         record = {"key": case.key, "dataset": case.dataset, "case_id": case.case_id, "domain": case.domain,
                   "domain_index": domains.index(case.domain), "body_part": case.body_part,
-                  "split": "held_out" if case.key in held_out else "train", "latent": f"{stem}.npy",
+                  "split": split, "latent": f"{stem}.npy",
                   "latent_std": f"{stem}_std.npy" if cfg.store_std else "", "orig_spacing": case.orig_spacing,
                   "image_sha256": image_sha, "vae_sha256": vae_sha, "latent_shape": [], "affine": []}
         jobs.append({"vae": str(vae_file), "image": str(image), "cache": str(cache), "latent": record["latent"],
@@ -105,10 +124,14 @@ def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
         scaling = Scaling.from_config(ray)
         for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
                                      run=RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
-            records.append(LatentRecord.model_validate(result))
+            record = LatentRecord.model_validate(result)
+            # Each finished case is recorded at once: a killed run resumes from here.
+            write_json(_record_path(cache, record.key), record.model_dump(mode="json"))
+            records.append(record)
 
     keep = {cache / MANIFEST, cache / "scale.json"}
     keep.update(cache / p for r in records for p in (r.latent, r.latent_std) if p)
+    keep.update(_record_path(cache, r.key) for r in records)
     prune_unowned(cache, keep)
     write_manifest(cache, records)
     train = [load_latent(cache, r) for r in records if r.split == "train"] or [load_latent(cache, r) for r in records]

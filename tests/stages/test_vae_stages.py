@@ -88,6 +88,21 @@ def test_encode_latents_caches_means_with_metadata_and_resumes(trained):
     assert (again.metrics["encoded"], again.metrics["reused"]) == (0, 4)
 
 
+def test_encode_latents_killed_before_its_manifest_resumes_from_per_case_records(trained):
+    cfg, paths = trained
+    encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    latents = {p: p.read_bytes() for p in paths.latents.rglob("*.npy")}
+    # A run killed after encoding every case but before writing its manifest; one case's
+    # record was torn mid-write, so that case (only) is encoded again.
+    (paths.latents / "manifest.csv").unlink()
+    torn = paths.latents / "records" / "site_b__site_b_1.json"
+    torn.write_text(torn.read_text()[:40])
+    again = encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    assert (again.metrics["encoded"], again.metrics["reused"]) == (1, 3)
+    assert {p: p.read_bytes() for p in paths.latents.rglob("*.npy")} == latents  # same latents, none lost
+    assert len(read_manifest(paths.latents)) == 4 and torn.read_text().startswith("{")
+
+
 def test_broken_vae_file_is_a_clear_error(trained, tmp_path):
     path = tmp_path / "vae.pt"
     path.write_bytes(b"not a checkpoint")
