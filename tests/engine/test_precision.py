@@ -33,4 +33,4 @@ def test_bf16_losses_stay_close_to_fp32():
     with autocast(CPU, amp_dtype(CPU, amp=True, cpu_bf16=True)):
         half = pretrain_losses(student, teacher, x, domain, mask=mask)
     for term, value in full.items():
-        assert half[term].float().item() == pytest.approx(value.item(), rel=2e-2), term
+        assert half[term].float().item() == pytest.approx(value.item(), rel=5e-3), term

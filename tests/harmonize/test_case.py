@@ -1,5 +1,4 @@
 import gzip
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -153,4 +152,8 @@ def test_settings_hash_ignores_workers_and_dataset_list():
     assert case_settings(base).settings_hash == case_settings(base.model_copy(update={"workers": 7})).settings_hash
     assert case_settings(base).settings_hash != case_settings(
         base.model_copy(update={"target_spacing": (1.0, 1.0, 1.0)})).settings_hash
-    assert replace(case_settings(base), margin=3) != case_settings(base)
+    # every output-affecting setting is in the hash (a changed margin must redo the cases)
+    for update in ({"foreground_margin": 3}, {"foreground_threshold": 0.1}, {"interpolation": "bspline"},
+                   {"crop_foreground": False}, {"divisible_by": 8}, {"min_size": (32, 32, 32)},
+                   {"intensity": base.intensity.model_copy(update={"a_max": 300.0})}):
+        assert case_settings(base.model_copy(update=update)).settings_hash != case_settings(base).settings_hash, update

@@ -58,7 +58,11 @@ def test_mismatched_weights_name_the_keys(tmp_path):
                                                       r"1 unexpected \[extra.weight\]"):
         load_weights(tiny, path, state=state)
     torch.save(tiny.state_dict(), path)  # a bare state dict loads too
-    load_weights(build_vae(PRESETS["tiny"]), path)
+    fresh = build_vae(PRESETS["tiny"])
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in tiny.state_dict().items())
+    load_weights(fresh, path)
+    for key, value in tiny.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_architecture_validation():
