@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from meduet import distributed as dist
 from meduet.config import MeduetConfig, Paths, RayConfig
 from meduet.distributed.driver import _ray_temp_dir
-from meduet.engine.checkpoint import CHECKPOINT_FORMAT, STATE_FILE, CheckpointError, ConfigMismatchError, read_checkpoint
+from meduet.engine.checkpoint import (CHECKPOINT_FORMAT, STATE_FILE, CheckpointError, ConfigMismatchError,
+                                      read_checkpoint)
 from meduet.engine.history import write_history_csv
 from meduet.engine.rng import capture_rng, restore_rng
 from meduet.engine.runs import RUN_MARKER, RunSpec, Scaling
@@ -209,6 +210,29 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
     resumed = dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1), run)
     assert resumed.history == reference.history  # resumed at the listed final step: nothing ran again
     assert resumed.checkpoint == str(listed.parent)
+
+
+@pytest.mark.services
+def test_complete_checkpoint_ray_had_not_listed_is_resumed_from(
+    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+) -> None:
+    """Killed between a checkpoint reaching storage and Ray listing it: resume from it, not the one before."""
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", "ref0001", tmp_path)
+    with pytest.raises(dist.TrainingError, match="simulated crash at step 10"):
+        dist.fit(toy_loop, loop_config(tmp_path, crash_at=10), TWO_CPU_WORKERS, run)
+    listed = sorted(p.name for p in Path(run.run_dir).glob("checkpoint_*") if p.is_dir())
+    assert listed == [f"checkpoint_{s:09d}" for s in (4, 8)]
+    unlisted = f"checkpoint_{12:09d}"  # written by an identical run, never listed in this run's snapshot
+    shutil.copytree(Path(reference.run.run_dir) / unlisted, Path(run.run_dir) / unlisted)
+
+    resumed = dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
+    rows = resumed.history
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert {row["start_step"] for row in rows[12:]} == {12}  # the unlisted checkpoint, not step 8's
+    for got, want in zip(rows, reference.history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(resumed.load_state()["model"], reference.load_state()["model"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.services
