@@ -14,6 +14,7 @@ from pathlib import Path
 from meduet.config import ConfigError, Paths, dump_config, load_config
 from meduet.dvc_remote import configure_remote
 from meduet.env import apply_offline_env
+from meduet.io.locks import OutputLockedError
 from meduet.stages import STAGES, StageError
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except StageError as error:
+    except (StageError, OutputLockedError) as error:
         print(f"error: {args.command}: {error}", file=sys.stderr)
         return 1
 

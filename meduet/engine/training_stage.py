@@ -21,6 +21,7 @@ from meduet.engine.loop import Trainer, train
 from meduet.engine.plots import plot_history
 from meduet.engine.runs import RunSpec, Scaling, run_key
 from meduet.io.atomic import write_json
+from meduet.io.locks import output_lock
 from meduet.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def fit_trainer(*, stage: str, cfg: BaseModel, build: Callable[..., Trainer], in
     """
     scaling = Scaling.from_config(ray)
     spec = RunSpec.from_config(ray, paths, stage, run_key(config_hash(cfg), input_manifest, scaling))
-    result = dist.fit(train, {"build": build, "cfg": cfg, **inputs}, scaling, spec)
+    with output_lock(paths.work / "locks", spec.run_dir):  # one driver per run folder
+        result = dist.fit(train, {"build": build, "cfg": cfg, **inputs}, scaling, spec)
     return TrainedRun(state=result.load_state(), history=result.history, history_csv=result.metrics_csv)
 
 

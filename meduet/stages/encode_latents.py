@@ -28,6 +28,7 @@ from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.images import sha256_file
+from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.models.vae import encode_volume
 from meduet.stages import StageError, StageResult
@@ -87,7 +88,15 @@ def _reusable(cache: Path, previous: dict[str, LatentRecord], key: str, image_sh
 
 
 def run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
-    """Encode all harmonized volumes; see the module docstring for outputs."""
+    """Encode all harmonized volumes; see the module docstring for outputs.
+
+    One run at a time per output folder: a second one is refused with a message naming the first.
+    """
+    with output_lock(paths.work / "locks", paths.latents):
+        return _run(cfg, paths, ray)
+
+
+def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     vae_file = vae_path(paths)
     _, saved = load_vae(vae_file)  # fail early, in the driver, on a missing or broken VAE
     vae_sha = sha256_file(vae_file)

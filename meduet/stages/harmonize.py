@@ -32,6 +32,7 @@ from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
 from meduet.harmonize.intensity import CTWindow, MRPercentiles
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.io.atomic import write_json
+from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.io.storage import is_remote, mirror
 from meduet.parallel import process_pool
@@ -166,7 +167,15 @@ def _hash_inputs(specs: Iterable[CaseSpec], workers: int) -> list[str]:
 
 # --------------------------------------------------------------------------- the stage
 def run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
-    """Harmonize every configured dataset; see the module docstring for outputs."""
+    """Harmonize every configured dataset; see the module docstring for outputs.
+
+    One run at a time per output folder: a second one is refused with a message naming the first.
+    """
+    with output_lock(paths.work / "locks", paths.harmonized):
+        return _run(cfg, paths)
+
+
+def _run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
     start = time.perf_counter()
     if not cfg.datasets:
         raise HarmonizeError("harmonize.datasets is empty: list at least one dataset in params.yaml")

@@ -147,6 +147,30 @@ def test_a_dataset_that_cannot_be_listed_keeps_its_earlier_outputs(tmp_path, out
     assert "a__dataset.json" not in {r.key for r in read_manifest(paths.harmonized / "manifest.csv")}
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes_intact(tmp_path):
+    site = _msd_site(tmp_path / "raw", 8, size=(96, 96, 48))
+    params = tmp_path / "params.yaml"
+    section = {**HARMONIZE, "workers": 1, "datasets": [_ds("a", site, "site_a")]}
+    params.write_text(yaml.safe_dump({"harmonize": section}))
+    cmd = [sys.executable, "-m", "meduet.cli", "harmonize", "--params", str(params)]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    locks = tmp_path / ".work" / "locks"
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in locks.glob("*.lock")) if locks.is_dir() else True:
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.01)
+
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    out, err = first.communicate(timeout=300)
+    assert second.returncode == 1
+    assert "data/harmonized: another run is writing here" in second.stderr and f'"pid": {first.pid}' in second.stderr
+    assert first.returncode == 0, err[-3000:]
+    records = read_manifest(tmp_path / "data" / "harmonized" / "manifest.csv")
+    assert len(records) == 8 and all(r.status == "ok" and (tmp_path / "data" / "harmonized" / r.image).is_file()
+                                     for r in records)
+    assert json.loads(out)["metrics"]["processed"] == 8
+
+
 def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     site = _msd_site(tmp_path / "raw", 10, size=(96, 96, 48))
     params = tmp_path / "params.yaml"
