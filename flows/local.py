@@ -283,7 +283,9 @@ class S3Server:
         )
 
 
-DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# Distinctive values, so a test can scan logs and artifacts for them (a leaked secret would show).
+DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAMEDUETLOOPBACK01",
+                     "AWS_SECRET_ACCESS_KEY": "meduet-loopback-secret-5c1e9a"}
 
 
 @contextlib.contextmanager

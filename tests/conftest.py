@@ -54,6 +54,7 @@ TINY_PARAMS: dict[str, Any] = {
     "vae.crop_size": [16, 16, 16],
     "vae.warmup_steps": 1,
     "vae.log_every": 2,
+    "encode_latents.workers": 1,  # in-process: the Ray-task path has its own tests (tests/stages)
     "pretrain.preset": "tiny",
     "pretrain.crop": 8,
     "pretrain.steps": 4,
@@ -146,6 +147,9 @@ def offline_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         for key, value in OFFLINE_ENV.items():
             patch.setenv(key, value)
+        # Ray Train's controller polls workers every 2 s; a worker waits for that poll at each
+        # checkpoint and at the end of a run. Every test run (and the CLIs it starts) polls faster.
+        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         yield
 
 

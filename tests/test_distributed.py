@@ -9,8 +9,10 @@ the generators (or the optimizer, or the LR schedule) would not repeat the losse
 from __future__ import annotations
 
 import csv
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ def toy_loop(**config: Any) -> None:
     """Linear regression with SGD + momentum + StepLR.
 
     ``crash_at``: raise before reporting that step, in a run started from scratch only (so
-    a retry that resumed from a checkpoint gets past it).
+    a retry that resumed from a checkpoint gets past it); ``kill_at``: rank 0's process
+    SIGKILLs itself there instead.
     """
     torch.manual_seed(config["seed"])
     g = torch.Generator().manual_seed(0)
@@ -71,6 +74,8 @@ def toy_loop(**config: Any) -> None:
             step += 1
             if step == config.get("crash_at") and start == 0:
                 raise RuntimeError(f"simulated crash at step {step}")
+            if step == config.get("kill_at") and start == 0 and dist.world_rank() == 0:
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies; the driver lives on
             due = dist.checkpoint_due(step, config["steps"])
             checkpoint = dist.training_state(step, **parts) if due else None
             dist.report({"step": step, "loss": loss, "lr": lr, "start_step": start,
@@ -98,17 +103,11 @@ TWO_CPU_WORKERS = Scaling(num_workers=2, use_gpu=False, cpus_per_worker=1)
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One local Ray (2 CPUs) for the module, stopped at the end.
-
-    Ray Train's controller polls workers every 2 s by default; a worker waits for that
-    poll at each checkpoint and at the end of a run. A short interval keeps tests quick.
-    """
+    """One local Ray (2 CPUs) for the module, stopped at the end (polling fast: tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("ray")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        dist.ensure_ray(spec(tmp / "results", "unused", tmp))
-        yield
-        dist.shutdown_ray()
+    dist.ensure_ray(spec(tmp / "results", "unused", tmp))
+    yield
+    dist.shutdown_ray()
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +209,21 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
     resumed = dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1), run)
     assert resumed.history == reference.history  # resumed at the listed final step: nothing ran again
     assert resumed.checkpoint == str(listed.parent)
+
+
+@pytest.mark.services
+def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(
+    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+) -> None:
+    reference, _ = uninterrupted
+    run = spec(tmp_path / "results", "ref0001", tmp_path, max_failures=1)
+    result = dist.fit(toy_loop, loop_config(tmp_path, kill_at=10), TWO_CPU_WORKERS, run)
+    rows = result.history
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert {row["start_step"] for row in rows[8:]} == {8}  # Ray's retry resumed at the checkpoint before the kill
+    for got, want in zip(rows, reference.history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(result.load_state()["model"], reference.load_state()["model"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.services
@@ -337,6 +351,16 @@ def square_or_fail(item: int) -> int:
     return item * item
 
 
+def square_or_die(item: tuple[int, str]) -> int:
+    """Squares ``value``; its process SIGKILLs itself while ``marker`` is absent or ``"always"``."""
+    value, marker = item
+    if marker == "always" or (marker and not Path(marker).exists()):
+        if marker != "always":
+            Path(marker).write_text("died once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value * value
+
+
 def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None:
     run = spec(tmp_path / "runs", "maptasks", tmp_path)
     scaling = Scaling(num_workers=1, cpus_per_worker=1.0)
@@ -346,3 +370,15 @@ def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None
     for workers in (1, 2):
         with pytest.raises(dist.TaskError, match=r"task 2 of 3 failed: ValueError: negative item -1"):
             list(dist.map_tasks(square_or_fail, [1, 2, -1], workers=workers, scaling=scaling, run=run))
+
+
+@pytest.mark.services
+def test_map_tasks_survives_a_killed_task_process_and_names_one_that_always_dies(ray_local: Any,
+                                                                                 tmp_path: Path) -> None:
+    run = spec(tmp_path / "runs", "maptasks", tmp_path)
+    scaling = Scaling(num_workers=1, cpus_per_worker=1.0)
+    once = [(i, str(tmp_path / f"died{i}") if i == 2 else "") for i in range(4)]
+    assert sorted(dist.map_tasks(square_or_die, once, workers=2, scaling=scaling, run=run)) == [0, 1, 4, 9]
+    assert (tmp_path / "died2").read_text() == "died once"  # Ray ran task 2 again in a fresh process
+    with pytest.raises(dist.TaskError, match=r"task 1 of 3 failed: .*(died|crash|exit)"):
+        list(dist.map_tasks(square_or_die, [(1, ""), (2, "always"), (3, "")], workers=2, scaling=scaling, run=run))

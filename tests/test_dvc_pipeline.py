@@ -21,7 +21,15 @@ def test_repro_reproduces_every_declared_output(reproduced_project: tuple[Path, 
         assert f"Running stage '{stage.name}'" in first.stdout
         missing = [rel for rel in stage.outputs if not (project / rel).exists()]
         assert not missing, f"{stage.name} did not write {missing}"
-    assert (project / "dvc.lock").is_file()
+        for rel in stage.outputs:  # real contents, not just a name: no empty folder or file
+            path = project / rel
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            assert files and all(f.stat().st_size > 0 for f in files), (stage.name, rel)
+        for rel in stage.metrics:
+            metrics = json.loads((project / rel).read_text())
+            assert isinstance(metrics, dict) and metrics, (stage.name, rel)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {stage.name for stage in load_stages(project)}  # every stage recorded with its hashes
 
 
 def test_second_repro_runs_nothing(reproduced_copy: Path, dvc) -> None:

@@ -68,3 +68,20 @@ def test_invalid_inputs_are_named(tmp_path):
         LatentCropSampler(paths, [0], 4, 1.0, 0)
     with pytest.raises(ValueError, match=r"l1.npy: expected a \(C, d, h, w\) latent"):
         LatentCropSampler(paths, [0, 1], 4, 1.0, 0)
+
+
+def test_each_crop_carries_the_site_label_of_the_latent_it_was_cut_from(tmp_path):
+    # Three latents, each a constant (its id), with site labels in another order than the files.
+    paths = [save_array(tmp_path / f"l{i}.npy", np.full((4, 9, 9, 9), float(i + 1), np.float32)) for i in range(3)]
+    site_of = {1.0: 2, 2.0: 0, 3.0: 1}
+    sampler = LatentCropSampler(paths, [2, 0, 1], 6, scale=0.5, seed=0)
+    seen = set()
+    for step in range(4):
+        x, domain = sampler.batch(step, 8)
+        for crop, site in zip(x, domain.tolist(), strict=True):
+            values = crop.unique()
+            assert len(values) == 1  # one source latent per crop, no padding at this size
+            source = float(values[0]) / 0.5
+            assert site == site_of[source], (source, site)
+            seen.add(source)
+    assert seen == {1.0, 2.0, 3.0}

@@ -35,8 +35,14 @@ def _deployment_run(server: PrefectServer, deployment: ServedDeployment, params:
 
 
 def _log_text(server: PrefectServer, flow_run_id: str) -> str:
-    logs = server.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
-    return "\n".join(entry["message"] for entry in logs)
+    """Every log line of a flow run (its tasks' DVC and stage output included), page by page."""
+    messages: list[str] = []
+    while True:
+        page = server.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
+                                                   "offset": len(messages)})
+        messages += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return "\n".join(messages)
 
 
 @pytest.mark.services
@@ -57,11 +63,19 @@ def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp
                 assert {artifact_key(stage.name, rel) for rel in stage.metrics + stage.plots} <= artifacts
             assert dvc(project, "status", "--json").stdout.strip() in ("{}", "")
             assert s3_server.filesystem().find(f"{s3_server.bucket}/served"), "dvc push sent nothing"
+            # Every file of every DVC output is in the remote, not just something.
+            cloud = dvc(project, "status", "--cloud", "--json", env=s3_server.env).stdout.strip()
+            assert cloud in ("{}", ""), cloud
 
             last = stages[-1].name
             second = _deployment_run(server, deployment, {"stages": [last], "force": True})
             log = _log_text(server, second["id"])
             assert f"Running stage '{last}'" in log
+            # No secret in any log line or artifact (the credentials went to every stage and dvc push).
+            published = _log_text(server, first["id"]) + log + json.dumps(server.artifacts(first["id"]))
+            assert "Running stage" in published
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert s3_server.env[name] not in published, f"{name} leaked into the Prefect logs"
             assert all(f"stage '{s.name}'" not in log for s in stages[:-1])
 
     # Leaving the context managers stopped both process groups, children included.

@@ -192,7 +192,8 @@ def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
         time.sleep(0.01)
     proc.wait()
     finished_before = len(finished())
-    assert finished_before >= 1
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 1 <= finished_before < 10 and not (tmp_path / "data" / "harmonized" / "manifest.csv").exists()
 
     resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, encoding="utf-8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
