@@ -11,13 +11,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meduet.models.architectures import MEDUET_PRESETS
+
+# Pretrained weights enter here: dvc.yaml lists this folder as a dependency of train-vae.
+PRETRAINED_DIR = "data/pretrained"
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Spacing = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
@@ -200,7 +203,8 @@ class VAEConfig(StrictModel):
         default="tiny", description="maisi = the published MAISI autoencoder shape; small/tiny for CPU"
     )
     pretrained: str | None = Field(
-        default=None, description="existing weights (e.g. MAISI autoencoder.pt), local or s3://; skips training"
+        default=None, description=f"existing weights (e.g. MAISI autoencoder.pt) under {PRETRAINED_DIR}/ (a DVC "
+        "dependency of train-vae, so replacing the file reruns the stage) or s3://; skips training"
     )
     crop_size: Size3 = Field(default=(32, 32, 32), description="training crop (D, H, W), multiples of 4")
     batch_size: Annotated[int, Field(ge=1)] = 2
@@ -219,6 +223,18 @@ class VAEConfig(StrictModel):
     )
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
+
+    @field_validator("pretrained")
+    @classmethod
+    def _tracked_weights(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("s3://"):
+            return value
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(PRETRAINED_DIR.split("/")):
+            raise ValueError(f"local weights must lie under {PRETRAINED_DIR}/ (relative to params.yaml), the folder "
+                             f"dvc.yaml lists as train-vae's dependency, so that replacing them reruns the stage; got "
+                             f"{value!r} (for weights elsewhere: dvc import-url <uri> {PRETRAINED_DIR}/<name>)")
+        return value
 
     @field_validator("crop_size")
     @classmethod

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from meduet.cli import main
-from meduet.config import ConfigError, MeduetConfig, Paths, config_hash, dump_config, load_config
+from meduet.config import ConfigError, MeduetConfig, Paths, config_from_dict, config_hash, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +95,11 @@ def test_help_everywhere():
     for args in (["--help"], ["harmonize", "--help"], ["config", "show", "--help"]):
         done = subprocess.run([sys.executable, "-m", "meduet.cli", *args], capture_output=True, encoding="utf-8")
         assert done.returncode == 0 and "usage: meduet" in done.stdout
+
+
+@pytest.mark.parametrize("value", ["models/autoencoder.pt", "/opt/weights/autoencoder.pt", "data/pretrained/../x.pt"])
+def test_untracked_pretrained_weights_are_refused_with_the_reason(value):
+    with pytest.raises(ConfigError, match=r"vae.pretrained = .*must lie under data/pretrained/ .*reruns the stage"):
+        config_from_dict({"vae": {"pretrained": value}})
+    for accepted in ("data/pretrained/autoencoder.pt", "s3://bucket/maisi/autoencoder.pt"):
+        assert config_from_dict({"vae": {"pretrained": accepted}}).vae.pretrained == accepted

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import torch
 import yaml
 
 from flows.dag import load_stages
@@ -52,3 +53,24 @@ def test_harmonize_param_change_reruns_only_harmonize(reproduced_copy: Path, dvc
     assert "Running stage 'demo_data'" not in rerun.stdout
     assert "Running stage 'harmonize'" in rerun.stdout
     assert _status(dvc, reproduced_copy) == {}
+
+
+def test_replacing_pretrained_vae_weights_in_place_reruns_train_vae(reproduced_copy: Path, dvc) -> None:
+    weights = reproduced_copy / "data" / "pretrained" / "vae.pt"
+    saved = torch.load(reproduced_copy / "models" / "vae" / "vae.pt", weights_only=True)
+    torch.save({"state_dict": saved["state_dict"]}, weights)
+    params_path = reproduced_copy / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["vae"]["pretrained"] = "data/pretrained/vae.pt"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage 'train_vae'" in dvc(reproduced_copy, "repro", "train_vae").stdout
+    assert "train_vae" not in _status(dvc, reproduced_copy)
+
+    # Same path, new content (e.g. a newer release of the weights copied over the old file).
+    torch.save({"state_dict": {k: v + 0.01 if v.is_floating_point() else v for k, v in saved["state_dict"].items()}},
+               weights)
+    assert "train_vae" in _status(dvc, reproduced_copy)
+    dvc(reproduced_copy, "repro", "train_vae")
+    loaded = torch.load(reproduced_copy / "models" / "vae" / "vae.pt", weights_only=True)["state_dict"]
+    key = next(k for k, v in saved["state_dict"].items() if v.is_floating_point())
+    torch.testing.assert_close(loaded[key], saved["state_dict"][key] + 0.01)  # the new weights, not the old

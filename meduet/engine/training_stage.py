@@ -20,7 +20,7 @@ from meduet.config import Paths, RayConfig, config_hash
 from meduet.engine.loop import Trainer, train
 from meduet.engine.plots import plot_history
 from meduet.engine.runs import RunSpec, Scaling, run_key
-from meduet.io.atomic import write_json
+from meduet.io.atomic import write_json, write_text
 from meduet.io.locks import output_lock
 from meduet.stages import StageResult
 
@@ -72,5 +72,7 @@ def finish_training_stage(stage: str, *, paths: Paths, outputs: dict[str, Path],
                "loss_curve": plot_history(history, list(terms), reports / "loss.png", title)}
     if run is not None and run.history_csv is not None:
         outputs["history"] = run.history_csv
+    elif run is None:  # nothing trained: an empty history (a declared DVC output all the same)
+        outputs["history"] = write_text(reports / "history.csv", ",".join(["step", *terms]) + "\n")
     log.info("%s: %s", stage, {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     return StageResult(stage, outputs, metrics)

@@ -60,6 +60,8 @@ def test_pretrained_weights_skip_training_and_mismatches_are_named(trained, tmp_
     other = Paths(**{**other.__dict__, "harmonized": paths.harmonized})
     result = train_vae.run(cfg.vae.model_copy(update={"pretrained": str(weights)}), other, ray=cfg.ray)
     assert "final_loss" not in result.metrics
+    # every declared output exists, the history empty (dvc.yaml lists it as a plot)
+    assert (other.reports / "train_vae" / "history.csv").read_text() == "step,loss,l1,g_adv,d_loss\n"
     supplied = torch.load(weights, weights_only=True)["state_dict"]
     saved = torch.load(other.models / "vae" / "vae.pt", weights_only=True)["state_dict"]
     assert saved.keys() == supplied.keys()
