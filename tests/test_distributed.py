@@ -174,6 +174,14 @@ def test_crash_then_resume_repeats_uninterrupted_run(
     assert got["scheduler"] == want["scheduler"]
 
 
+def _assert_repeats(result: dist.FitResult, reference: dist.FitResult) -> None:
+    """Every step once, with the uninterrupted run's losses, ending at its weights."""
+    assert [row["step"] for row in result.history] == list(range(1, STEPS + 1))
+    for got, want in zip(result.history, reference.history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(result.load_state()["model"], reference.load_state()["model"], rtol=1e-6, atol=1e-7)
+
+
 def _copy_of_run(reference: dist.FitResult, tmp_path: Path) -> RunSpec:
     """A run of the reference's config whose folder is a copy of the finished reference run."""
     run = spec(tmp_path / "results", reference.run.config_hash, tmp_path)
@@ -218,12 +226,8 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(
     reference, _ = uninterrupted
     run = spec(tmp_path / "results", "ref0001", tmp_path, max_failures=1)
     result = dist.fit(toy_loop, loop_config(tmp_path, kill_at=10), TWO_CPU_WORKERS, run)
-    rows = result.history
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
-    assert {row["start_step"] for row in rows[8:]} == {8}  # Ray's retry resumed at the checkpoint before the kill
-    for got, want in zip(rows, reference.history, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
-    torch.testing.assert_close(result.load_state()["model"], reference.load_state()["model"], rtol=1e-6, atol=1e-7)
+    _assert_repeats(result, reference)
+    assert {row["start_step"] for row in result.history[8:]} == {8}  # Ray's retry resumed at the last checkpoint
 
 
 @pytest.mark.services
@@ -241,12 +245,8 @@ def test_complete_checkpoint_ray_had_not_listed_is_resumed_from(
     shutil.copytree(Path(reference.run.run_dir) / unlisted, Path(run.run_dir) / unlisted)
 
     resumed = dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
-    rows = resumed.history
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
-    assert {row["start_step"] for row in rows[12:]} == {12}  # the unlisted checkpoint, not step 8's
-    for got, want in zip(rows, reference.history, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
-    torch.testing.assert_close(resumed.load_state()["model"], reference.load_state()["model"], rtol=1e-6, atol=1e-7)
+    _assert_repeats(resumed, reference)
+    assert {row["start_step"] for row in resumed.history[12:]} == {12}  # the unlisted checkpoint, not step 8's
 
 
 @pytest.mark.services

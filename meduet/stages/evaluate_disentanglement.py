@@ -27,7 +27,9 @@ Outputs: ``paths.reports/evaluate_disentanglement/metrics.json`` and ``factors.p
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +87,17 @@ def _nearer(x: np.ndarray, target: np.ndarray, other: np.ndarray) -> int:
     return int(np.linalg.norm(x - target) < np.linalg.norm(x - other))
 
 
-def swap_test(model: MeduetModel, windows: list[torch.Tensor], content: np.ndarray, y: np.ndarray,
-              style_probe: LinearProbe, content_probe: LinearProbe, pairs: int, batch_size: int,
-              seed: int) -> dict:
+SwapFactors = Callable[[torch.Tensor, torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+
+def swap_test(swap: SwapFactors, windows: list[torch.Tensor], content: np.ndarray, y: np.ndarray,
+              style_probe: LinearProbe, content_probe: LinearProbe, pairs: int, seed: int) -> dict:
     """Swap content and style between volumes of different sites (see the module docstring).
 
     Args:
+        swap: ``swap(windows_a, windows_b)`` -> re-encoded ``(content (E,), style (S,))`` of A's
+            content rendered with B's style (``swapped_factors`` with the model); ``swap(a, a)``
+            is A's round trip.
         windows: per volume, its ``(n_i, C, d, h, w)`` scaled windows.
         content: ``(n, E)`` extracted content vectors; y: ``(n,)`` site labels.
         style_probe, content_probe: probes fit on all volumes' style / content.
@@ -103,12 +110,12 @@ def swap_test(model: MeduetModel, windows: list[torch.Tensor], content: np.ndarr
 
     def roundtrip(v: int) -> tuple[np.ndarray, np.ndarray]:
         if v not in roundtrips:
-            roundtrips[v] = swapped_factors(model, windows[v], windows[v], batch_size, seed)
+            roundtrips[v] = swap(windows[v], windows[v])
         return roundtrips[v]
 
     rows = []
     for a, b in chosen:
-        c_swap, s_swap = swapped_factors(model, windows[a], windows[b], batch_size, seed)
+        c_swap, s_swap = swap(windows[a], windows[b])
         (c_aa, s_aa), (c_bb, s_bb) = roundtrip(a), roundtrip(b)
         rows.append({
             "style_near_b": _nearer(s_swap, s_bb, s_aa), "content_near_a": _nearer(c_swap, c_aa, c_bb),
@@ -194,8 +201,9 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
             style_probe = LinearProbe.fit(style, y, num_classes, cfg.l2, cfg.max_iter)
             content_probe = LinearProbe.fit(content, y, num_classes, cfg.l2, cfg.max_iter)
             windows = [sliding_windows(z, model.config.input_size) for z in latents]
-            metrics["swap"] = swap_test(model, windows, content, y, style_probe, content_probe, cfg.swap_pairs,
-                                        cfg.batch_size, cfg.seed)
+            swap = functools.partial(swapped_factors, model, batch_size=cfg.batch_size, seed=cfg.seed)
+            metrics["swap"] = swap_test(swap, windows, content, y, style_probe, content_probe, cfg.swap_pairs,
+                                        cfg.seed)
             metrics["swap_accuracy"] = metrics["swap"]["style_closer_to_b_roundtrip"]
 
     reports = paths.reports / "evaluate_disentanglement"

@@ -154,3 +154,35 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
         extract_factors.run(cfg.extract_factors, paths)
     with pytest.raises(StageError, match="extract-factors"):
         evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
+
+
+def _factors(windows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """An exactly disentangled encoder: content = channel 0's mean (anatomy), style = channel 1's (site)."""
+    return windows[:, :1].mean((0, 2, 3, 4)).numpy(), windows[:, 1:2].mean((0, 2, 3, 4)).numpy()
+
+
+@pytest.mark.parametrize(("swap", "expected"), [
+    # a perfect swap: A's content, B's style
+    (lambda a, b: (_factors(a)[0], _factors(b)[1]), {"style_closer_to_b_roundtrip": 1.0, "style_predicted_as_b": 1.0,
+                                                     "content_closer_to_a_roundtrip": 1.0}),
+    # a decoder that ignores the partner's style: nothing is swapped
+    (lambda a, b: _factors(a), {"style_closer_to_b_roundtrip": 0.0, "style_predicted_as_b": 0.0,
+                                "content_closer_to_a_roundtrip": 1.0}),
+    # a decoder that copies B whole: style swapped, but content lost
+    (lambda a, b: _factors(b), {"style_closer_to_b_roundtrip": 1.0, "style_predicted_as_b": 1.0,
+                                "content_closer_to_a_roundtrip": 0.0}),
+])
+def test_swap_test_scores_known_swaps(swap, expected) -> None:
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    # six volumes: channel 0 = a subject's anatomy level (any), channel 1 = the site's style level
+    windows = [torch.from_numpy(np.stack([np.full((2, 4, 4, 4), rng.normal()), np.full((2, 4, 4, 4), 5.0 * site)],
+                                         axis=1).astype(np.float32)) + 0.01 * torch.randn(2, 2, 4, 4, 4)
+               for site in y]  # (n=2, C=2, 4, 4, 4) each
+    content, style = (np.stack(f) for f in zip(*(_factors(w) for w in windows)))
+    style_probe, content_probe = LinearProbe.fit(style, y, 2), LinearProbe.fit(content, y, 2)
+    result = evaluate_disentanglement.swap_test(swap, windows, content, y, style_probe, content_probe, pairs=10,
+                                                seed=0)
+    assert result["pairs"] == 10 and result["self_style_predicted_as_a"] == 1.0
+    for key, value in expected.items():
+        assert result[key] == value, (key, result)
