@@ -10,7 +10,8 @@ this order, so no trainer writes it again:
 2. per step, :func:`optimizer_step`: clear gradients, forward and backward of each
    micro-batch under the trainer's autocast (gradient accumulation), clip, step;
 3. the LR schedule step and ``after_step``;
-4. a history row of interval means every ``log_every`` steps and at each checkpoint;
+4. a history row of interval means every ``log_every`` steps and at each checkpoint, and a
+   progress line (step/total, rate, time left, the last row's losses) every 5 % or 30 s;
 5. a checkpoint by one rule (``ray.checkpoint_every`` and the last step,
    ``distributed.checkpoint_due``); the last one is the run's final state.
 
@@ -29,6 +30,7 @@ import torch
 from meduet import distributed as dist
 from meduet.engine.history import IntervalMeans
 from meduet.engine.precision import autocast
+from meduet.engine.progress import Progress
 
 LossTerms = Mapping[str, torch.Tensor]
 
@@ -118,10 +120,11 @@ def optimizer_step(trainer: Trainer, micro_batches: Iterable[Any]) -> dict[str, 
     return sums
 
 
-def train(*, build: Callable[..., Trainer], cfg: TrainingSection, **inputs: Any) -> None:
+def train(*, build: Callable[..., Trainer], cfg: TrainingSection, stage: str = "train", **inputs: Any) -> None:
     """Run a whole training loop on this worker (the ``loop`` handed to ``distributed.fit``).
 
     Args:
+        stage: names the run in progress lines.
         build: ``build(cfg=cfg, **inputs) -> Trainer``, a module-level function (Ray ships
             it by reference).
         cfg: the stage's validated params section (steps, seed, log_every, ...).
@@ -131,6 +134,8 @@ def train(*, build: Callable[..., Trainer], cfg: TrainingSection, **inputs: Any)
     trainer = build(cfg=cfg, **inputs)
     start = dist.resume(**trainer.checkpointed)
     means = IntervalMeans()
+    progress = Progress(stage, cfg.steps, start=start, enabled=dist.world_rank() == 0)
+    shown: dict[str, float] = {}  # the last history row's loss terms, for progress lines
     for step in range(start, cfg.steps):
         lr = trainer.scheduler.get_last_lr()[0]  # the rate of this step
         losses = optimizer_step(trainer, trainer.batches(step))
@@ -143,6 +148,8 @@ def train(*, build: Callable[..., Trainer], cfg: TrainingSection, **inputs: Any)
             else None
         if checkpoint is not None or done % cfg.log_every == 0 or done == cfg.steps:
             interval = means.pop()
-            row = {"step": done, **{name: interval[name] for name in trainer.terms if name in interval}, "lr": lr,
+            shown = {name: interval[name] for name in trainer.terms if name in interval}
+            row = {"step": done, **shown, "lr": lr,
                    **{name: float(value) for name, value in extra.items() if name not in trainer.terms}}
             dist.report(row, checkpoint)
+        progress.update(done, {trainer.total: shown[trainer.total]} if trainer.total in shown else None)

@@ -53,7 +53,7 @@ def fit_trainer(*, stage: str, cfg: BaseModel, build: Callable[..., Trainer], in
     scaling = Scaling.from_config(ray)
     spec = RunSpec.from_config(ray, paths, stage, run_key(config_hash(cfg), input_manifest, scaling))
     with output_lock(paths.work / "locks", spec.run_dir):  # one driver per run folder
-        result = dist.fit(train, {"build": build, "cfg": cfg, **inputs}, scaling, spec)
+        result = dist.fit(train, {"build": build, "cfg": cfg, "stage": stage, **inputs}, scaling, spec)
     return TrainedRun(state=result.load_state(), history=result.history, history_csv=result.metrics_csv)
 
 

@@ -23,6 +23,7 @@ from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EncodeLatentsConfig, Paths, RayConfig
 from meduet.data.latents import (MANIFEST, LatentRecord, latent_affine, load_latent, read_manifest, save_array,
                                  write_manifest, write_scale)
+from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
@@ -129,6 +130,7 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
                      "threads": max(1, int(ray.cpus_per_worker)), "record": record})
     log.info("encode-latents: %d case(s), %d reused, %d to encode on %d worker(s)",
              len(cases), len(records), len(jobs), cfg.workers)
+    progress = Progress("encode-latents", len(jobs), unit="cases")
     if jobs:
         scaling = Scaling.from_config(ray)
         for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
@@ -137,6 +139,7 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
             # Each finished case is recorded at once: a killed run resumes from here.
             write_json(_record_path(cache, record.key), record.model_dump(mode="json"))
             records.append(record)
+            progress.update(len(records) - (len(cases) - len(jobs)))  # cases encoded by this run
 
     keep = {cache / MANIFEST, cache / "scale.json"}
     keep.update(cache / p for r in records for p in (r.latent, r.latent_std) if p)
