@@ -54,7 +54,7 @@ def _in_fit() -> bool:
 
 
 def device() -> torch.device:
-    """This worker's device: its GPU, or the CPU (always the CPU outside :func:`fit`)."""
+    """This worker's device: its GPU, or the CPU (always the CPU outside ``distributed.fit``)."""
     return ray.train.torch.get_device() if _in_fit() else torch.device("cpu")
 
 
@@ -131,7 +131,7 @@ def checkpoint_due(step: int, last_step: int) -> bool:
     """Whether to pass ``state`` to :func:`report` after ``step`` (1-based count of steps done).
 
     True every ``RunSpec.checkpoint_every`` steps and at ``last_step``; always False
-    outside :func:`fit`, where there is nowhere to save.
+    outside ``distributed.fit``, where there is nowhere to save.
     """
     if _SESSION is None:
         return False
@@ -261,7 +261,7 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
         metrics: numbers (tensors and numpy scalars are unwrapped) or strings.
         state: what a resumed loop needs: model / optimizer / scheduler / scaler state
             dicts, ``"step"``, and ``"rng"`` (:func:`capture_rng`; captured here if absent).
-            Each rank's ``"rng"`` is gathered, so after a resume ``restore_rng(state["rng"])``
+            Each rank's ``"rng"`` is gathered, so after a resume ``restore_rng(state["rng"], rank)``
             gives every rank its own generators back. The config hash is added.
     """
     row = _plain_metrics(metrics)
@@ -294,7 +294,7 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
 
 @contextlib.contextmanager
 def running(session: Session) -> Iterator[Session]:
-    """Install ``session`` for the helpers of this module while a loop runs (inside :func:`fit`)."""
+    """Install ``session`` for the helpers of this module while a loop runs (inside ``distributed.fit``)."""
     global _SESSION
     _SESSION = dataclasses.replace(session, history=[])
     try:

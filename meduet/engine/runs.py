@@ -22,7 +22,8 @@ import pyarrow.fs
 from meduet.config import Paths, RayConfig
 from meduet.engine.checkpoint import CheckpointError, ConfigMismatchError
 from meduet.io.atomic import write_json
-from meduet.io.filesystems import arrow_filesystem, is_uri, read_bytes
+from meduet.io.filesystems import arrow_filesystem, read_bytes
+from meduet.io.storage import is_remote
 
 RUN_MARKER = "meduet_run.json"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -131,9 +132,9 @@ class RunSpec:
         for label, value in (("stage", self.stage), ("config_hash", self.config_hash)):
             if not value or any(c in value for c in "/\\ "):
                 raise ValueError(f"{label} must be non-empty without '/', '\\' or spaces, got {value!r}")
-        if not is_uri(self.storage) and not os.path.isabs(self.storage):
+        if not is_remote(self.storage) and not os.path.isabs(self.storage):
             raise ValueError(f"storage must be an absolute path or an s3:// URI, got {self.storage!r}")
-        if is_uri(self.storage) and not self.storage.startswith("s3://"):
+        if is_remote(self.storage) and not self.storage.startswith("s3://"):
             raise ValueError(f"only local folders and s3:// URIs are supported, got {self.storage!r}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failures < 0:
             raise ValueError("checkpoint_every and keep_checkpoints must be >= 1, max_failures >= 0")
@@ -198,7 +199,7 @@ def claim_run_folder(run: RunSpec) -> None:
             )
         return
     payload = {"stage": run.stage, "config_hash": run.config_hash, "name": run.name}
-    if is_uri(run.storage):
+    if is_remote(run.storage):
         fs.create_dir(f"{root}/{run.name}")
         with fs.open_output_stream(marker) as stream:  # one S3 PUT: all or nothing
             stream.write(json.dumps(payload, indent=2).encode())

@@ -14,11 +14,6 @@ from typing import Any
 import pyarrow.fs
 
 
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names a remote location (``scheme://...``) rather than a local path."""
-    return "://" in path
-
-
 def arrow_filesystem(location: str, s3_options: Mapping[str, Any]) -> tuple[pyarrow.fs.FileSystem, str]:
     """A pyarrow filesystem and the path on it for a local path or ``s3://`` URI.
 
