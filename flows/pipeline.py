@@ -1,6 +1,6 @@
 """The ``meduet`` Prefect flow: run the DVC stages in order, publish what they report, push.
 
-Orchestration only. The stage graph belongs to ``dvc.yaml`` (read by ``flows.dag``);
+Orchestration only. The stage graph belongs to ``dvc.yaml`` (read by ``meduet.dvc_graph``);
 each stage runs as ``dvc repro --single-item <stage>`` so DVC's cache, not Prefect,
 decides whether it reruns. Prefect adds what DVC lacks: retries, schedules, logs in one
 place, and the stages' metrics and plots as artifacts of the run.
@@ -26,8 +26,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dag import Stage, load_stages
 from meduet.config import StorageConfig, load_config
+from meduet.dvc_graph import Stage, load_stages
 from meduet.dvc_remote import configure_remote, default_remote, dvc_executable
 from meduet.env import offline_env
 

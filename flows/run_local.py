@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.dag import load_stages
 from flows.local import ServiceError, prefect_server, served_deployment, tool
 from flows.pipeline import DVC_PARAMS_FILE
+from meduet.dvc_graph import load_stages
 from meduet.env import apply_offline_env
 
 DEFAULT_PREFECT_HOME = Path(".work") / "prefect"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from flows.dag import load_stages
+from meduet.dvc_graph import load_stages
 from meduet.env import OFFLINE_ENV
 
 if TYPE_CHECKING:  # Prefect and s3fs are imported only by the tests that use them

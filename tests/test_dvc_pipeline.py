@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from flows.dag import load_stages
+from meduet.dvc_graph import load_stages
 
 
 def _status(dvc, project: Path) -> dict:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.dag import load_stages
 from flows.pipeline import stage_env
 from meduet.config import ConfigError, StorageConfig
+from meduet.dvc_graph import load_stages
 from meduet.dvc_remote import remote_settings
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLEKEY", "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-written"}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from flows import pipeline
-from flows.dag import Stage
 from flows.pipeline import artifact_key, metrics_table, plot_markdown, repro_outcome, select_stages
 from flows.serve import schedules
 from meduet.config import OrchestrationConfig
+from meduet.dvc_graph import Stage
 
 PNG_1x1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.dag import load_stages
 from flows.local import PrefectServer, ServedDeployment, prefect_server, served_deployment, tool
 from flows.pipeline import artifact_key
+from meduet.dvc_graph import load_stages
 
 
 def _deployment_run(server: PrefectServer, deployment: ServedDeployment, params: dict | None = None) -> dict:

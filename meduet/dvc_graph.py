@@ -1,4 +1,4 @@
-"""The stage graph, read from ``dvc.yaml`` (its one owner) for the Prefect flow.
+"""The stage graph, read from ``dvc.yaml`` (its one owner) for the Prefect flow and the results report.
 
 ``load_stages`` returns the stages in an order in which they can run: stage B comes after
 stage A when one of B's deps is one of A's outputs (outs, metrics or plots), lies inside

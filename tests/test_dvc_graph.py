@@ -1,4 +1,4 @@
-"""flows.dag: execution order and artifact discovery, from dvc.yaml alone."""
+"""meduet.dvc_graph: execution order and artifact discovery, from dvc.yaml alone."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.dag import DagError, execution_order, load_stages, parse_stages
+from meduet.dvc_graph import DagError, execution_order, load_stages, parse_stages
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dvc_yaml(**stages: dict) -> str:
