@@ -1,21 +1,31 @@
 """MeDUET pipeline command line.
 
-Usage: ``meduet <stage> [--params params.yaml] [--set key=value ...]``. Thin by design: parse, load and validate the config once, call ``stages.<stage>.run``.
+Usage: ``meduet <stage> [--params params.yaml] [--set key=value ...]``. Thin by design:
+parse, load and validate the config once, call ``stages.<stage>.run``.
+Every stage run records its wall time (``reports/<stage>/timing.json``); ``meduet report``
+writes the results report (``reports/index.html``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from meduet.config import ConfigError, Paths, dump_config, load_config
 from meduet.dvc_remote import configure_remote
 from meduet.env import apply_offline_env
 from meduet.io.locks import OutputLockedError
-from meduet.stages import STAGES, StageError
+from meduet.stages import STAGES, StageError, StageTiming, report_dir_name
+
+# Loaded by name, as the stage modules are: running a stage never executes the report, so
+# the report's code is no dependency of any stage (tests/test_dvc_deps.py reads static imports).
+REPORT_MODULE = "meduet.report"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     remote_sub = remote.add_subparsers(dest="action", required=True, metavar="<action>")
     text = "write storage.dvc_remote_url / s3_endpoint_url (env MEDUET_* overrides) to .dvc/config.local"
     _add_config_args(remote_sub.add_parser("configure", help=text, description=text))
+    text = "write the results report (reports/index.html) from what the stages wrote"
+    _add_config_args(sub.add_parser("report", help=text, description=text))
     return parser
 
 
@@ -48,7 +60,13 @@ def run_stage(name: str, params: str, overrides: list[str]) -> int:
     paths = Paths.resolve(cfg, Path(params).resolve().parent)
     spec = STAGES[name]
     extra = {name: getattr(cfg, name) for name in spec.extra}
-    result = spec.load()(getattr(cfg, spec.section), paths, **extra)
+    started, ok = time.perf_counter(), False
+    try:
+        result = spec.load()(getattr(cfg, spec.section), paths, **extra)
+        ok = result.ok
+    finally:  # a failed run is timed too, so the report never shows an earlier run's time as this one's
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        StageTiming(report_dir_name(name), round(time.perf_counter() - started, 3), finished, ok).write(paths.reports)
     print(json.dumps({"stage": result.stage, "ok": result.ok, "metrics": result.metrics}, indent=2, default=str))
     return 0 if result.ok else 1
 
@@ -61,6 +79,15 @@ def run_remote_configure(params: str, overrides: list[str]) -> int:
     else:
         endpoint = f" via {settings.endpoint_url}" if settings.endpoint_url else ""
         print(f"DVC remote '{settings.name}' -> {settings.url}{endpoint} (default, in .dvc/config.local)")
+    return 0
+
+
+def run_report(params: str, overrides: list[str]) -> int:
+    cfg = load_config(params, overrides)
+    root = Path(params).resolve().parent
+    result = importlib.import_module(REPORT_MODULE).build_report(root, reports_dir=Paths.resolve(cfg, root).reports)
+    print(result.headline_text())
+    print(f"Results report: {result.html_path}")
     return 0
 
 
@@ -78,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "remote":
             return run_remote_configure(args.params, args.overrides)
+        if args.command == "report":
+            return run_report(args.params, args.overrides)
         return run_stage(args.command, args.params, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,15 +2,24 @@
 
 ``STAGES`` maps a CLI/DVC stage name to the module holding its ``run`` and the params
 section it takes. Modules are imported lazily so ``meduet --help`` stays fast.
+
+``StageTiming`` is the wall time of one stage run, which the CLI (every door to a stage goes
+through it: DVC's ``cmd`` is the CLI line) writes to ``reports/<stage>/timing.json`` for the
+results report.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from meduet.io.atomic import write_json
+
+TIMING_FILE = "timing.json"
 
 
 class StageError(RuntimeError):
@@ -25,6 +34,34 @@ class StageResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     ok: bool = True
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """How long the last run of a stage took, and when it ended (UTC, ISO 8601)."""
+
+    stage: str
+    seconds: float
+    finished: str
+    ok: bool
+
+    def write(self, reports: Path) -> Path:
+        """Write ``reports/<stage>/timing.json`` atomically."""
+        return write_json(reports / self.stage / TIMING_FILE, asdict(self))
+
+    @classmethod
+    def read(cls, reports: Path, stage: str) -> StageTiming | None:
+        """The timing of ``stage`` under ``reports``, or None when it never ran through the CLI."""
+        path = reports / stage / TIMING_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(stage=stage, seconds=float(data["seconds"]), finished=str(data["finished"]), ok=bool(data["ok"]))
+
+
+def report_dir_name(cli_name: str) -> str:
+    """The stage's name in ``dvc.yaml`` and its folder under ``reports``: ``train-vae`` -> ``train_vae``."""
+    return cli_name.replace("-", "_")
 
 
 @dataclass(frozen=True)
