@@ -3,38 +3,38 @@
 Orchestration only. The stage graph belongs to ``dvc.yaml`` (read by ``meduet.dvc_graph``);
 each stage runs as ``dvc repro --single-item <stage>`` so DVC's cache, not Prefect,
 decides whether it reruns. Prefect adds what DVC lacks: retries, schedules, logs in one
-place, and the stages' metrics and plots as artifacts of the run.
+place, and the stages' metrics and plots as artifacts of the run. The run ends with the
+results report (``meduet.report``): ``reports/index.html`` and the markdown artifact
+``results-report``.
 
 Served as the deployment ``meduet/<orchestration.deployment_name>`` by ``flows.serve``.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from meduet.config import StorageConfig, load_config
+from meduet.config import Paths, StorageConfig, load_config
 from meduet.dvc_graph import Stage, load_stages
 from meduet.dvc_remote import configure_remote, default_remote, dvc_executable
 from meduet.env import offline_env
+from meduet.report import build_report, flatten_metrics, read_metrics
+from meduet.report.sources import data_uri, is_image
 
 FLOW_NAME = "meduet"
 DVC_PARAMS_FILE = "params.yaml"  # what every cmd in dvc.yaml passes and DVC tracks
-MAX_EMBEDDED_IMAGE_BYTES = 2 * 1024 * 1024
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+REPORT_ARTIFACT_KEY = "results-report"
 
 
 # --------------------------------------------------------------------------- subprocesses
@@ -93,33 +93,17 @@ def artifact_key(stage: str, path: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", f"{stage}-{Path(path).stem}".lower()).strip("-")
 
 
-def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list) and any(isinstance(item, (Mapping, list)) for item in value):
-        for index, item in enumerate(value):
-            yield from _flatten(item, f"{prefix}.{index}" if prefix else str(index))
-    elif isinstance(value, (str, int, float, bool)) or value is None:
-        yield prefix or "value", value
-    else:
-        yield prefix or "value", json.dumps(value, default=str)
-
-
 def metrics_table(path: Path) -> list[dict[str, Any]]:
     """A metrics file (JSON or YAML, nested as DVC allows) as ``metric``/``value`` rows."""
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return [{"metric": name, "value": value} for name, value in _flatten(data)]
+    return [{"metric": name, "value": value} for name, value in flatten_metrics(read_metrics(path))]
 
 
 def plot_markdown(path: Path, title: str) -> str:
     """Markdown showing a plot: an image is embedded as a data URI (so it survives the
     run's folder), a table-like file is linked; anything too large is linked by path."""
-    mime = IMAGE_TYPES.get(path.suffix.lower())
-    if mime and path.stat().st_size <= MAX_EMBEDDED_IMAGE_BYTES:
-        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f"### {title}\n\n![{title}](data:{mime};base64,{encoded})\n"
+    uri = data_uri(path) if is_image(path) else None
+    if uri:
+        return f"### {title}\n\n![{title}]({uri})\n"
     return f"### {title}\n\n`{path}` ({path.stat().st_size} bytes)\n"
 
 
@@ -164,6 +148,16 @@ def publish_artifacts(project_dir: str, stage: Stage) -> list[str]:
     return published
 
 
+@task(name="results-report", cache_policy=NO_CACHE)
+def publish_report(project_dir: str, reports_dir: str, outcomes: dict[str, str]) -> str:
+    """Write ``reports/index.html`` and publish the same report as the markdown artifact ``results-report``."""
+    result = build_report(project_dir, reports_dir=reports_dir, outcomes=outcomes)
+    get_run_logger().info("results report: %s\n%s", result.html_path, result.headline_text())
+    create_markdown_artifact(markdown=result.markdown, key=REPORT_ARTIFACT_KEY,
+                             description=f"MeDUET results report ({result.html_path})")
+    return str(result.html_path)
+
+
 @task(name="dvc-push", cache_policy=NO_CACHE)
 def push(project_dir: str, storage: StorageConfig) -> bool:
     """Configure the remote from params/env, then ``dvc push`` if any default remote exists."""
@@ -194,7 +188,7 @@ def select_stages(stages: list[Stage], names: list[str] | None) -> list[Stage]:
     return [s for s in stages if s.name in names]
 
 
-@flow(name=FLOW_NAME, description="MeDUET pipeline: every dvc.yaml stage in order, then dvc push.")
+@flow(name=FLOW_NAME, description="MeDUET pipeline: every dvc.yaml stage in order, the results report, dvc push.")
 def meduet(
     project_dir: str | None = None,
     params: str = DVC_PARAMS_FILE,
@@ -212,7 +206,9 @@ def meduet(
         force: rerun the stages even if DVC finds them up to date.
 
     Returns:
-        ``{"stages": {name: ran|unchanged|restored|done}, "artifacts": [...], "pushed": bool}``
+        ``{"stages": {name: ran|unchanged|restored|done}, "artifacts": [...], "report": path of
+        reports/index.html, "pushed": bool}``. The report is written even when a stage fails
+        (showing what exists), before the failure is raised.
     """
     logger = get_run_logger()
     root = Path(project_dir or Path.cwd()).resolve()
@@ -226,13 +222,16 @@ def meduet(
 
     outcome: dict[str, str] = {}
     artifacts: list[str] = []
-    for stage in plan:
-        outcome[stage.name] = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)(
-            str(root), stage.name, force
-        )
-        artifacts += publish_artifacts.with_options(task_run_name=f"publish-{stage.name}")(str(root), stage)
+    try:
+        for stage in plan:
+            outcome[stage.name] = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)(
+                str(root), stage.name, force
+            )
+            artifacts += publish_artifacts.with_options(task_run_name=f"publish-{stage.name}")(str(root), stage)
+    finally:
+        report = publish_report(str(root), str(Paths.resolve(cfg, root).reports), outcome)
     pushed = False
     if orchestration.push:
         pushed = push.with_options(task_run_name="dvc-push", **retrying)(str(root), cfg.storage)
     logger.info("stages: %s; pushed: %s", outcome, pushed)
-    return {"stages": outcome, "artifacts": artifacts, "pushed": pushed}
+    return {"stages": outcome, "artifacts": artifacts, "report": report, "pushed": pushed}

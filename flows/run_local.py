@@ -3,8 +3,9 @@
 1. start a Prefect server on 127.0.0.1 (SQLite under ``.work/prefect``),
 2. serve the ``meduet`` flow as its deployment (``python -m flows.serve``),
 3. ``prefect deployment run meduet/<deployment> --watch``,
-4. report the flow run's final state and where the outputs are,
-5. stop the served deployment and the server (by process group), exit 1 on failure.
+4. stop the served deployment and the server (by process group),
+5. report the flow run's final state, where the outputs are, the headline metrics and the
+   path of the results report (``reports/index.html``, written by the flow); exit 1 on failure.
 
 DVC decides what actually runs, so a second ``make run`` skips stages that are up to date.
 """
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from flows.local import ServiceError, prefect_server, served_deployment, tool
 from flows.pipeline import DVC_PARAMS_FILE
+from meduet.config import ConfigError, Paths, load_config
 from meduet.dvc_graph import load_stages
 from meduet.env import apply_offline_env
+from meduet.report import REPORT_FILE, collect_report, headline_text
 
 DEFAULT_PREFECT_HOME = Path(".work") / "prefect"
 
@@ -31,6 +34,19 @@ def report_outputs(project_dir: Path) -> None:
         for rel in stage.outputs:
             mark = "ok" if (project_dir / rel).exists() else "MISSING"
             print(f"    [{mark:>7}] {project_dir / rel}")
+
+
+def report_results(project_dir: Path, params: str) -> None:
+    """Print the headline table and where the results report is."""
+    try:
+        reports = Paths.resolve(load_config(project_dir / params), project_dir).reports
+    except ConfigError as error:
+        print(f"No results report: {error}")
+        return
+    print("\nHeadline:")
+    print(headline_text(collect_report(project_dir, reports_dir=reports).headline))
+    html = reports / REPORT_FILE
+    print(f"\nResults report: {html}" if html.is_file() else f"\nResults report: not written ({html} is missing)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Outputs under {project_dir}:")
     report_outputs(project_dir)
     print(f"Prefect database and logs: {home}")
+    report_results(project_dir, args.params)
     return 0 if watch_code == 0 and state == "COMPLETED" else 1
 
 

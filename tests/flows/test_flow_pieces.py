@@ -1,9 +1,10 @@
-"""The flow's pure pieces: artifact rendering, stage selection, DVC output reading, schedules."""
+"""The flow's pure pieces: artifact rendering, stage selection, DVC output reading, schedules, the report."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from flows.pipeline import artifact_key, metrics_table, plot_markdown, repro_out
 from flows.serve import schedules
 from meduet.config import OrchestrationConfig
 from meduet.dvc_graph import Stage
+from meduet.report import sources
 
 PNG_1x1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -37,7 +39,7 @@ def test_plot_markdown_embeds_small_images_and_links_large_ones(tmp_path: Path, 
     path.write_bytes(PNG_1x1)
     embedded = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot_markdown(path, "montage"))
     assert embedded and base64.b64decode(embedded.group(1)) == PNG_1x1
-    monkeypatch.setattr(pipeline, "MAX_EMBEDDED_IMAGE_BYTES", 10)
+    monkeypatch.setattr(sources, "MAX_EMBEDDED_IMAGE_BYTES", 10)
     assert "base64" not in plot_markdown(path, "montage") and str(path) in plot_markdown(path, "montage")
 
 
@@ -72,3 +74,25 @@ def test_schedules_from_orchestration_params() -> None:
     assert schedules(OrchestrationConfig(cron=None)) == []
     (cron,) = schedules(OrchestrationConfig(cron="0 3 * * 0", timezone="Europe/Paris"))
     assert cron.cron == "0 3 * * 0" and cron.timezone == "Europe/Paris"
+
+
+def test_publish_report_writes_the_html_and_the_markdown_artifact(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    (project / "reports" / "probe").mkdir(parents=True)
+    (project / "dvc.yaml").write_text(json.dumps({"stages": {"probe": {
+        "cmd": "true", "metrics": ["reports/probe/metrics.json"], "plots": ["reports/probe/umap.png"]}}}))
+    (project / "reports/probe/metrics.json").write_text(json.dumps({"style_accuracy": 0.5}))
+    (project / "reports/probe/umap.png").write_bytes(PNG_1x1)
+    published: list[dict] = []
+    monkeypatch.setattr(pipeline, "create_markdown_artifact", lambda **kwargs: published.append(kwargs))
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: logging.getLogger("test"))
+
+    path = pipeline.publish_report.fn(str(project), str(project / "reports"), {"probe": "unchanged"})
+
+    assert path == str(project / "reports" / "index.html") and Path(path).is_file()
+    (artifact,) = published
+    assert artifact["key"] == pipeline.REPORT_ARTIFACT_KEY == "results-report"
+    markdown = artifact["markdown"]
+    assert "| probe | unchanged |" in markdown and "| style_accuracy | 0.5 |" in markdown
+    assert f"![reports/probe/umap.png](data:image/png;base64,{base64.b64encode(PNG_1x1).decode()})" in markdown

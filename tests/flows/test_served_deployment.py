@@ -2,8 +2,9 @@
 
 Flow runs are started the way an operator would (``prefect deployment run ... --watch``).
 The first must finish Completed with every dvc.yaml output written, every metrics/plots
-file published as an artifact and the DVC cache pushed to the S3 endpoint; the second
-passes flow parameters through the deployment (one stage, forced).
+file published as an artifact, the results report written and published, and the DVC cache
+pushed to the S3 endpoint; the second passes flow parameters through the deployment (one
+stage, forced).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.local import PrefectServer, ServedDeployment, prefect_server, served_deployment, tool
-from flows.pipeline import artifact_key
+from flows.pipeline import REPORT_ARTIFACT_KEY, artifact_key
 from meduet.dvc_graph import load_stages
 
 
@@ -62,6 +63,8 @@ def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp
                 assert all((project / rel).exists() for rel in stage.outputs), stage.name
                 assert {artifact_key(stage.name, rel) for rel in stage.metrics + stage.plots} <= artifacts
             assert dvc(project, "status", "--json").stdout.strip() in ("{}", "")
+            # The run ends with the results report: the HTML page and its markdown artifact.
+            assert REPORT_ARTIFACT_KEY in artifacts and (project / "reports" / "index.html").is_file()
             assert s3_server.filesystem().find(f"{s3_server.bucket}/served"), "dvc push sent nothing"
             # Every file of every DVC output is in the remote, not just something.
             cloud = dvc(project, "status", "--cloud", "--json", env=s3_server.env).stdout.strip()
