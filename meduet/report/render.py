@@ -92,7 +92,7 @@ def no_versions_text(data: ReportData) -> str:
 
 def git_text(data: ReportData) -> str:
     if data.git is None:
-        return "git commit: unknown (not a git work tree)"
+        return "git commit: unknown (not a git work tree, or no commit yet)"
     state = f"dirty: {data.git.changed_files} tracked file(s) changed" if data.git.dirty else "clean"
     return f"git commit {data.git.commit} ({state})"
 

@@ -12,10 +12,11 @@ import pytest
 
 from flows import pipeline
 from flows.pipeline import artifact_key, metrics_table, plot_markdown, repro_outcome, select_stages
+from flows.run_local import report_results
 from flows.serve import schedules
 from meduet.config import OrchestrationConfig
 from meduet.dvc_graph import Stage
-from meduet.report import sources
+from meduet.report import build_report, sources
 
 PNG_1x1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -96,3 +97,20 @@ def test_publish_report_writes_the_html_and_the_markdown_artifact(tmp_path: Path
     markdown = artifact["markdown"]
     assert "| probe | unchanged |" in markdown and "| style_accuracy | 0.5 |" in markdown
     assert f"![reports/probe/umap.png](data:image/png;base64,{base64.b64encode(PNG_1x1).decode()})" in markdown
+
+
+def test_make_run_ends_with_the_headline_and_the_report_path(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "dvc.yaml").write_text(json.dumps({"stages": {"evaluate_disentanglement": {
+        "cmd": "true", "metrics": ["reports/evaluate_disentanglement/metrics.json"]}}}))
+    (tmp_path / "reports/evaluate_disentanglement").mkdir(parents=True)
+    (tmp_path / "reports/evaluate_disentanglement/metrics.json").write_text(json.dumps({"style_accuracy": 0.97}))
+    report_results(tmp_path, "params.yaml")
+    assert f"not written ({tmp_path / 'reports' / 'index.html'} is missing)" in capsys.readouterr().out
+
+    build_report(tmp_path)
+    report_results(tmp_path, "params.yaml")
+    out = capsys.readouterr().out
+    assert re.search(r"site from style \(probe accuracy\) +0\.970 +≥ 0\.90 +met", out)
+    assert out.rstrip().endswith(f"Results report: {tmp_path / 'reports' / 'index.html'}")
