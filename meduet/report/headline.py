@@ -2,9 +2,10 @@
 
 ``HEADLINES`` is the declarative list: ``(stage, key path into the stage's metrics file,
 label, goal)``. A key a stage does not (yet) write shows as "—" and is not judged, so the
-list may name metrics before every stage reports them. Goals are only those written in
-``README.md`` ("Disentanglement on the demo data"); a metric without one is shown for
-context, not judged.
+list may name metrics before every stage reports them. A goal's bound is a number, or
+another metric of the same stage plus an offset (a permutation null's 95th percentile,
+chance + 0.10); a bound the stage did not compute leaves the row unjudged. Goals are only
+those written down, each with where: ``GOAL_SOURCES``. A metric without one is context.
 """
 
 from __future__ import annotations
@@ -15,25 +16,57 @@ from dataclasses import dataclass
 from typing import Any
 
 MISSING_TEXT = "—"
-GOAL_SOURCE = "README.md, 'Disentanglement on the demo data'"
+GOAL_SOURCES = {
+    "README": "README.md, 'Disentanglement on the demo data'",
+    "issue": "the disentanglement issue's targets",
+}
 
 
 @dataclass(frozen=True)
 class Goal:
-    """``value <op> threshold`` is the goal, e.g. ``Goal(">=", 0.9)``."""
+    """``value <op> bound``: ``Goal(">=", 0.9)``, or ``Goal("<=", ref="null_p95", ref_label="null p95")``.
+
+    Args:
+        op: ``">="`` or ``"<="``.
+        threshold: a fixed bound; or
+        ref: a dotted key of the same stage's metrics whose value, plus ``offset``, is the bound.
+        ref_label: how the goal names ``ref`` (``"chance"``).
+        source: a key of ``GOAL_SOURCES``: where the goal is written.
+    """
 
     op: str
-    threshold: float
+    threshold: float | None = None
+    ref: str | None = None
+    offset: float = 0.0
+    ref_label: str = ""
+    source: str = "README"
 
     def __post_init__(self) -> None:
         if self.op not in (">=", "<="):
             raise ValueError(f"goal op must be '>=' or '<=', got {self.op!r}")
+        if (self.threshold is None) == (self.ref is None):
+            raise ValueError("a goal needs exactly one of threshold or ref")
+        if self.source not in GOAL_SOURCES:
+            raise ValueError(f"goal source must be one of {sorted(GOAL_SOURCES)}, got {self.source!r}")
 
-    def met(self, value: float) -> bool:
-        return value >= self.threshold if self.op == ">=" else value <= self.threshold
+    def bound(self, documents: Sequence[Any]) -> float | None:
+        """The number to compare with; None when ``ref`` is not in ``documents`` as a number."""
+        if self.threshold is not None:
+            return self.threshold
+        value = _first(documents, self.ref or "")
+        return float(value) + self.offset if _is_number(value) and not math.isnan(value) else None
 
-    def __str__(self) -> str:
-        return f"{'≥' if self.op == '>=' else '≤'} {self.threshold:.2f}"
+    def met(self, value: float, bound: float) -> bool:
+        return value >= bound if self.op == ">=" else value <= bound
+
+    def describe(self, bound: float | None) -> str:
+        """``≥ 0.90``; ``≤ null p95 (0.41)``; ``≤ chance + 0.10 (not computed)``."""
+        sign = "≥" if self.op == ">=" else "≤"
+        if self.threshold is not None:
+            return f"{sign} {self.threshold:.2f}"
+        offset = f" {'+' if self.offset >= 0 else '-'} {abs(self.offset):.2f}" if self.offset else ""
+        name = self.ref_label or self.ref
+        return f"{sign} {name}{offset} ({'not computed' if bound is None else f'{bound:.2f}'})"
 
 
 @dataclass(frozen=True)
@@ -47,19 +80,26 @@ class Headline:
     digits: int = 3
 
 
+EVAL = "evaluate_disentanglement"
 HEADLINES: tuple[Headline, ...] = (
     Headline("train_vae", "overall.psnr", "VAE reconstruction PSNR (dB)", digits=1),
     Headline("train_vae", "overall.ssim", "VAE reconstruction SSIM", digits=2),
     Headline("train_vae", "overall.mae_raw", "VAE reconstruction MAE (raw units, HU for CT)", digits=1),
-    Headline("evaluate_disentanglement", "style_accuracy", "site from style (probe accuracy)", Goal(">=", 0.90)),
-    Headline("evaluate_disentanglement", "content_accuracy", "site from content (probe accuracy)", Goal("<=", 0.40)),
-    Headline("evaluate_disentanglement", "swap_accuracy", "swap: style nearer B's round trip than A's",
-             Goal(">=", 0.80)),
-    Headline("evaluate_disentanglement", "swap.content_closer_to_a_roundtrip",
-             "swap: content stays nearer A's round trip"),
-    Headline("evaluate_disentanglement", "latent_statistics_accuracy",
-             "site from latent mean/std (input baseline)"),
-    Headline("evaluate_disentanglement", "chance", "chance (1 / sites)"),
+    Headline(EVAL, "style_accuracy", "site from style (probe accuracy)", Goal(">=", 0.95, source="issue")),
+    Headline(EVAL, "content_accuracy", "site from content (probe accuracy)", Goal("<=", 0.40)),
+    Headline(EVAL, "content_p_value", "site from content: permutation p-value"),
+    Headline(EVAL, "region_content_accuracy", "site from content, shared anatomical region",
+             Goal("<=", ref="region_content_null_p95", ref_label="permutation null p95", source="issue")),
+    Headline(EVAL, "retrieval_content_top1", "same subject across sites by content (top-1)",
+             Goal(">=", 0.90, source="issue")),
+    Headline(EVAL, "retrieval_style_top1", "same subject across sites by style (top-1)",
+             Goal("<=", ref="probes.retrieval_style.chance", offset=0.10, ref_label="chance", source="issue")),
+    Headline(EVAL, "swap_accuracy", "swap: style nearer B's round trip than A's", Goal(">=", 0.80)),
+    Headline(EVAL, "swap.content_closer_to_a_roundtrip", "swap: content stays nearer A's round trip"),
+    Headline(EVAL, "counterfactual_closer_than_a", "counterfactual: swap nearer B's scan than A's",
+             Goal(">=", 0.80, source="issue")),
+    Headline(EVAL, "latent_statistics_accuracy", "site from latent mean/std (input baseline)"),
+    Headline(EVAL, "chance", "chance (1 / sites)"),
 )
 
 
@@ -84,24 +124,31 @@ def lookup(tree: Any, dotted: str) -> Any:
     return node
 
 
+def _first(documents: Sequence[Any], dotted: str) -> Any:
+    """The value at ``dotted`` in the first of ``documents`` that has it, else ``MISSING``."""
+    return next((v for v in (lookup(doc, dotted) for doc in documents) if v is not MISSING), MISSING)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class HeadlineRow:
-    """A headline metric as found: ``value`` is ``MISSING`` when the stage did not write it."""
+    """A headline metric as found: ``value`` is ``MISSING`` when the stage did not write it,
+    ``bound`` None when the goal's bound could not be computed (or there is no goal)."""
 
     headline: Headline
     value: Any
+    bound: float | None = None
 
     @property
     def status(self) -> str:
-        """``met`` / ``missed`` against the goal; empty without a goal or a numeric value."""
+        """``met`` / ``missed`` against the goal; empty without a goal, a bound or a numeric value."""
         goal, value = self.headline.goal, self.value
-        if goal is None or not _is_number(value) or math.isnan(value):
+        if goal is None or self.bound is None or not _is_number(value) or math.isnan(value):
             return ""
-        return "met" if goal.met(float(value)) else "missed"
+        return "met" if goal.met(float(value), self.bound) else "missed"
 
     @property
     def value_text(self) -> str:
@@ -113,7 +160,11 @@ class HeadlineRow:
 
     @property
     def goal_text(self) -> str:
-        return str(self.headline.goal) if self.headline.goal else ""
+        return self.headline.goal.describe(self.bound) if self.headline.goal else ""
+
+    @property
+    def source(self) -> str:
+        return self.headline.goal.source if self.headline.goal else ""
 
 
 def headline_rows(metrics: Mapping[str, Sequence[Any]],
@@ -126,8 +177,9 @@ def headline_rows(metrics: Mapping[str, Sequence[Any]],
     """
     rows = []
     for headline in headlines:
-        found = (lookup(doc, headline.key) for doc in metrics.get(headline.stage, ()))
-        rows.append(HeadlineRow(headline, next((v for v in found if v is not MISSING), MISSING)))
+        documents = metrics.get(headline.stage, ())
+        bound = headline.goal.bound(documents) if headline.goal else None
+        rows.append(HeadlineRow(headline, _first(documents, headline.key), bound))
     return rows
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meduet.report.headline import GOAL_SOURCE, MISSING_TEXT
+from meduet.report.headline import GOAL_SOURCES, MISSING_TEXT
 from meduet.report.sources import ReportData, StageSection, data_uri, flatten_metrics
 
 TITLE = "MeDUET results"
@@ -58,6 +58,15 @@ def format_bytes(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+HEADLINE_HEADER = ("metric", "value", "goal", "goal from", "goal met")
+
+
+def goal_note() -> str:
+    sources = "; ".join(f"{key}: {text}" for key, text in GOAL_SOURCES.items())
+    return (f"Goals from {sources}. {MISSING_TEXT}: the stage has not written this metric; no verdict: no goal, "
+            "or its bound was not computed.")
 
 
 def timing_rows(data: ReportData) -> list[list[str]]:
@@ -151,7 +160,7 @@ def _html_stage(data: ReportData, stage: StageSection) -> str:
 
 def render_html(data: ReportData) -> str:
     """The whole report as one static HTML page."""
-    headline = [[_e(r.headline.label), _e(r.value_text), _e(r.goal_text),
+    headline = [[_e(r.headline.label), _e(r.value_text), _e(r.goal_text), _e(r.source),
                  f"<span class=\"{r.status}\">{r.status}</span>" if r.status else ""] for r in data.headline]
     timing = [[_e(cell) for cell in row] for row in timing_rows(data)]
     versions = [[_e(row[0]), f"<code>{_e(row[1])}</code>", f"<code>{_e(row[2])}</code>", _e(row[3]), _e(row[4])]
@@ -161,9 +170,8 @@ def render_html(data: ReportData) -> str:
         f"<p class=\"note\">Written {_e(data.created)} from <code>{_e(data.project_dir)}</code>; "
         f"{_e(git_text(data))}.</p>",
         "<h2>Headline</h2>",
-        _html_table(("metric", "value", "goal", "goal met"), headline, numeric=(1,)),
-        f"<p class=\"note\">Goals as written in {_e(GOAL_SOURCE)}; {MISSING_TEXT}: the stage has not "
-        "written this metric.</p>",
+        _html_table(HEADLINE_HEADER, headline, numeric=(1,)),
+        f"<p class=\"note\">{_e(goal_note())}</p>",
         "<h2>Timing</h2>",
         _html_table(("stage", "this run", "wall time", "finished (UTC)", "result"), timing, numeric=(2,)),
         "<p class=\"note\">Wall time of each stage's last run through <code>meduet &lt;stage&gt;</code> "
@@ -214,14 +222,14 @@ def _md_stage(data: ReportData, stage: StageSection) -> str:
 
 def render_markdown(data: ReportData, html_path: Path | None = None) -> str:
     """The report as markdown (the Prefect artifact ``results-report``): the same tables and figures."""
-    headline = [[r.headline.label, r.value_text, r.goal_text, r.status] for r in data.headline]
+    headline = [[r.headline.label, r.value_text, r.goal_text, r.source, r.status] for r in data.headline]
     where = f"; the HTML report is `{html_path}`" if html_path else ""
     parts = [
         f"# {TITLE}\n",
         f"Written {data.created} from `{data.project_dir}`; {git_text(data)}{where}.\n",
         "## Headline\n",
-        _md_table(("metric", "value", "goal", "goal met"), headline),
-        f"Goals as written in {GOAL_SOURCE}; {MISSING_TEXT}: the stage has not written this metric.\n",
+        _md_table(HEADLINE_HEADER, headline),
+        f"{goal_note()}\n",
         "## Timing\n",
         _md_table(("stage", "this run", "wall time", "finished (UTC)", "result"), timing_rows(data)),
         "## Versions\n",

@@ -112,5 +112,5 @@ def test_make_run_ends_with_the_headline_and_the_report_path(tmp_path: Path,
     build_report(tmp_path)
     report_results(tmp_path, "params.yaml")
     out = capsys.readouterr().out
-    assert re.search(r"site from style \(probe accuracy\) +0\.970 +≥ 0\.90 +met", out)
+    assert re.search(r"site from style \(probe accuracy\) +0\.970 +≥ 0\.95 +met", out)
     assert out.rstrip().endswith(f"Results report: {tmp_path / 'reports' / 'index.html'}")

@@ -32,7 +32,8 @@ DVC_LOCK = {"schema": "2.0", "stages": {"make_data": {"cmd": "true", "outs": [
     {"path": "reports/make_data/metrics.json", "hash": "md5", "md5": "ffffffffffffffffffffffffffffffff", "size": 40},
 ]}}}
 MAKE_DATA_METRICS = {"cases": 4, "overall": {"psnr": 21.25, "ssim": 0.5}, "sites": ["a", "b"]}
-EVALUATE_METRICS = {"style_accuracy": 0.95, "content_accuracy": 0.5, "probes": [{"fold": 0, "acc": 0.75}],
+EVALUATE_METRICS = {"style_accuracy": 0.95, "content_accuracy": 0.5,
+                    "probes": [{"fold": 0, "acc": 0.75, "null_p95": 0.55}],
                     "note": "a|b <i>"}
 
 

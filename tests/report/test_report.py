@@ -18,6 +18,10 @@ HEADLINES = (
     Headline("make_data", "overall.psnr", "PSNR (dB)", digits=1),
     Headline("evaluate", "style_accuracy", "site from style", Goal(">=", 0.9)),
     Headline("evaluate", "content_accuracy", "site from content", Goal("<=", 0.4)),
+    Headline("evaluate", "content_accuracy", "content vs null",
+             Goal("<=", ref="probes.0.null_p95", ref_label="null p95", source="issue")),
+    Headline("evaluate", "content_accuracy", "content vs chance",
+             Goal("<=", ref="retrieval.chance", offset=0.1, ref_label="chance", source="issue")),
     Headline("evaluate", "permutation.p_value", "not written yet", Goal("<=", 0.05)),
     Headline("no_such_stage", "x", "unknown stage"),
 )
@@ -81,11 +85,13 @@ def test_report_shows_headline_timing_versions_metrics_and_figures(synthetic_pro
     page = _page(result.html_path)
 
     assert _table_with_header(page, "metric")[1:] == [
-        ["PSNR (dB)", "21.2", "", ""],  # 21.25 to one digit
-        ["site from style", "0.950", "≥ 0.90", "met"],
-        ["site from content", "0.500", "≤ 0.40", "missed"],
-        ["not written yet", "—", "≤ 0.05", ""],
-        ["unknown stage", "—", "", ""],
+        ["PSNR (dB)", "21.2", "", "", ""],  # 21.25 to one digit
+        ["site from style", "0.950", "≥ 0.90", "README", "met"],
+        ["site from content", "0.500", "≤ 0.40", "README", "missed"],
+        ["content vs null", "0.500", "≤ null p95 (0.55)", "issue", "met"],  # bound: another metric
+        ["content vs chance", "0.500", "≤ chance + 0.10 (not computed)", "issue", ""],  # its bound is missing
+        ["not written yet", "—", "≤ 0.05", "README", ""],
+        ["unknown stage", "—", "", "", ""],
     ]
     timing = _table_with_header(page, "stage")
     assert timing[1] == ["make_data", "ran", "5 min 12 s", "2026-11-25T10:00:00+00:00", "ok"]
@@ -97,7 +103,7 @@ def test_report_shows_headline_timing_versions_metrics_and_figures(synthetic_pro
     assert [dict(map(tuple, table[1:])) for table in metric_tables] == [
         {"cases": "4", "overall.psnr": "21.25", "overall.ssim": "0.5", "sites": '["a", "b"]'},
         {"style_accuracy": "0.95", "content_accuracy": "0.5", "probes.0.fold": "0", "probes.0.acc": "0.75",
-         "note": "a|b <i>"},  # escaped in the HTML, read back as text
+         "probes.0.null_p95": "0.55", "note": "a|b <i>"},  # escaped in the HTML, read back as text
     ]
     assert all(len(table) > 1 for table in page.tables)
 
@@ -115,9 +121,10 @@ def test_report_shows_headline_timing_versions_metrics_and_figures(synthetic_pro
 def test_markdown_carries_the_same_tables_and_images(synthetic_project: Path) -> None:
     result = build_report(synthetic_project, headlines=HEADLINES)
     md = result.markdown
-    assert "| site from style | 0.950 | ≥ 0.90 | met |" in md
-    assert "| site from content | 0.500 | ≤ 0.40 | missed |" in md
-    assert "| not written yet | — | ≤ 0.05 |  |" in md
+    assert "| site from style | 0.950 | ≥ 0.90 | README | met |" in md
+    assert "| site from content | 0.500 | ≤ 0.40 | README | missed |" in md
+    assert "| content vs null | 0.500 | ≤ null p95 (0.55) | issue | met |" in md
+    assert "| not written yet | — | ≤ 0.05 | README |  |" in md
     assert "| note | a\\|b <i> |" in md  # a pipe in a value does not split the cell
     assert "| make_data | data/a | 0123456789abcdef0123456789abcdef.dir | 3.0 MiB | 7 |" in md
     for rel in ("reports/make_data/curve.png", "reports/evaluate/scatter.png"):
@@ -175,19 +182,28 @@ def test_headline_lookup_and_goals() -> None:
     tree = {"a": {"b": [{"c": 1}]}, "flag": True}
     assert lookup(tree, "a.b.0.c") == 1 and lookup(tree, "a.b.1.c") is MISSING
     assert lookup(tree, "a.x") is MISSING and lookup(tree, "a.b.c") is MISSING
-    assert Goal(">=", 0.9).met(0.9) and not Goal(">=", 0.9).met(0.89)
-    assert Goal("<=", 0.4).met(0.4) and not Goal("<=", 0.4).met(0.41)
+    assert Goal(">=", 0.9).met(0.9, 0.9) and not Goal(">=", 0.9).met(0.89, 0.9)
+    assert Goal("<=", 0.4).met(0.4, 0.4) and not Goal("<=", 0.4).met(0.41, 0.4)
+    relative = Goal("<=", ref="chance", offset=0.1, ref_label="chance")
+    assert relative.bound([{"chance": 0.25}]) == pytest.approx(0.35) and relative.bound([{}]) is None
+    assert relative.bound([{"chance": None}]) is None and relative.bound([{"chance": float("nan")}]) is None
     with pytest.raises(ValueError, match="goal op"):
         Goal(">", 0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        Goal(">=", 0.5, ref="x")
+    with pytest.raises(ValueError, match="exactly one"):
+        Goal(">=")
+    with pytest.raises(ValueError, match="source"):
+        Goal(">=", 0.5, source="hearsay")
     # The first metrics file holding the key wins; a boolean or text value is shown but not judged.
     rows = headline_rows({"s": [{"x": 0.1}, {"x": 0.9, "y": True}]},
                          [Headline("s", "x", "x", Goal(">=", 0.5)), Headline("s", "y", "y", Goal(">=", 0.5))])
     assert [(r.value, r.status, r.value_text) for r in rows] == [(0.1, "missed", "0.100"), (True, "", "True")]
-    assert HeadlineRow(Headline("s", "z", "z", Goal("<=", 1.0)), float("nan")).status == ""
+    assert HeadlineRow(Headline("s", "z", "z", Goal("<=", 1.0)), float("nan"), 1.0).status == ""
 
 
 def test_headline_text_is_an_aligned_table() -> None:
-    rows = [HeadlineRow(Headline("s", "x", "style", Goal(">=", 0.9)), 0.95),
+    rows = [HeadlineRow(Headline("s", "x", "style", Goal(">=", 0.9)), 0.95, 0.9),
             HeadlineRow(Headline("s", "y", "a longer label"), MISSING)]
     assert headline_text(rows).splitlines() == [
         "metric          value  goal    status",
