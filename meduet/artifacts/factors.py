@@ -1,8 +1,15 @@
-"""The factor store written by ``extract-factors``: one content and one style vector per latent.
+"""The factor store written by ``extract-factors``: content and style per latent and per window.
 
-``paths.factors/``: ``factors.npz`` (``keys``, ``content (n, E)``, ``style (n, S)``,
-``domain_index (n,)``, ``split (n,)``), ``manifest.csv`` (one :class:`FactorRecord` per
-row) and ``manifest.json`` (which model and weights, the sites, the widths).
+``paths.factors/``:
+
+- ``factors.npz``: ``keys``, ``domain_index (n,)``, ``split (n,)``; for every encoding
+  weights ``w`` (``teacher``, ``student``) ``{w}_content (n, E)`` and ``{w}_style (n, S)``
+  (window means per volume) and ``{w}_window_content (W, E)``, ``{w}_window_style (W, S)``
+  (one row per sliding window); ``window_volume (W,)`` (the volume row of each window) and
+  ``window_box_mm (W, 2, 3)`` (its low and high RAS corner). ``content``/``style`` are the
+  first (primary) weights' volume factors.
+- ``manifest.csv``: one :class:`FactorRecord` per volume row.
+- ``manifest.json``: which model and weights, the sites, the widths.
 """
 
 from __future__ import annotations
@@ -33,13 +40,21 @@ class FactorRecord(CaseIdentity):
     windows: int  # sliding windows averaged
 
 
-def save_factors(folder: Path, records: list[FactorRecord], content: np.ndarray, style: np.ndarray,
+def save_factors(folder: Path, records: list[FactorRecord], arrays: dict[str, np.ndarray],
                  meta: dict[str, Any]) -> dict[str, Path]:
-    """Write the three files atomically; ``records[i].row == i`` indexes ``content (n, E)``, ``style (n, S)``."""
+    """Write the three files atomically; ``records[i].row == i`` indexes the volume arrays.
+
+    Args:
+        arrays: the factor arrays named as in the module docstring (``content`` and ``style``
+            at least); float arrays are stored as float32.
+    """
+    missing = {"content", "style"} - set(arrays)
+    if missing:
+        raise ValueError(f"factor arrays lack {sorted(missing)}")
+    stored = {name: a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a for name, a in arrays.items()}
     with atomic_path(folder / FACTORS) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, keys=np.array([r.key for r in records]), content=content.astype(np.float32),
-                 style=style.astype(np.float32), domain_index=np.array([r.domain_index for r in records]),
-                 split=np.array([r.split for r in records]))
+        np.savez(fh, keys=np.array([r.key for r in records]), domain_index=np.array([r.domain_index for r in records]),
+                 split=np.array([r.split for r in records]), **stored)
     return {"factors": folder / FACTORS, "manifest": write_rows(folder / FACTOR_MANIFEST, records),
             "meta": write_json(folder / FACTOR_META, meta)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 
@@ -40,3 +41,31 @@ def sliding_windows(latent: torch.Tensor, window: tuple[int, int, int]) -> torch
     starts = [window_starts(n, k) for n, k in zip(latent.shape[1:], window, strict=True)]
     wd, wh, ww = window
     return torch.stack([latent[:, i:i + wd, j:j + wh, k:k + ww] for i, j, k in itertools.product(*starts)])
+
+
+def window_origins(shape: tuple[int, int, int], window: tuple[int, int, int]) -> np.ndarray:
+    """Origins ``(n_windows, 3)`` of ``sliding_windows``' windows, in the order it returns them.
+
+    In the unpadded latent's ``(d, h, w)`` voxel indices: a window of an axis shorter than
+    the window starts before 0 (the centred zero padding).
+    """
+    origins = []
+    for size, k in zip(shape, window, strict=True):
+        pad_lo = max(0, k - size) // 2
+        origins.append([s - pad_lo for s in window_starts(max(size, k), k)])
+    return np.array(list(itertools.product(*origins)), dtype=np.int64).reshape(-1, 3)
+
+
+def world_boxes(origins: np.ndarray, size: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """World boxes ``(n, 2, 3)`` (low and high corner, RAS mm, x y z) of voxel boxes.
+
+    Args:
+        origins: ``(n, 3)`` box origins in array ``(d, h, w)`` indices; size: the box edge per axis.
+        affine: ``(4, 4)`` voxel ``(i, j, k)`` → RAS world, where ``i`` indexes the array's last
+            axis ``w`` (SimpleITK's x) and ``k`` its first, ``d``.
+    """
+    lo = origins[:, ::-1].astype(np.float64) - 0.5  # (n, 3) as (i, j, k), voxel edges
+    hi = lo + np.asarray(size[::-1], dtype=np.float64)
+    corners = np.stack([lo, hi], axis=1)  # (n, 2, 3)
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return np.stack([world.min(1), world.max(1)], axis=1)

@@ -153,3 +153,16 @@ def sha256_path(path: str | os.PathLike[str]) -> str:
         digest.update(str(file.relative_to(path)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
+
+
+def ras_affine(image: sitk.Image) -> np.ndarray:
+    """Voxel ``(i, j, k)`` → RAS world ``(4, 4)`` of an axis-aligned image (a harmonized volume).
+
+    SimpleITK's physical points are LPS; the direction is taken as the identity, which
+    harmonization guarantees (its outputs are resampled to an axis-aligned grid).
+    """
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(image.GetSpacing())
+    affine[:3, 3] = np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])  # LPS → RAS
+    return affine
+

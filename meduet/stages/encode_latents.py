@@ -28,21 +28,13 @@ from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
-from meduet.io.images import sha256_file
+from meduet.io.images import ras_affine, sha256_file
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.models.vae import encode_volume
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
-
-
-def _image_affine(image: sitk.Image) -> np.ndarray:
-    """Voxel (i, j, k) → RAS world of a harmonized (RAS, axis-aligned) volume."""
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(image.GetSpacing())
-    affine[:3, 3] = np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])  # LPS → RAS
-    return affine
 
 
 def encode_case(job: dict) -> dict:
@@ -58,7 +50,7 @@ def encode_case(job: dict) -> dict:
         save_array(cache / job["latent_std"], sigma[0].numpy())
     record = dict(job["record"])
     record["latent_shape"] = list(mu.shape[1:])
-    record["affine"] = latent_affine(_image_affine(image)).reshape(-1).tolist()
+    record["affine"] = latent_affine(ras_affine(image)).reshape(-1).tolist()
     return record
 
 

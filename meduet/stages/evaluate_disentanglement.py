@@ -1,35 +1,34 @@
-"""Stage ``evaluate-disentanglement``: how much site information each factor carries.
+"""Stage ``evaluate-disentanglement``: how much site information each factor carries, judged honestly.
 
-Inputs: ``paths.factors`` (stage ``extract-factors``), and for the swap test the pretrained
-model and the latent cache.
+Inputs: ``paths.factors`` (stage ``extract-factors``: per-window factors of every weights
+set), the latent cache, the pretrained model, and for PSNR the VAE and harmonized images.
 
-1. Linear probes: stratified k-fold cross-validated multinomial logistic regression
-   (standardised features, L2 penalty, L-BFGS) predicting the site from content and from
-   style. Disentangled factors give style ≫ chance and content ≈ chance ``1/K``. The same
-   probe on each latent's per-channel mean and standard deviation (``latent_statistics``)
-   shows how much site signal the input itself carries.
-2. Swap test: for pairs ``(A, B)`` of volumes from different sites, every window of ``A``
-   is encoded, its content tokens entangled with the style tokens of a window of ``B``,
-   decoded the way training decodes (``MeduetModel.reconstruct``: every position predicted
-   while hidden) and unpatchified to a latent, and that latent re-encoded. The decode and
-   re-encode round trip shifts the factors by itself, so the window-averaged re-encoded
-   factors are compared with the same round trip of ``A`` alone and of ``B`` alone:
-   ``style_closer_to_b_roundtrip`` (the headline ``swap_accuracy``) counts pairs whose style
-   is nearer ``B``'s round trip than ``A``'s, ``content_closer_to_a_roundtrip`` the converse
-   for content. The probe-based scores (style probe, fit on the extracted styles, names
-   ``B``'s site; content stays closer to ``A``'s extracted content) are reported as well,
-   with ``self_style_predicted_as_a`` (the probe on ``A``'s own round trip) as their sanity
-   reference: near chance, the round trip has left the probe's domain.
+For every weights set (EMA teacher, student: the adversary trains against the student):
 
-Outputs: ``paths.reports/evaluate_disentanglement/metrics.json`` and ``factors.png``
-(2-D PCA of content and of style, coloured by site).
+1. Site probes (``meduet.engine.probes``): cross-validated linear probes from content and
+   from style, each with its permutation null (mean, 95th percentile, p-value). Content is
+   site-free when its accuracy is not above the null's 95th percentile, not when it is near
+   ``1/K``. The same probe on each latent's per-channel mean and std shows the site signal of
+   the input itself.
+2. Region-matched probes: volume factors averaged only over windows inside the physical box
+   every volume covers, so field of view and coverage (geometry) cannot count as site.
+3. Cross-site subject retrieval (``meduet.evaluation.retrieval``) where the same subjects
+   are scanned at several sites: content should find the subject, style should not.
+
+For the primary weights also: the windows curve (probe accuracy against windows averaged
+per volume), the swap test (``meduet.evaluation.swap``) and the counterfactual swap
+against the real scan of the same subject at the other site
+(``meduet.evaluation.counterfactual``).
+
+Outputs under ``paths.reports/evaluate_disentanglement/``: ``metrics.json`` (with
+``goals``: the issue's targets, met or not), ``factors.png`` (PCA by site),
+``windows_curve.png`` and ``retrieval.png`` (similarity matrices).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,105 +36,24 @@ import torch
 
 from meduet.artifacts.factors import FactorRecord, load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
+from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateDisentanglementConfig, Paths
-from meduet.data.latents import load_latent, read_manifest, read_scale
+from meduet.data.latents import LatentRecord, load_latent, read_manifest, read_scale
 from meduet.data.windows import sliding_windows
-from meduet.engine.probes import LinearProbe, cross_validate, pca_2d
+from meduet.engine.probes import fit_probe, pca_2d, site_probe
+from meduet.evaluation.counterfactual import Scan, counterfactual_test
+from meduet.evaluation.identifiability import covered_region, inside, volume_box, volume_means, windows_curve
+from meduet.evaluation.retrieval import cross_site_retrieval, plot_retrieval, subject_ids
+from meduet.evaluation.swap import swap_test, swapped_factors
+from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
-from meduet.losses.mixing import random_mix_mask
-from meduet.models.meduet import MeduetModel
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- swap test
-@torch.no_grad()
-def swapped_factors(model: MeduetModel, windows_a: torch.Tensor, windows_b: torch.Tensor,
-                    batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-encoded factors of ``A``'s content rendered with ``B``'s style, averaged over ``A``'s windows.
-
-    Args:
-        windows_a: ``(n_a, C, d, h, w)`` scaled windows of ``A``; window ``i`` takes its style from
-            window ``i mod n_b`` of ``windows_b (n_b, C, d, h, w)``.
-        seed: draws the decoder's hidden halves; the same seed gives ``A`` the same halves
-            whichever style it is rendered with.
-
-    Returns:
-        content ``(E,)`` and style ``(S,)``.
-    """
-    partner = windows_b[torch.arange(len(windows_a)) % len(windows_b)]
-    generator = torch.Generator().manual_seed(seed)
-    contents, styles = [], []
-    for xa, xb in zip(windows_a.split(batch_size), partner.split(batch_size), strict=True):
-        content_a, _, cls_a = model.encode_full(xa)  # (b, N, E), _, (b, 1, E)
-        _, style_b, _ = model.encode_full(xb)  # (b, N, S)
-        halves = random_mix_mask(len(xa), model.config.num_tokens, model.config.mask_ratio, generator=generator)
-        latent = model.unpatchify(model.reconstruct(model.entangle(content_a, style_b), cls_a, halves))
-        content, style, _ = model.encode_full(latent)  # (b, C, d, h, w) re-encoded
-        contents.append(content.mean(1))
-        styles.append(style.mean(1))
-    return torch.cat(contents).mean(0).numpy(), torch.cat(styles).mean(0).numpy()
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
-
-
-def _nearer(x: np.ndarray, target: np.ndarray, other: np.ndarray) -> int:
-    return int(np.linalg.norm(x - target) < np.linalg.norm(x - other))
-
-
-SwapFactors = Callable[[torch.Tensor, torch.Tensor], tuple[np.ndarray, np.ndarray]]
-
-
-def swap_test(swap: SwapFactors, windows: list[torch.Tensor], content: np.ndarray, y: np.ndarray,
-              style_probe: LinearProbe, content_probe: LinearProbe, pairs: int, seed: int) -> dict:
-    """Swap content and style between volumes of different sites (see the module docstring).
-
-    Args:
-        swap: ``swap(windows_a, windows_b)`` -> re-encoded ``(content (E,), style (S,))`` of A's
-            content rendered with B's style (``swapped_factors`` with the model); ``swap(a, a)``
-            is A's round trip.
-        windows: per volume, its ``(n_i, C, d, h, w)`` scaled windows.
-        content: ``(n, E)`` extracted content vectors; y: ``(n,)`` site labels.
-        style_probe, content_probe: probes fit on all volumes' style / content.
-        pairs: number of random ``(A, B)`` pairs with different sites.
-    """
-    rng = np.random.default_rng(seed)
-    candidates = [(a, b) for a in range(len(y)) for b in range(len(y)) if y[a] != y[b]]
-    chosen = [candidates[i] for i in rng.choice(len(candidates), size=min(pairs, len(candidates)), replace=False)]
-    roundtrips: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def roundtrip(v: int) -> tuple[np.ndarray, np.ndarray]:
-        if v not in roundtrips:
-            roundtrips[v] = swap(windows[v], windows[v])
-        return roundtrips[v]
-
-    rows = []
-    for a, b in chosen:
-        c_swap, s_swap = swap(windows[a], windows[b])
-        (c_aa, s_aa), (c_bb, s_bb) = roundtrip(a), roundtrip(b)
-        rows.append({
-            "style_near_b": _nearer(s_swap, s_bb, s_aa), "content_near_a": _nearer(c_swap, c_aa, c_bb),
-            "style_is_b": int(style_probe.predict(s_swap[None])[0] == y[b]),
-            "content_is_a": int(content_probe.predict(c_swap[None])[0] == y[a]),
-            "self_style_is_a": int(style_probe.predict(s_aa[None])[0] == y[a]),
-            "cos_a": _cosine(c_swap, content[a]), "cos_b": _cosine(c_swap, content[b]),
-        })
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    return {"pairs": len(rows),
-            "style_closer_to_b_roundtrip": mean["style_near_b"],
-            "content_closer_to_a_roundtrip": mean["content_near_a"],
-            "style_predicted_as_b": mean["style_is_b"],
-            "content_predicted_as_a": mean["content_is_a"],
-            "self_style_predicted_as_a": mean["self_style_is_a"],
-            "content_cosine_to_a": mean["cos_a"], "content_cosine_to_b": mean["cos_b"],
-            "content_closer_to_a": float(np.mean([r["cos_a"] > r["cos_b"] for r in rows]))}
-
-
-# --------------------------------------------------------------------------- figure
+# --------------------------------------------------------------------------- figures
 def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains: list[str], target: Path,
                  probes: dict[str, dict]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
@@ -144,25 +62,56 @@ def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains:
         for k, domain in enumerate(domains):
             ax.scatter(*scores[y == k].T, s=18, label=domain)
         acc = probes[name]
-        ax.set_title(f"{name} (probe acc {acc['accuracy_mean']:.2f} ± {acc['accuracy_std']:.2f})", fontsize=9)
+        null = f", null p95 {acc['null_p95']:.2f}" if "null_p95" in acc else ""
+        ax.set_title(f"{name}: probe acc {acc['accuracy_mean']:.2f} ± {acc['accuracy_std']:.2f}{null}", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"factor PCA by site (chance 1/K = {1 / len(domains):.2f})", fontsize=10)
+    fig.suptitle("factor PCA by site", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, target)
 
 
-# --------------------------------------------------------------------------- stage
-def _scaled_latents(paths: Paths, records: list[FactorRecord]) -> list[torch.Tensor]:
-    """Each volume's latent ``(C, D, H, W)`` from the cache, times the cache's scale factor."""
+def plot_curve(curves: dict[str, list[dict]], target: Path) -> Path:
+    """Probe accuracy against windows averaged per volume, with each point's null 95th percentile."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (name, points), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        k = [p["windows"] for p in points]
+        ax.errorbar(k, [p["accuracy_mean"] for p in points], yerr=[p["accuracy_sd_over_draws"] for p in points],
+                    marker="o", color=color, label=f"{name} → site", capsize=3)
+        if all("null_p95" in p for p in points):
+            ax.plot(k, [p["null_p95"] for p in points], ls="--", color=color, alpha=0.6,
+                    label=f"{name}: permutation null p95")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("windows averaged per volume (last point: all)")
+    ax.set_ylabel("site probe accuracy (cross-validated)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, target)
+
+
+# --------------------------------------------------------------------------- inputs
+def _latent_records(paths: Paths, records: list[FactorRecord]) -> list[LatentRecord]:
     latents = {r.key: r for r in read_manifest(paths.latents)}
-    scale = read_scale(paths.latents)
     missing = [r.key for r in records if r.key not in latents]
     if missing:
         raise StageError(f"{paths.latents}: factors of latents no longer in the cache: {missing[:5]}")
-    return [torch.from_numpy(np.array(load_latent(paths.latents, latents[r.key]), dtype=np.float32)) * scale
-            for r in records]
+    return [latents[r.key] for r in records]
+
+
+def _scaled_latents(paths: Paths, records: list[LatentRecord]) -> list[torch.Tensor]:
+    """Each volume's latent ``(C, D, H, W)`` from the cache, times the cache's scale factor."""
+    scale = read_scale(paths.latents)
+    return [torch.from_numpy(np.array(load_latent(paths.latents, r), dtype=np.float32)) * scale for r in records]
+
+
+def _harmonized_images(paths: Paths) -> dict[str, Path]:
+    """Case key → harmonized image, for cases harmonization finished."""
+    manifest = paths.harmonized / "manifest.csv"
+    if not manifest.is_file():
+        return {}
+    return {r.key: paths.harmonized / r.image for r in read_harmonized(manifest) if r.status == "ok" and r.image}
 
 
 def latent_statistics(latents: list[torch.Tensor]) -> np.ndarray:
@@ -170,46 +119,146 @@ def latent_statistics(latents: list[torch.Tensor]) -> np.ndarray:
     return np.stack([torch.cat([z.flatten(1).mean(1), z.flatten(1).std(1)]).double().numpy() for z in latents])
 
 
+# --------------------------------------------------------------------------- measurements
+def factor_report(arrays: dict[str, np.ndarray], weights: str, y: np.ndarray, subjects: list[str | None],
+                  region_windows: np.ndarray, cfg: EvaluateDisentanglementConfig) -> dict:
+    """Probes (all windows and region-matched) and retrieval of one weights set's factors."""
+    probe = {"folds": cfg.folds, "l2": cfg.l2, "max_iter": cfg.max_iter, "permutations": cfg.permutations,
+             "seed": cfg.seed, "jobs": cfg.jobs}
+    report: dict = {}
+    for factor in ("content", "style"):
+        x = arrays[f"{weights}_{factor}"].astype(np.float64)
+        report[factor] = site_probe(x, y, **probe)
+        matched, counts = volume_means(arrays[f"{weights}_window_{factor}"].astype(np.float64),
+                                       arrays["window_volume"], len(y), region_windows)
+        report[f"region_{factor}"] = (site_probe(matched, y, **probe) if (counts > 0).all() else
+                                      {"skipped": f"{int((counts == 0).sum())} volumes have no window inside the "
+                                                  "region every volume covers"})
+        report[f"retrieval_{factor}"] = cross_site_retrieval(x, y, subjects)
+    return report
+
+
+def _region(arrays: dict[str, np.ndarray], latents: list[LatentRecord]) -> tuple[np.ndarray, dict]:
+    """Windows inside the box every volume covers (grown by half a latent voxel), and a summary."""
+    affines = [np.array(r.affine).reshape(4, 4) for r in latents]
+    region = covered_region([volume_box(r.latent_shape, a) for r, a in zip(latents, affines)])
+    tolerance = 0.5 * float(np.abs(np.diag(affines[0])[:3]).max())
+    keep = inside(arrays["window_box_mm"], region, tolerance)
+    per_volume = np.bincount(arrays["window_volume"][keep], minlength=len(latents))
+    return keep, {"box_mm": region.tolist(), "tolerance_mm": tolerance, "windows_kept": int(keep.sum()),
+                  "windows_total": len(keep), "min_windows_per_volume": int(per_volume.min())}
+
+
+def _counterfactual(cfg: EvaluateDisentanglementConfig, paths: Paths, model: torch.nn.Module,
+                    latents: list[LatentRecord], scaled: list[torch.Tensor], subjects: list[str | None]) -> dict:
+    images = _harmonized_images(paths) if cfg.counterfactual_decode else {}
+    scans = [Scan(key=r.key, site=r.domain_index, subject=s, latent=z, affine=np.array(r.affine).reshape(4, 4),
+                  image=images.get(r.key)) for r, z, s in zip(latents, scaled, subjects)]
+    vae = load_vae(vae_path(paths))[0].eval() if cfg.counterfactual_decode and vae_path(paths).is_file() else None
+    return counterfactual_test(model, scans, pairs=cfg.counterfactual_pairs, batch_size=cfg.batch_size,
+                               seed=cfg.seed, vae=vae, decode_pairs=cfg.counterfactual_decode,
+                               scale=read_scale(paths.latents))
+
+
+def goals(metrics: dict) -> dict:
+    """The targets of the disentanglement issue, met or not (None: not measured)."""
+    def check(value: float | None, ok: bool | None) -> dict:
+        return {"value": value, "met": ok}
+
+    probes = metrics["probes"]
+    region = probes.get("region_content", {})
+    retrieval_c, retrieval_s = probes.get("retrieval_content", {}), probes.get("retrieval_style", {})
+    counterfactual = metrics.get("counterfactual", {})
+    return {
+        "region_content_not_above_null_p95": check(
+            region.get("accuracy_mean"), None if "null_p95" not in region else not region["above_null_p95"]),
+        "style_accuracy_at_least_0.95": check(metrics["style_accuracy"], metrics["style_accuracy"] >= 0.95),
+        "retrieval_content_top1_at_least_0.90": check(
+            retrieval_c.get("top1"), None if "top1" not in retrieval_c else retrieval_c["top1"] >= 0.90),
+        "retrieval_style_top1_at_most_chance_plus_0.10": check(
+            retrieval_s.get("top1"),
+            None if "top1" not in retrieval_s else retrieval_s["top1"] <= retrieval_s["chance"] + 0.10),
+        "counterfactual_closer_than_a_at_least_0.80": check(
+            counterfactual.get("swap_closer_than_a"),
+            None if "swap_closer_than_a" not in counterfactual else counterfactual["swap_closer_than_a"] >= 0.80),
+    }
+
+
+# --------------------------------------------------------------------------- stage
 def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
-    """Probe the factors for site information and run the swap test."""
+    """Probe the factors for site information, retrieve subjects across sites and run the swap tests."""
     arrays, records, meta = load_factors(paths.factors)
-    domains = list(meta["domains"])
+    domains, primary = list(meta["domains"]), meta["weights"]
+    all_weights = list(meta.get("all_weights", [primary]))
     y = arrays["domain_index"].astype(np.int64)
-    content, style = arrays["content"].astype(np.float64), arrays["style"].astype(np.float64)
-    present = sorted(set(y.tolist()))
-    if len(present) < 2:
-        raise StageError(f"{paths.factors}: probes need volumes of at least 2 sites, found {present}")
+    if len(set(y.tolist())) < 2:
+        raise StageError(f"{paths.factors}: probes need volumes of at least 2 sites, found {sorted(set(y.tolist()))}")
+    if "window_volume" not in arrays:
+        raise StageError(f"{paths.factors}: no per-window factors (written by an older extract-factors); rerun it")
 
-    num_classes = len(domains)
-    latents = _scaled_latents(paths, records)
-    probes = {name: cross_validate(x, y, num_classes, cfg.folds, cfg.l2, cfg.max_iter, cfg.seed)
-              for name, x in (("content", content), ("style", style),
-                              ("latent_statistics", latent_statistics(latents)))}
-    metrics: dict = {"volumes": len(y), "sites": domains, "chance": 1.0 / len(domains),
-                     "majority": float(np.bincount(y).max() / len(y)), "probes": probes,
-                     "content_accuracy": probes["content"]["accuracy_mean"],
-                     "style_accuracy": probes["style"]["accuracy_mean"],
-                     "latent_statistics_accuracy": probes["latent_statistics"]["accuracy_mean"],
-                     "weights": meta["weights"]}
+    latent_records = _latent_records(paths, records)
+    latents = _scaled_latents(paths, latent_records)
+    subjects = subject_ids([r.case_id for r in records], cfg.subject_pattern)
+    region_windows, region = _region(arrays, latent_records)
+    per_weights = {w: factor_report(arrays, w, y, subjects, region_windows, cfg) for w in all_weights}
+    probes = dict(per_weights[primary])
+    probes["latent_statistics"] = site_probe(latent_statistics(latents), y, folds=cfg.folds, l2=cfg.l2,
+                                             max_iter=cfg.max_iter, permutations=cfg.permutations, seed=cfg.seed,
+                                             jobs=cfg.jobs)
+    curve_probe = {"folds": cfg.folds, "l2": cfg.l2, "max_iter": cfg.max_iter, "jobs": cfg.jobs}
+    curves = {factor: windows_curve(arrays[f"{primary}_window_{factor}"].astype(np.float64), arrays["window_volume"],
+                                    y, cfg.window_counts, draws=cfg.curve_draws, permutations=cfg.curve_permutations,
+                                    probe=curve_probe, seed=cfg.seed)
+              for factor in ("content", "style")}
 
-    if cfg.swap_pairs > 0:
+    metrics: dict = {
+        "volumes": len(y), "sites": domains, "chance": 1.0 / len(domains),
+        "majority": float(np.bincount(y).max() / len(y)), "weights": primary, "probes": probes,
+        "by_weights": per_weights, "region": region, "windows_curve": curves,
+        "subjects_at_several_sites": len({s for s in subjects if s is not None and
+                                          len({d for d, t in zip(y, subjects) if t == s}) > 1}),
+        "content_accuracy": probes["content"]["accuracy_mean"], "style_accuracy": probes["style"]["accuracy_mean"],
+        "content_null_p95": probes["content"].get("null_p95"), "content_p_value": probes["content"].get("p_value"),
+        "region_content_accuracy": probes["region_content"].get("accuracy_mean"),
+        "region_content_null_p95": probes["region_content"].get("null_p95"),
+        "latent_statistics_accuracy": probes["latent_statistics"]["accuracy_mean"],
+        "retrieval_content_top1": probes["retrieval_content"].get("top1"),
+        "retrieval_style_top1": probes["retrieval_style"].get("top1"),
+        "retrieval_chance": probes["retrieval_content"].get("chance"),
+    }
+
+    model = None
+    if cfg.swap_pairs > 0 or cfg.counterfactual_pairs > 0:
         torch.manual_seed(cfg.seed)
-        model, _ = load_meduet(meduet_path(paths), meta["weights"])
+        model, _ = load_meduet(meduet_path(paths), primary)
         if model.config.norm_pix_loss:
+            model = None
             metrics["swap"] = {"skipped": "norm_pix_loss: decoded patches are normalised, not latents"}
-        else:
-            style_probe = LinearProbe.fit(style, y, num_classes, cfg.l2, cfg.max_iter)
-            content_probe = LinearProbe.fit(content, y, num_classes, cfg.l2, cfg.max_iter)
-            windows = [sliding_windows(z, model.config.input_size) for z in latents]
-            swap = functools.partial(swapped_factors, model, batch_size=cfg.batch_size, seed=cfg.seed)
-            metrics["swap"] = swap_test(swap, windows, content, y, style_probe, content_probe, cfg.swap_pairs,
-                                        cfg.seed)
-            metrics["swap_accuracy"] = metrics["swap"]["style_closer_to_b_roundtrip"]
+    if model is not None and cfg.swap_pairs > 0:
+        style_probe = fit_probe(arrays["style"].astype(np.float64), y, cfg.l2, cfg.max_iter)
+        windows = [sliding_windows(z, model.config.input_size) for z in latents]
+        swap = functools.partial(swapped_factors, model, batch_size=cfg.batch_size, seed=cfg.seed)
+        metrics["swap"] = swap_test(swap, windows, arrays["content"], y, style_probe, cfg.swap_pairs, cfg.seed)
+        metrics["swap_accuracy"] = metrics["swap"]["style_closer_to_b_roundtrip"]
+    if model is not None and cfg.counterfactual_pairs > 0:
+        metrics["counterfactual"] = _counterfactual(cfg, paths, model, latent_records, latents, subjects)
+        metrics["counterfactual_closer_than_a"] = metrics["counterfactual"].get("swap_closer_than_a")
+        metrics["counterfactual_closer_than_roundtrip"] = metrics["counterfactual"].get("swap_closer_than_roundtrip")
+    metrics["goals"] = goals(metrics)
 
     reports = paths.reports / "evaluate_disentanglement"
-    outputs = {"metrics": write_json(reports / "metrics.json", metrics),
-               "plot": plot_factors(content, style, y, domains, reports / "factors.png", probes)}
-    log.info("evaluate-disentanglement: site probe accuracy content %.3f, style %.3f, latent statistics %.3f "
-             "(chance %.3f); swap %s", metrics["content_accuracy"], metrics["style_accuracy"],
-             metrics["latent_statistics_accuracy"], metrics["chance"], metrics.get("swap_accuracy", "skipped"))
+    outputs = {
+        "metrics": write_json(reports / "metrics.json", metrics),
+        "plot": plot_factors(arrays["content"], arrays["style"], y, domains, reports / "factors.png", probes),
+        "curve": plot_curve(curves, reports / "windows_curve.png"),
+        "retrieval": plot_retrieval({"content": arrays["content"], "style": arrays["style"]},
+                                    [records[i].domain for i in range(len(records))], subjects,
+                                    {"content": probes["retrieval_content"], "style": probes["retrieval_style"]},
+                                    reports / "retrieval.png"),
+    }
+    log.info("evaluate-disentanglement: site probe content %.3f (null p95 %s), region-matched %s, style %.3f; "
+             "retrieval content %s style %s (chance %s); counterfactual closer than s@A %s",
+             metrics["content_accuracy"], metrics["content_null_p95"], metrics["region_content_accuracy"],
+             metrics["style_accuracy"], metrics["retrieval_content_top1"], metrics["retrieval_style_top1"],
+             metrics["retrieval_chance"], metrics.get("counterfactual_closer_than_a"))
     return StageResult("evaluate-disentanglement", outputs, metrics)

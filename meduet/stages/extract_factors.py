@@ -1,4 +1,4 @@
-"""Stage ``extract-factors``: one content and one style vector per cached latent.
+"""Stage ``extract-factors``: content and style vectors per cached latent and per window.
 
 Inputs: the pretrained model ``paths.models/pretrain/meduet.pt`` and the latent cache
 (``paths.latents``). Each latent is scaled by the cache's scale factor (as in training),
@@ -6,6 +6,10 @@ cut into windows of the model's input size (stride = window, the last window of 
 aligned to the end; a latent smaller than the window is zero-padded, centred, as the
 training crops are), encoded with ``MeduetModel.encode_full``, and its factor tokens
 averaged over tokens and then over windows: content ``(E,)``, style ``(S,)``.
+
+Every weights set in ``cfg.weights`` (the EMA teacher and the student) encodes every
+window; the per-window factors and each window's world box are kept, so evaluation can
+average any subset of windows (a region every site covers, a given number of windows).
 
 Outputs: the factor store ``paths.factors/`` (``factors.npz``, ``manifest.csv``,
 ``manifest.json``; format in ``meduet.artifacts.factors``) and
@@ -24,7 +28,7 @@ from meduet.artifacts.factors import FactorRecord, save_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import ExtractFactorsConfig, Paths
 from meduet.data.latents import MANIFEST, load_latent, read_manifest, read_scale
-from meduet.data.windows import sliding_windows
+from meduet.data.windows import sliding_windows, window_origins, world_boxes
 from meduet.io.atomic import write_json
 from meduet.models.meduet import MeduetModel
 from meduet.stages import StageError, StageResult
@@ -50,21 +54,29 @@ def window_factors(model: MeduetModel, windows: torch.Tensor, batch_size: int) -
     return torch.cat(contents), torch.cat(styles)
 
 
-def volume_factors(model: MeduetModel, latent: np.ndarray, scale: float,
-                   batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Content ``(E,)`` and style ``(S,)`` of a whole ``(C, d, h, w)`` latent, and its window count."""
+def volume_windows(model: MeduetModel, latent: np.ndarray, scale: float, affine: np.ndarray,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Per-window factors of a whole ``(C, d, h, w)`` latent and the windows' world boxes.
+
+    Returns:
+        ``content (n, E)``, ``style (n, S)`` and ``boxes (n, 2, 3)`` (RAS mm, low and high corner).
+    """
     x = torch.from_numpy(np.array(latent, dtype=np.float32)) * scale
-    windows = sliding_windows(x, model.config.input_size)  # (n, C, *input_size)
-    content, style = window_factors(model, windows, batch_size)
-    return content.mean(0).numpy(), style.mean(0).numpy(), len(windows)
+    window = model.config.input_size
+    content, style = window_factors(model, sliding_windows(x, window), batch_size)  # (n, E), (n, S)
+    boxes = world_boxes(window_origins(tuple(x.shape[1:]), window), window, affine)
+    return content, style, boxes
 
 
 def run(cfg: ExtractFactorsConfig, paths: Paths) -> StageResult:
-    """Encode every cached latent into one content and one style vector."""
+    """Encode every window of every cached latent with each weights set; keep windows and volume means."""
     if not (paths.latents / MANIFEST).is_file():
         raise StageError(f"{paths.latents / MANIFEST}: no latent cache; run the encode-latents stage first")
     torch.manual_seed(0)  # nothing is random at eval time; fixed anyway for bit-stable outputs
-    model, meta = load_meduet(meduet_path(paths), cfg.weights)
+    primary = cfg.weights[0]
+    loaded = {weights: load_meduet(meduet_path(paths), weights) for weights in cfg.weights}
+    models = {weights: model for weights, (model, _) in loaded.items()}
+    meta, architecture = loaded[primary][1], models[primary].config
     latents = sorted(read_manifest(paths.latents), key=lambda r: r.key)
     if not latents:
         raise StageError(f"{paths.latents / MANIFEST}: empty latent cache")
@@ -74,27 +86,42 @@ def run(cfg: ExtractFactorsConfig, paths: Paths) -> StageResult:
         log.warning("latent scale %.6g differs from the one the model was trained with (%.6g)",
                     scale, meta["scale_factor"])
 
-    records, contents, styles = [], [], []
+    records: list[FactorRecord] = []
+    windows: dict[str, list[torch.Tensor]] = {f"{w}_window_{f}": [] for w in cfg.weights for f in ("content", "style")}
+    window_volume, window_box = [], []
     for row, record in enumerate(latents):
         if record.domain_index >= len(domains) or domains[record.domain_index] != record.domain:
             raise StageError(f"{record.key}: site {record.domain!r} (index {record.domain_index}) is not the "
                              f"model's site {record.domain_index} of {domains}")
-        content, style, windows = volume_factors(model, load_latent(paths.latents, record), scale, cfg.batch_size)
-        contents.append(content)
-        styles.append(style)
+        latent, affine = load_latent(paths.latents, record), np.array(record.affine).reshape(4, 4)
+        for weights, encoder in models.items():
+            content, style, boxes = volume_windows(encoder, latent, scale, affine, cfg.batch_size)
+            windows[f"{weights}_window_content"].append(content)
+            windows[f"{weights}_window_style"].append(style)
+        window_volume.append(np.full(len(boxes), row))
+        window_box.append(boxes)
         records.append(FactorRecord(key=record.key, dataset=record.dataset, case_id=record.case_id,
                                     domain=record.domain, body_part=record.body_part, row=row,
                                     domain_index=record.domain_index, split=record.split, latent=record.latent,
-                                    latent_shape=record.latent_shape, windows=windows))
+                                    latent_shape=record.latent_shape, windows=len(boxes)))
+    arrays = {name: torch.cat(parts).numpy() for name, parts in windows.items()}
+    arrays["window_volume"], arrays["window_box_mm"] = np.concatenate(window_volume), np.concatenate(window_box)
+    for weights in cfg.weights:  # volume factors: the mean over the volume's windows
+        for factor in ("content", "style"):
+            per_window = arrays[f"{weights}_window_{factor}"]
+            arrays[f"{weights}_{factor}"] = np.stack([per_window[arrays["window_volume"] == r.row].mean(0)
+                                                      for r in records])
+    arrays["content"], arrays["style"] = arrays[f"{primary}_content"], arrays[f"{primary}_style"]
     ckpt = meduet_path(paths)
     info = {"model": str(ckpt.relative_to(paths.root)) if ckpt.is_relative_to(paths.root) else str(ckpt),
-            "model_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "weights": cfg.weights,
-            "domains": domains, "scale_factor": scale, "window": list(model.config.input_size),
-            "content_dim": model.config.embed_dim, "style_dim": model.config.style_dim, "volumes": len(records)}
-    outputs = save_factors(paths.factors, records, np.stack(contents), np.stack(styles), info)
+            "model_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "weights": primary,
+            "all_weights": list(cfg.weights),
+            "domains": domains, "scale_factor": scale, "window": list(architecture.input_size),
+            "content_dim": architecture.embed_dim, "style_dim": architecture.style_dim, "volumes": len(records)}
+    outputs = save_factors(paths.factors, records, arrays, info)
 
     metrics = {"volumes": len(records), "content_dim": info["content_dim"], "style_dim": info["style_dim"],
-               "windows_per_volume": float(np.mean([r.windows for r in records])), "weights": cfg.weights,
+               "windows_per_volume": float(np.mean([r.windows for r in records])), "weights": list(cfg.weights),
                "per_site": {d: sum(r.domain == d for r in records) for d in domains}}
     outputs["metrics"] = write_json(paths.reports / "extract_factors" / "metrics.json", metrics)
     log.info("extract-factors: %d volumes, E=%d, S=%d", len(records), info["content_dim"], info["style_dim"])

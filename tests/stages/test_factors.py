@@ -15,7 +15,8 @@ from meduet.stages import StageError, evaluate_disentanglement, extract_factors
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, save_meduet
 from meduet.data.windows import sliding_windows, window_starts
-from meduet.engine.probes import LinearProbe, cross_validate, stratified_folds
+from meduet.engine.probes import fit_probe, site_probe
+from meduet.evaluation.swap import swap_test, swapped_factors
 from tests.stages.test_pretrain import _write_cache
 
 
@@ -32,7 +33,11 @@ def _save_tiny_model(paths: Paths, domains: list[str], scale: float) -> MeduetMo
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory):
     cfg = MeduetConfig.model_validate({"extract_factors": {"batch_size": 5},
-                                       "evaluate_disentanglement": {"folds": 3, "swap_pairs": 2}})
+                                       "evaluate_disentanglement": {"folds": 3, "swap_pairs": 2, "permutations": 20,
+                                                                    "curve_permutations": 5, "curve_draws": 2,
+                                                                    "window_counts": [1, 4],
+                                                                    "subject_pattern": r"case(\d+)$",
+                                                                    "counterfactual_pairs": 3}})
     paths = Paths.resolve(cfg, tmp_path_factory.mktemp("factors_project"))
     _write_cache(paths.latents, per_domain=3)  # six (4, 12, 12, 12) latents of two sites
     model = _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
@@ -49,30 +54,30 @@ def _blobs(separable: bool, n_per_class: int = 30, classes: int = 3, dim: int = 
     return x, y
 
 
-@pytest.mark.parametrize(("separable", "low", "high"), [(True, 0.95, 1.0), (False, 0.0, 0.6)])
-def test_probe_finds_site_signal_only_where_there_is_one(separable: bool, low: float, high: float) -> None:
+@pytest.mark.parametrize("separable", [True, False])
+def test_probe_beats_its_null_only_where_there_is_signal(separable: bool) -> None:
     x, y = _blobs(separable)
-    result = cross_validate(x, y, num_classes=3, folds=5, seed=0)
-    assert result["folds"] == 5 and len(result["fold_accuracies"]) == 5
-    assert low <= result["accuracy_mean"] <= high, result  # chance is 1/3
+    result = site_probe(x, y, folds=5, permutations=50, seed=0)
+    assert result["folds"] == 5 and len(result["fold_accuracies"]) == 5 and result["permutations"] == 50
+    assert 0.2 < result["null_mean"] < 0.45 and result["null_mean"] <= result["null_p95"]  # chance is 1/3
+    if separable:
+        assert result["accuracy_mean"] >= 0.95 and result["above_null_p95"] and result["p_value"] < 0.05
+    else:
+        assert result["accuracy_mean"] <= 0.6 and not result["above_null_p95"] and result["p_value"] > 0.05, result
 
 
-def test_probe_standardises_and_predicts_shapes() -> None:
+def test_probe_folds_never_exceed_the_rarest_class_and_need_two_samples_each() -> None:
+    x, y = _blobs(True, n_per_class=3)
+    assert site_probe(x, y, folds=5, permutations=0)["folds"] == 3
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        site_probe(x[:7], y[:7], folds=5, permutations=0)  # class 2 has one sample
+
+
+def test_probe_is_scale_invariant_and_predicts_labels() -> None:
     x, y = _blobs(True)
-    probe = LinearProbe.fit(1000.0 * x + 50.0, y, num_classes=3)
-    assert probe.weight.shape == (3, 8) and probe.bias.shape == (3,)
+    probe = fit_probe(1000.0 * x + 50.0, y)  # standardised inside: the raw scale does not matter
+    assert probe.predict(1000.0 * x[:5] + 50.0).shape == (5,)
     assert (probe.predict(1000.0 * x + 50.0) == y).mean() > 0.95
-
-
-def test_stratified_folds_balance_classes_and_sizes() -> None:
-    y = np.array([0] * 10 + [1] * 5 + [2] * 7)
-    fold = stratified_folds(y, 5, seed=3)
-    sizes = np.bincount(fold, minlength=5)
-    assert sizes.max() - sizes.min() <= 1
-    for label in range(3):
-        per_fold = np.bincount(fold[y == label], minlength=5)
-        assert per_fold.max() - per_fold.min() <= 1
-    assert np.array_equal(fold, stratified_folds(y, 5, seed=3))
 
 
 # --------------------------------------------------------------------------- windows
@@ -109,7 +114,17 @@ def test_extract_factors_averages_window_factors(project) -> None:
     np.testing.assert_allclose(arrays["content"][0], content.mean((0, 1)).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(arrays["style"][0], style.mean((0, 1)).numpy(), rtol=1e-4, atol=1e-5)
     meta = json.loads((paths.factors / "manifest.json").read_text())
-    assert meta["weights"] == "teacher" and meta["domains"] == ["site_a", "site_b"]
+    assert meta["weights"] == "teacher" and meta["all_weights"] == ["teacher", "student"]
+    assert meta["domains"] == ["site_a", "site_b"]
+
+    # Per-window factors of both weights; the volume factors are their means.
+    assert arrays["teacher_window_content"].shape == (48, 32) and arrays["student_window_style"].shape == (48, 8)
+    np.testing.assert_allclose(arrays["teacher_window_content"][:8], content.mean(1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(arrays["content"], arrays["teacher_content"])
+    assert not np.allclose(arrays["teacher_content"], arrays["student_content"])  # two different networks
+    np.testing.assert_array_equal(arrays["window_volume"], np.repeat(np.arange(6), 8))
+    # identity affine: window (0, 4, 0) in (d, h, w) covers x in [-0.5, 7.5], y in [3.5, 11.5], z in [-0.5, 7.5]
+    np.testing.assert_allclose(arrays["window_box_mm"][2], [[-0.5, 3.5, -0.5], [7.5, 11.5, 7.5]])
 
 
 def test_evaluate_writes_metrics_and_figure(project) -> None:
@@ -120,8 +135,23 @@ def test_evaluate_writes_metrics_and_figure(project) -> None:
     reports = paths.reports / "evaluate_disentanglement"
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["chance"] == 0.5 and metrics["volumes"] == 6
-    for name in ("content", "style"):
-        assert 0.0 <= metrics["probes"][name]["accuracy_mean"] <= 1.0 and metrics["probes"][name]["folds"] == 3
+    for weights in ("teacher", "student"):
+        for name in ("content", "style", "region_content", "region_style"):
+            probe = metrics["by_weights"][weights][name]
+            assert 0.0 <= probe["accuracy_mean"] <= 1.0 and probe["folds"] == 3 and probe["permutations"] == 20
+            assert 0.0 < probe["p_value"] <= 1.0 and probe["null_mean"] <= probe["null_p95"]
+    # Identity affines and equal shapes: every window is inside the region every volume covers.
+    assert metrics["region"]["windows_kept"] == metrics["region"]["windows_total"] == 48
+    # Cases case0..case2 at both sites: each volume's subject is one of the 3 at the other site.
+    retrieval = metrics["probes"]["retrieval_content"]
+    assert retrieval["queries"] == 6 and retrieval["chance"] == pytest.approx(1 / 3)
+    assert metrics["subjects_at_several_sites"] == 3
+    curve = metrics["windows_curve"]["content"]
+    assert [p["windows"] for p in curve] == [1, 4, 8] and curve[-1]["all"] and curve[0]["draws"] == 2
+    counterfactual = metrics["counterfactual"]
+    assert counterfactual["pairs"] == 3 and "psnr_swap" not in counterfactual  # no VAE in this project
+    assert counterfactual["latent_mse_a"] > 0 and 0.0 <= counterfactual["swap_closer_than_a"] <= 1.0
+    assert set(metrics["goals"]) >= {"style_accuracy_at_least_0.95", "retrieval_content_top1_at_least_0.90"}
     # The synthetic sites differ by a latent offset and gain: the input statistics name the site.
     assert metrics["latent_statistics_accuracy"] == 1.0
     swap = metrics["swap"]
@@ -129,8 +159,10 @@ def test_evaluate_writes_metrics_and_figure(project) -> None:
     for key in ("style_closer_to_b_roundtrip", "content_closer_to_a_roundtrip", "style_predicted_as_b",
                 "self_style_predicted_as_a"):
         assert swap[key] in (0.0, 0.5, 1.0)  # 2 pairs
+    assert "content_predicted_as_a" not in swap  # scores well only when content leaks the site
     assert -1.0 <= swap["content_cosine_to_a"] <= 1.0
-    assert (reports / "factors.png").stat().st_size > 2000
+    for figure in ("factors.png", "windows_curve.png", "retrieval.png"):
+        assert (reports / figure).stat().st_size > 2000
     assert result.outputs["plot"] == reports / "factors.png"
 
 
@@ -139,9 +171,9 @@ def test_swapped_factors_reuse_the_decoder_halves_of_a_seed(project) -> None:
     model, _ = load_meduet(paths.models / "pretrain" / "meduet.pt")
     windows = torch.randn(3, model.config.in_channels, *model.config.input_size)  # (3, C, d, h, w)
     with torch.no_grad():
-        first = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=0)
-        again = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=0)
-        other = evaluate_disentanglement.swapped_factors(model, windows, windows.flip(0), 2, seed=1)
+        first = swapped_factors(model, windows, windows.flip(0), 2, seed=0)
+        again = swapped_factors(model, windows, windows.flip(0), 2, seed=0)
+        other = swapped_factors(model, windows, windows.flip(0), 2, seed=1)
     for a, b, c in zip(first, again, other, strict=True):
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c)  # other hidden halves, another prediction
@@ -180,9 +212,7 @@ def test_swap_test_scores_known_swaps(swap, expected) -> None:
                                          axis=1).astype(np.float32)) + 0.01 * torch.randn(2, 2, 4, 4, 4)
                for site in y]  # (n=2, C=2, 4, 4, 4) each
     content, style = (np.stack(f) for f in zip(*(_factors(w) for w in windows)))
-    style_probe, content_probe = LinearProbe.fit(style, y, 2), LinearProbe.fit(content, y, 2)
-    result = evaluate_disentanglement.swap_test(swap, windows, content, y, style_probe, content_probe, pairs=10,
-                                                seed=0)
+    result = swap_test(swap, windows, content, y, fit_probe(style, y), pairs=10, seed=0)
     assert result["pairs"] == 10 and result["self_style_predicted_as_a"] == 1.0
     for key, value in expected.items():
         assert result[key] == value, (key, result)

@@ -1,0 +1,1 @@
+"""How well the factors separate anatomy from acquisition: the pieces of ``evaluate-disentanglement``."""
