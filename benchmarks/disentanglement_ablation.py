@@ -1,13 +1,15 @@
-"""Ablation of MeDUET's parts on the project's latent cache: full, no MFTD, no SiQC, no GRL.
+"""Ablation of the recipe changes that make content site-free: the authors' recipe, each change, all of them.
 
-Each variant is the params file's ``pretrain`` section plus one switch, trained, its
-factors extracted and evaluated with the same stage functions the pipeline runs, each into
-its own folders under ``<work>/ablation/<variant>-seed<seed>`` (the latent cache is shared).
-Prints one row per run: the last logged loss terms, the probe accuracies (site from content,
-from style, from the latents' own statistics) and the swap test.
+Each variant is the params file's ``pretrain`` section with ``pretrain.method`` set as
+below, trained, its factors extracted and evaluated with the same stage functions the
+pipeline runs, each into its own folders under ``<work>/ablation/<variant>-seed<seed>`` (the
+latent cache is shared). Prints one row per variant: mean ± sd over the seeds of the final
+reconstruction loss, the site probes (content on all windows and on region-matched
+windows with the null's 95th percentile, style), cross-site subject retrieval and the
+counterfactual swap; writes every run's numbers to ``<work>/ablation/results.json``.
 
-    python benchmarks/disentanglement_ablation.py [--params params.yaml] [--variants full no_grl]
-        [--seeds 0 1] [--set pretrain.steps=1500 ...]
+    python benchmarks/disentanglement_ablation.py [--params params.yaml] [--variants faithful improved]
+        [--seeds 0 1 2] [--set pretrain.steps=1500 ...]
 
 Needs the latent cache (``dvc repro encode_latents`` or ``make run`` first).
 """
@@ -15,21 +17,38 @@ Needs the latent cache (``dvc repro encode_latents`` or ``make run`` first).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 from meduet.config import Paths, load_config
+from meduet.io.atomic import write_json
 from meduet.stages import evaluate_disentanglement, extract_factors, pretrain
 
+FAITHFUL = ["pretrain.method.recipe=faithful"]
 VARIANTS = {
-    "full": [],
-    "no_mftd": ["pretrain.use_mftd=false"],
-    "no_siqc": ["pretrain.use_siqc=false"],
-    "no_grl": ["pretrain.use_grl=false"],
+    "faithful": FAITHFUL,
+    "+adversary": [*FAITHFUL, "pretrain.method.clean_adversary=1.0", "pretrain.method.crops_per_volume=4"],
+    "+partners": [*FAITHFUL, "pretrain.method.cross_site_partners=true", "pretrain.method.same_site_negatives=true"],
+    "+alignment": [*FAITHFUL, "pretrain.method.decorrelation=0.1", "pretrain.method.site_alignment=1.0"],
+    "+schedules": [*FAITHFUL, "pretrain.method.grl_ramp=true", "pretrain.method.ema_horizon=[0.01,0.1]",
+                   "pretrain.method.epoch_sampling=true"],
+    "improved": ["pretrain.method.recipe=improved"],
+    "improved-no_mftd": ["pretrain.method.recipe=improved", "pretrain.use_mftd=false"],
+    "improved-no_siqc": ["pretrain.method.recipe=improved", "pretrain.use_siqc=false"],
 }
+DEFAULT_VARIANTS = ["faithful", "+adversary", "+partners", "+alignment", "+schedules", "improved"]
+# (key in a run's row, column header, digits)
+COLUMNS = [("seconds", "train s", 0), ("rec", "rec", 3), ("content", "c→site", 2), ("region_content", "c→site reg", 2),
+           ("region_null_p95", "null p95", 2), ("style", "s→site", 2), ("retrieval_content", "c top1", 2),
+           ("retrieval_style", "s top1", 2), ("counterfactual", "cf>A", 2), ("counterfactual_roundtrip", "cf>rt", 2)]
 
 
 def run_variant(params: Path, overrides: list[str], variant: str, seed: int) -> dict:
+    """Train, extract and evaluate one variant with one seed; its numbers as one row."""
     name = f"{variant}-seed{seed}"
     base = load_config(params, overrides)
     folder = Path(base.paths.work_dir) / "ablation" / name
@@ -42,32 +61,77 @@ def run_variant(params: Path, overrides: list[str], variant: str, seed: int) -> 
     seconds = time.perf_counter() - start
     extract_factors.run(cfg.extract_factors, paths)
     metrics = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths).metrics
-    swap = metrics.get("swap", {})
-    return {"run": name, "seconds": seconds, **trained.metrics["final"], "content": metrics["content_accuracy"],
-            "style": metrics["style_accuracy"], "latent_stats": metrics["latent_statistics_accuracy"],
-            "swap": swap.get("style_closer_to_b_roundtrip", float("nan")),
-            "content_kept": swap.get("content_closer_to_a_roundtrip", float("nan")),
-            "chance": metrics["chance"]}
+    counterfactual = metrics.get("counterfactual", {})
+    return {"run": name, "variant": variant, "seed": seed, "seconds": seconds, "rec": trained.metrics["final"]["rec"],
+            "content": metrics["content_accuracy"], "content_null_p95": metrics["content_null_p95"],
+            "region_content": metrics["region_content_accuracy"], "region_null_p95": metrics["region_content_null_p95"],
+            "style": metrics["style_accuracy"], "retrieval_content": metrics["retrieval_content_top1"],
+            "retrieval_style": metrics["retrieval_style_top1"], "retrieval_chance": metrics["retrieval_chance"],
+            "counterfactual": counterfactual.get("swap_closer_than_a"),
+            "counterfactual_roundtrip": counterfactual.get("swap_closer_than_roundtrip"),
+            "goals": {k: v["met"] for k, v in metrics["goals"].items()}, "chance": metrics["chance"]}
+
+
+def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
+    """Mean and sd over seeds of every column, per variant."""
+    table = []
+    for variant in variants:
+        runs = [r for r in rows if r["variant"] == variant]
+        cell = {"variant": variant, "seeds": len(runs)}
+        for key, _, _ in COLUMNS:
+            values = np.array([np.nan if r[key] is None else r[key] for r in runs], dtype=float)
+            cell[key] = (float(np.nanmean(values)), float(np.nanstd(values)))
+        table.append(cell)
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default: <work>/ablation/results.json); rows are appended run by run")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="print the table of earlier results files instead of running anything")
     args = parser.parse_args()
-    rows = [run_variant(args.params, args.overrides, variant, seed) for seed in args.seeds for variant in args.variants]
-    columns = [("run", "run", 0), ("seconds", "train s", 0), ("rec", "rec", 3), ("domain_content", "dom_c", 3),
-               ("domain_style", "dom_s", 3), ("mftd", "mftd", 3), ("siqc", "siqc", 2), ("content", "content", 2),
-               ("style", "style", 2), ("latent_stats", "stats", 2), ("swap", "swap", 2), ("content_kept", "kept", 2)]
-    print(f"\n{'run':<16}" + "".join(f"{header:>9}" for _, header, _ in columns[1:]))
-    for row in rows:
-        print(f"{row['run']:<16}" + "".join(f"{row[key]:>9.{digits}f}" for key, _, digits in columns[1:]))
-    print(f"\ncontent/style/stats: cross-validated site-probe accuracy from the content factor, the style factor "
-          f"and the latents' per-channel mean/std (chance {rows[0]['chance']:.2f}); swap: pairs whose swapped "
-          f"style is nearer B's round trip than A's; kept: pairs whose content stays nearer A's round trip. "
-          f"Loss terms: the last logged interval.")
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        variants = list(dict.fromkeys(row["variant"] for row in rows))
+        print_table(summarise(rows, variants), rows, sorted({row["seed"] for row in rows}))
+        return
+    out = args.out or Path(load_config(args.params, args.overrides).paths.work_dir) / "ablation" / "results.json"
+    rows = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            rows.append(run_variant(args.params, args.overrides, variant, seed))
+            print(json.dumps(rows[-1]), flush=True)
+            write_json(out, {"machine": cpu_name(), "overrides": args.overrides, "rows": rows})
+    print_table(summarise(rows, args.variants), rows, args.seeds)
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def print_table(table: list[dict], rows: list[dict], seeds: list[int]) -> None:
+    print(f"\n{'variant':<18}{'seeds':>6}" + "".join(f"{header:>14}" for _, header, _ in COLUMNS))
+    for cell in table:
+        print(f"{cell['variant']:<18}{cell['seeds']:>6}"
+              + "".join(f"{cell[k][0]:>8.{d}f}±{cell[k][1]:<5.{d}f}" for k, _, d in COLUMNS))
+    print(f"\nmean ± sd over seeds {seeds} ({cpu_name()}).")
+    print(f"c→site / s→site: cross-validated site-probe accuracy from content / style (chance "
+          f"{rows[0]['chance']:.2f}); reg: content on region-matched windows, with its permutation null's 95th "
+          f"percentile; c top1 / s top1: cross-site subject retrieval (chance {rows[0]['retrieval_chance']:.2f}); "
+          f"cf>A / cf>rt: counterfactual swaps closer to the real s@B than s@A itself / than s@A's round trip "
+          f"through the decoder. rec: last logged reconstruction loss.")
 
 
 if __name__ == "__main__":

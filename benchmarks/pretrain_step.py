@@ -51,11 +51,12 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     x = torch.randn(batch, config.in_channels, *config.input_size, generator=generator).to(device)
     domain = (torch.arange(batch) % 4).to(device)
     mask = random_mix_mask(batch, config.num_tokens, config.mask_ratio, generator=generator).to(device)
-    # The paper's loss weights (the section's defaults), MFTD and SiQC on from the first step.
+    slots = torch.arange(batch).to(device)  # every crop its own volume, as the authors draw them
+    # The paper's recipe and loss weights (the section's defaults), MFTD and SiQC on from the first step.
     cfg = PretrainConfig(preset=preset, crop=config.input_size[0], batch_size=batch, steps=10,
-                         mftd_start_fraction=0.0, amp=bf16, cpu_bf16=bf16)
+                         mftd_start_fraction=0.0, amp=bf16, cpu_bf16=bf16, method={"recipe": "faithful"})
     trainer = pretrain_trainer(cfg=cfg, objective=PretrainObjective(student), teacher=teacher,
-                               batches=lambda step: [(x, domain, mask, step)], device=device)
+                               batches=lambda step: [(x, domain, mask, slots, step)], device=device)
 
     def step() -> dict[str, torch.Tensor]:
         losses = optimizer_step(trainer, trainer.batches(1))

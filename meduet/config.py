@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -264,6 +265,63 @@ class PretrainLossWeights(StrictModel):
     )
 
 
+# Method switches of each recipe: "faithful" is the authors' recipe, "improved" this project's
+# measured defaults (benchmarks/disentanglement_ablation.py; README, disentanglement).
+RECIPES: dict[str, dict[str, Any]] = {
+    "faithful": {"crops_per_volume": 1, "clean_adversary": 0.0, "cross_site_partners": False,
+                 "same_site_negatives": False, "decorrelation": 0.0, "site_alignment": 0.0, "grl_ramp": False,
+                 "ema_horizon": None, "epoch_sampling": False},
+    "improved": {"crops_per_volume": 4, "clean_adversary": 1.0, "cross_site_partners": True,
+                 "same_site_negatives": True, "decorrelation": 0.1, "site_alignment": 1.0, "grl_ramp": True,
+                 "ema_horizon": (0.01, 0.1), "epoch_sampling": True},
+}
+
+
+class PretrainMethod(StrictModel):
+    """Changes to the authors' recipe that make content site-free; each one a switch (None: the recipe's value).
+
+    See README, "Deviations from the authors' recipe", for the reason and measured effect of each.
+    """
+
+    recipe: Literal["faithful", "improved"] = Field(
+        default="improved", description="faithful = the authors' recipe (every change off); improved = all changes"
+    )
+    crops_per_volume: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="M: batches of B/M volumes x M crops, so site losses can pool a volume's crops"
+    )
+    clean_adversary: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="weight of the site classifiers on clean (unmixed) factors pooled per volume, "
+        "content behind the gradient reversal: the representation that is evaluated, at its scale"
+    )
+    cross_site_partners: bool | None = Field(default=None, description="the mixing partner comes from another site")
+    same_site_negatives: bool | None = Field(
+        default=None, description="SiQC content negatives only from the query's site (site cues cannot help)"
+    )
+    decorrelation: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="weight of the squared cross-correlation of pooled clean content and style"
+    )
+    site_alignment: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="weight of the spread of per-site means of pooled clean content (a queue)"
+    )
+    grl_ramp: bool | None = Field(
+        default=None, description="reversal strength ramps 0 -> 1 as 2/(1+exp(-10 p)) - 1 (DANN)"
+    )
+    ema_horizon: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        default=None, description="teacher averaging window as a fraction of the run, start and end (momentum "
+        "1 - 1/(fraction * steps)); None keeps ema_start/ema_end"
+    )
+    epoch_sampling: bool | None = Field(default=None, description="volumes drawn without replacement per epoch")
+    queue_size: Annotated[int, Field(ge=2)] = Field(default=256, description="pooled crops kept for site_alignment")
+
+    @model_validator(mode="after")
+    def _fill_from_recipe(self) -> PretrainMethod:
+        explicit = self.model_fields_set
+        for name, value in RECIPES[self.recipe].items():
+            if name not in explicit:
+                object.__setattr__(self, name, value)
+        return self
+
+
 class PretrainConfig(StrictModel):
     """MeDUET self-supervised pretraining on the latent cache (stage ``pretrain``)."""
 
@@ -304,6 +362,7 @@ class PretrainConfig(StrictModel):
         default=True, description="ablation switch: off sets the reversal strength to 0, so the content site "
         "classifier still trains but sends no gradient into the encoder (a detach)"
     )
+    method: PretrainMethod = Field(default_factory=PretrainMethod)
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
 
@@ -329,6 +388,13 @@ class PretrainConfig(StrictModel):
             raise ValueError(f"use_siqc needs mask_ratio 0.5 (equal token groups), got {self.mask_ratio}")
         if self.learnable_logit_scale and not self.use_siqc:
             raise ValueError("learnable_logit_scale needs use_siqc (the scales are SiQC's temperatures)")
+        if self.batch_size % (2 * self.method.crops_per_volume) and "crops_per_volume" not in \
+                self.method.model_fields_set:  # the recipe's M: the largest that fits this batch
+            fits = [m for m in range(self.method.crops_per_volume, 0, -1) if self.batch_size % (2 * m) == 0]
+            object.__setattr__(self.method, "crops_per_volume", fits[0])
+        if self.batch_size % (2 * self.method.crops_per_volume):
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of 2 x method.crops_per_volume "
+                             f"({self.method.crops_per_volume}): an even number of volumes pair up for mixing")
         return self
 
 
@@ -336,23 +402,66 @@ class PretrainConfig(StrictModel):
 class ExtractFactorsConfig(StrictModel):
     """Whole-volume content/style vectors from the pretrained model (stage ``extract-factors``)."""
 
-    weights: Literal["teacher", "student"] = Field(
-        default="teacher", description="which saved weights encode: the EMA teacher or the student"
+    weights: list[Literal["teacher", "student"]] = Field(
+        default=["teacher", "student"], min_length=1,
+        description="saved weights that encode, each kept: the EMA teacher and/or the student; the first is the "
+        "primary (headline metrics, swap tests)"
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"weights must not repeat, got {value}")
+        return value
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
 
 
 class EvaluateDisentanglementConfig(StrictModel):
-    """Linear site probes on the factors and a content/style swap test (stage ``evaluate-disentanglement``)."""
+    """Site probes, windows curve, region-matched probes, cross-site retrieval and swap tests
+    of the factors (stage ``evaluate-disentanglement``)."""
 
-    folds: Annotated[int, Field(ge=2)] = Field(default=5, description="cross-validation folds (stratified by site)")
-    l2: Annotated[float, Field(ge=0)] = Field(default=1e-2, description="L2 penalty on the probe weights")
+    folds: Annotated[int, Field(ge=2)] = Field(
+        default=5, description="cross-validation folds (stratified by site; at most the rarest site's volumes)"
+    )
+    l2: Annotated[float, Field(ge=0)] = Field(default=1e-2, description="L2 penalty per sample on the probe weights")
     max_iter: Annotated[int, Field(ge=1)] = Field(default=200, description="L-BFGS iterations per probe fit")
+    permutations: Annotated[int, Field(ge=0)] = Field(
+        default=200, description="label permutations of each probe's null (0: no null)"
+    )
+    window_counts: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[1, 4, 16, 64], description="windows averaged per volume along the curve (plus all of them)"
+    )
+    curve_draws: Annotated[int, Field(ge=1)] = Field(default=5, description="random window draws per curve point")
+    curve_permutations: Annotated[int, Field(ge=0)] = Field(default=50, description="null permutations per curve point")
+    jobs: Annotated[int, Field(ge=1)] = Field(default=2, description="processes sharing a probe's permutations")
+    subject_pattern: str = Field(
+        default=r"_(\d+)$", description="regex whose first group is the subject in a case id (travelling "
+        "subjects: the same subject scanned at several sites); cases without a match take no part in retrieval"
+    )
     swap_pairs: Annotated[int, Field(ge=0)] = Field(
         default=16, description="(A, B) pairs of different sites for the swap test; 0 skips it"
     )
+    counterfactual_pairs: Annotated[int, Field(ge=0)] = Field(
+        default=48, description="same-subject pairs of the counterfactual swap; 0 skips it"
+    )
+    counterfactual_decode: Annotated[int, Field(ge=0)] = Field(
+        default=8, description="of the counterfactual pairs, how many are also decoded with the VAE and scored by "
+        "PSNR against the real image (about 4 s per decode on 2 CPU cores; 0: latent space only)"
+    )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
     seed: int = 0
+
+    @field_validator("subject_pattern")
+    @classmethod
+    def _one_group(cls, value: str) -> str:
+        try:
+            groups = re.compile(value).groups
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from error
+        if groups < 1:
+            raise ValueError(f"needs a capture group for the subject, got {value!r}")
+        return value
 
 
 # --------------------------------------------------------------------------- distributed training

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +7,8 @@ import pytest
 import yaml
 
 from meduet.cli import main
+from pydantic import ValidationError
+
 from meduet.config import ConfigError, MeduetConfig, Paths, config_from_dict, config_hash, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,3 +106,30 @@ def test_untracked_pretrained_weights_are_refused_with_the_reason(value):
         config_from_dict({"vae": {"pretrained": value}})
     for accepted in ("data/pretrained/autoencoder.pt", "s3://bucket/maisi/autoencoder.pt"):
         assert config_from_dict({"vae": {"pretrained": accepted}}).vae.pretrained == accepted
+
+
+def test_pretrain_recipes_fill_unset_switches_and_explicit_ones_win() -> None:
+    from meduet.config import RECIPES, PretrainConfig
+
+    faithful = PretrainConfig.model_validate({"batch_size": 16, "method": {"recipe": "faithful"}}).method
+    assert {k: getattr(faithful, k) for k in RECIPES["faithful"]} == RECIPES["faithful"]
+    mixed = PretrainConfig.model_validate({"batch_size": 16, "method": {"recipe": "faithful", "grl_ramp": True}})
+    assert mixed.method.grl_ramp and mixed.method.clean_adversary == 0.0
+    assert PretrainConfig(batch_size=4).method.crops_per_volume == 2  # the recipe's 4 shrinks to fit the batch
+    with pytest.raises(ValidationError, match="multiple of 2 x method.crops_per_volume"):
+        PretrainConfig.model_validate({"batch_size": 4, "method": {"crops_per_volume": 4}})
+
+
+def test_grl_ramp_and_ema_horizon_schedules() -> None:
+    from meduet.config import PretrainConfig
+    from meduet.engine.pretrain_training import loss_weights, teacher_momentum
+
+    cfg = PretrainConfig.model_validate({"batch_size": 16, "steps": 1000})
+    assert loss_weights(cfg, 0).grl_lambda == 0.0
+    assert loss_weights(cfg, 1000).grl_lambda == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert loss_weights(cfg, 100).grl_lambda == pytest.approx(2 / (1 + math.exp(-1)) - 1)
+    assert teacher_momentum(cfg, 0) == pytest.approx(1 - 1 / 10)  # horizon 1 % of 1000 steps
+    assert teacher_momentum(cfg, 1000) == pytest.approx(1 - 1 / 100)  # 10 %
+    faithful = PretrainConfig.model_validate({"batch_size": 16, "steps": 1000, "method": {"recipe": "faithful"}})
+    assert loss_weights(faithful, 0).grl_lambda == 1.0 and loss_weights(faithful, 0).clean_adversary == 0.0
+    assert teacher_momentum(faithful, 0) == pytest.approx(0.997)

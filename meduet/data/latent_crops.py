@@ -70,6 +70,15 @@ class LatentCropSampler:
             window = torch.nn.functional.pad(window, [p for n in reversed(pad) for p in (n // 2, n - n // 2)])
         return window
 
+    @staticmethod
+    def _augment(crop: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random flips along each axis and a random rot90 in one axis plane (cubic: shape kept)."""
+        flips = [axis + 1 for axis in range(3) if torch.rand(1, generator=gen) < 0.5]
+        if flips:
+            crop = crop.flip(flips)
+        plane = _PLANES[int(torch.randint(len(_PLANES), (1,), generator=gen))]
+        return torch.rot90(crop, int(torch.randint(4, (1,), generator=gen)), dims=plane)
+
     def batch(self, step: int, batch_size: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's and worker's crops.
 
@@ -80,12 +89,80 @@ class LatentCropSampler:
         crops, labels = [], []
         for _ in range(batch_size):
             index = int(torch.randint(len(self.arrays), (1,), generator=gen))
-            crop = self._crop(self.arrays[index], gen)
-            flips = [axis + 1 for axis in range(3) if torch.rand(1, generator=gen) < 0.5]
-            if flips:
-                crop = crop.flip(flips)
-            plane = _PLANES[int(torch.randint(len(_PLANES), (1,), generator=gen))]
-            crop = torch.rot90(crop, int(torch.randint(4, (1,), generator=gen)), dims=plane)  # cubic: shape kept
-            crops.append(crop)
+            crops.append(self._augment(self._crop(self.arrays[index], gen), gen))
             labels.append(self.domains[index])
         return torch.stack(crops) * self.scale, torch.tensor(labels, dtype=torch.long)
+
+
+_VOLUME_STREAM = 2  # generator stream of the per-epoch volume orders
+
+
+def pair_across_sites(volumes: list[int], sites: list[int]) -> list[int]:
+    """Order ``volumes`` (even count ``G``) so that positions ``g`` and ``G-1-g`` come from different sites.
+
+    Sorted by how many of the drawn volumes share their site, volume ``k`` of the first half
+    pairs with volume ``k + G/2``: whenever no site holds more than half of them, every pair
+    crosses sites (otherwise as many pairs as possible do).
+    """
+    count = {s: sum(sites[v] == s for v in volumes) for s in {sites[v] for v in volumes}}
+    ranked = sorted(volumes, key=lambda v: (-count[sites[v]], sites[v]))
+    half = len(ranked) // 2
+    ordered = [0] * len(ranked)
+    for k in range(half):
+        ordered[k], ordered[len(ranked) - 1 - k] = ranked[k], ranked[k + half]
+    return ordered
+
+
+class GroupedCropSampler(LatentCropSampler):
+    """Batches of ``B / M`` volumes × ``M`` crops each, optionally paired across sites, optionally by epochs.
+
+    Crops of one volume sit next to each other (group ``g`` is rows ``g M … g M + M - 1``),
+    so group ``g`` mixes with group ``G-1-g`` (sample ``i`` with ``B-1-i``). A batch depends on
+    ``(seed, step, rank)`` alone, as ``LatentCropSampler``'s does.
+
+    Args:
+        crops_per_volume: ``M``.
+        cross_site_partners: order each batch's volumes with ``pair_across_sites``.
+        epoch_sampling: volumes drawn without replacement, one random order per epoch (and
+            rank); otherwise each volume is drawn uniformly at random.
+    """
+
+    def __init__(self, latents: list[Path], domains: list[int], crop: int, scale: float, seed: int, *,
+                 crops_per_volume: int = 1, cross_site_partners: bool = False, epoch_sampling: bool = False) -> None:
+        super().__init__(latents, domains, crop, scale, seed)
+        self.crops_per_volume = crops_per_volume
+        self.cross_site_partners = cross_site_partners
+        self.epoch_sampling = epoch_sampling
+
+    def _volume_order(self, epoch: int, rank: int) -> list[int]:
+        gen = step_generator(self.seed, epoch, rank, _VOLUME_STREAM)
+        return torch.randperm(len(self.arrays), generator=gen).tolist()
+
+    def volumes(self, step: int, count: int, rank: int, gen: torch.Generator) -> list[int]:
+        """The ``count`` volumes of a step, in batch order."""
+        if self.epoch_sampling:
+            n = len(self.arrays)
+            positions = range(step * count, step * count + count)
+            chosen = [self._volume_order(p // n, rank)[p % n] for p in positions]
+        else:
+            chosen = [int(torch.randint(len(self.arrays), (1,), generator=gen)) for _ in range(count)]
+        return pair_across_sites(chosen, self.domains) if self.cross_site_partners else chosen
+
+    def grouped_batch(self, step: int, batch_size: int,
+                      rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's crops.
+
+        Returns:
+            ``x (B, C, c, c, c)``, ``domain (B,)`` and ``group (B,)`` (the volume slot ``0 … B/M - 1``).
+        """
+        m = self.crops_per_volume
+        if batch_size % (2 * m):
+            raise ValueError(f"batch size {batch_size} is not a multiple of 2 x {m} crops per volume")
+        gen = step_generator(self.seed, step, rank)
+        crops, labels = [], []
+        for index in self.volumes(step, batch_size // m, rank, gen):
+            for _ in range(m):
+                crops.append(self._augment(self._crop(self.arrays[index], gen), gen))
+                labels.append(self.domains[index])
+        group = torch.arange(batch_size // m).repeat_interleave(m)
+        return torch.stack(crops) * self.scale, torch.tensor(labels, dtype=torch.long), group

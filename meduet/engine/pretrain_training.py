@@ -13,6 +13,7 @@ the same EMA update to the same weights).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,22 +22,24 @@ from torch import nn
 
 from meduet import distributed as dist
 from meduet.config import PretrainConfig
-from meduet.data.latent_crops import LatentCropSampler, step_generator
+from meduet.data.latent_crops import GroupedCropSampler, step_generator
 from meduet.engine.ema import build_teacher, cosine_momentum, ema_update
 from meduet.engine.loop import Trainer
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.losses import LossWeights, pretrain_losses
+from meduet.losses.site_free import SiteMeanQueue
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import MeduetArchitecture, MeduetModel
 
-TERMS = ("rec", "domain_content", "domain_style", "mftd", "siqc", "total")
+TERMS = ("rec", "domain_content", "domain_style", "mftd", "siqc", "clean_content", "clean_style", "decorrelation",
+         "site_alignment", "total")
 # Name parts of parameters kept out of weight decay besides every parameter with ndim < 2.
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 _MASK_STREAM = 1  # generator stream of the mixing masks (stream 0 = the crops)
 
-# One micro-batch: latents (B, C, d, h, w), sites (B,), mixing mask (B, N), and its step.
-PretrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+# One micro-batch: latents (B, C, d, h, w), sites (B,), mixing mask (B, N), volume slots (B,), and its step.
+PretrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 class PretrainObjective(nn.Module):
@@ -47,17 +50,24 @@ class PretrainObjective(nn.Module):
 
     Args:
         student: the trained ``MeduetModel``.
+        queue_size: crops in the site-alignment queue (0: no queue).
+        same_site_negatives: SiQC content negatives from the query's site only.
     """
 
-    def __init__(self, student: MeduetModel) -> None:
+    def __init__(self, student: MeduetModel, *, queue_size: int = 0, same_site_negatives: bool = False) -> None:
         super().__init__()
         self.student = student
+        self.site_queue = SiteMeanQueue(queue_size, student.config.embed_dim) if queue_size else None
+        self.same_site_negatives = same_site_negatives
 
-    def forward(self, x: torch.Tensor, domain: torch.Tensor, mask: torch.Tensor, teacher: MeduetModel, *,
-                weights: LossWeights, use_mftd: bool, use_siqc: bool) -> dict[str, torch.Tensor]:
-        """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``."""
-        return pretrain_losses(self.student, teacher, x, domain, mask=mask, weights=weights,
-                               use_mftd=use_mftd, use_siqc=use_siqc)
+    def forward(self, x: torch.Tensor, domain: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                teacher: MeduetModel, *, weights: LossWeights, use_mftd: bool,
+                use_siqc: bool) -> dict[str, torch.Tensor]:
+        """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``
+        and volume slots ``groups (B,)``."""
+        return pretrain_losses(self.student, teacher, x, domain, mask=mask, weights=weights, use_mftd=use_mftd,
+                               use_siqc=use_siqc, groups=groups, site_queue=self.site_queue,
+                               same_site_negatives=self.same_site_negatives)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -81,9 +91,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": list(no_decay.values()), "weight_decay": 0.0, "names": list(no_decay)}]
 
 
-def loss_weights(cfg: PretrainConfig) -> LossWeights:
-    """The section's loss weights; ``use_grl: false`` sets the reversal strength to 0."""
-    return LossWeights(**cfg.weights.model_dump(), grl_lambda=1.0 if cfg.use_grl else 0.0)
+def loss_weights(cfg: PretrainConfig, step: int) -> LossWeights:
+    """The section's loss weights at ``step``.
+
+    ``use_grl: false`` sets the reversal strength to 0; ``method.grl_ramp`` ramps it from 0 to
+    1 as ``2 / (1 + exp(-10 p)) - 1``, ``p = step / steps`` (DANN), so the adversary does not
+    fight an encoder that has not learnt anything yet.
+    """
+    strength = 1.0 if cfg.use_grl else 0.0
+    if cfg.method.grl_ramp:
+        strength *= 2.0 / (1.0 + math.exp(-10.0 * step / cfg.steps)) - 1.0
+    return LossWeights(**cfg.weights.model_dump(), grl_lambda=strength, clean_adversary=cfg.method.clean_adversary,
+                       decorrelation=cfg.method.decorrelation, site_alignment=cfg.method.site_alignment)
+
+
+def teacher_momentum(cfg: PretrainConfig, step: int) -> float:
+    """EMA momentum at ``step``: cosine from ``ema_start`` to ``ema_end``, or, with ``method.ema_horizon``
+    ``(f0, f1)``, from ``1 - 1/(f0 steps)`` to ``1 - 1/(f1 steps)``: the teacher averages over the same
+    share of a run whatever its length (the authors' 0.997 → 0.9997 suits runs of ~10⁵ steps)."""
+    start, end = cfg.ema_start, cfg.ema_end
+    if cfg.method.ema_horizon is not None:
+        start, end = (max(0.0, 1.0 - 1.0 / (f * cfg.steps)) for f in cfg.method.ema_horizon)
+    return cosine_momentum(step, cfg.steps, start=min(start, end), end=max(start, end))
 
 
 def pretrain_trainer(*, cfg: PretrainConfig, objective: nn.Module, teacher: MeduetModel,
@@ -97,21 +126,23 @@ def pretrain_trainer(*, cfg: PretrainConfig, objective: nn.Module, teacher: Medu
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(student, cfg.weight_decay)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    weights = loss_weights(cfg)
     mftd_start = round(cfg.mftd_start_fraction * cfg.steps)
 
     def loss(batch: PretrainBatch) -> dict[str, torch.Tensor]:
-        x, domain, mask, step = batch
-        return objective(x, domain, mask, teacher, weights=weights, use_mftd=cfg.use_mftd and step >= mftd_start,
-                         use_siqc=cfg.use_siqc)
+        x, domain, mask, slots, step = batch
+        return objective(x, domain, mask, slots, teacher, weights=loss_weights(cfg, step),
+                         use_mftd=cfg.use_mftd and step >= mftd_start, use_siqc=cfg.use_siqc)
 
     def update_teacher(step: int) -> dict[str, float]:
-        momentum = cosine_momentum(step, cfg.steps, start=cfg.ema_start, end=cfg.ema_end)
+        momentum = teacher_momentum(cfg, step)
         ema_update(teacher, student, momentum)
         return {"momentum": momentum}
 
-    return Trainer(checkpointed={"student": student, "teacher": teacher, "optimizer": optimizer,
-                                 "scheduler": scheduler},
+    checkpointed = {"student": student, "teacher": teacher, "optimizer": optimizer, "scheduler": scheduler}
+    queue = dist.unwrap(objective).site_queue
+    if queue is not None:
+        checkpointed["site_queue"] = queue
+    return Trainer(checkpointed=checkpointed,
                    optimizer=optimizer, scheduler=scheduler, loss=loss, batches=batches, terms=TERMS, device=device,
                    accumulation=cfg.grad_accumulation, grad_clip=cfg.grad_clip,
                    amp_dtype=amp_dtype(device, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16), after_step=update_teacher)
@@ -129,16 +160,21 @@ def build_trainer(*, cfg: PretrainConfig, architecture: MeduetArchitecture, late
     device = dist.device()
     student = MeduetModel(architecture)
     teacher = build_teacher(student).to(device)  # starts equal to the student
-    objective = dist.prepare_model(PretrainObjective(student))
-    sampler = LatentCropSampler([Path(p) for p in latents], domains, architecture.input_size[0], scale, cfg.seed)
+    method = cfg.method
+    objective = dist.prepare_model(PretrainObjective(
+        student, queue_size=method.queue_size if method.site_alignment > 0 else 0,
+        same_site_negatives=method.same_site_negatives))
+    sampler = GroupedCropSampler([Path(p) for p in latents], domains, architecture.input_size[0], scale, cfg.seed,
+                                 crops_per_volume=method.crops_per_volume,
+                                 cross_site_partners=method.cross_site_partners, epoch_sampling=method.epoch_sampling)
     rank = dist.world_rank()
 
     def batches(step: int):
         for micro in range(cfg.grad_accumulation):
             index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
-            x, domain = sampler.batch(index, cfg.batch_size, rank)  # (B, C, d, h, w), (B,)
+            x, domain, slots = sampler.grouped_batch(index, cfg.batch_size, rank)  # (B, C, d, h, w), (B,), (B,)
             mask = random_mix_mask(cfg.batch_size, architecture.num_tokens, architecture.mask_ratio,
                                    generator=step_generator(cfg.seed, index, rank, _MASK_STREAM))  # (B, N)
-            yield x.to(device), domain.to(device), mask.to(device), step
+            yield x.to(device), domain.to(device), mask.to(device), slots.to(device), step
 
     return pretrain_trainer(cfg=cfg, objective=objective, teacher=teacher, batches=batches, device=device)

@@ -4,6 +4,9 @@
 student ``MeduetModel`` and its EMA teacher and returns every loss term plus the total:
 
     L = L_rec + lambda1 (L_dc + L_ds) + lambda2 L_MFTD + lambda3 L_SiQC
+        [+ clean_adversary (L_dc,clean + L_ds,clean) + decorrelation L_corr + site_alignment L_align]
+
+The bracketed terms are this project's (``meduet.losses.site_free``; ``pretrain.method``).
 
 The modules hold the pieces: ``mixing`` (token mixing, demixing, dual reconstruction),
 ``domain`` (gradient reversal, site classification), ``mftd`` and ``siqc``.
@@ -19,6 +22,7 @@ from einops import rearrange
 from meduet.losses.domain import domain_losses
 from meduet.losses.mftd import mftd_loss
 from meduet.losses.mixing import check_mask, encode_demix, fuse, random_mix_mask, reconstruction_loss
+from meduet.losses.site_free import SiteMeanQueue, clean_site_losses, cross_correlation, pool_groups
 from meduet.losses.siqc import siqc_loss, view_embeddings
 from meduet.models.meduet import MeduetModel
 
@@ -33,6 +37,9 @@ class LossWeights:
         siqc: ``lambda3`` on ``L_SiQC``.
         mftd_content: ``lambda_c``, the content share inside ``L_MFTD``.
         grl_lambda: gradient reversal strength of the content site classifier.
+        clean_adversary: weight of the site losses on volume-pooled clean factors.
+        decorrelation: weight of the pooled content/style cross-correlation.
+        site_alignment: weight of the per-site spread of pooled content (needs a queue).
     """
 
     domain: float = 0.2
@@ -40,6 +47,9 @@ class LossWeights:
     siqc: float = 0.3
     mftd_content: float = 0.5
     grl_lambda: float = 1.0
+    clean_adversary: float = 0.0
+    decorrelation: float = 0.0
+    site_alignment: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -50,7 +60,9 @@ class LossWeights:
 def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor, domain: torch.Tensor, *,
                     mask: torch.Tensor | None = None, weights: LossWeights = LossWeights(),
                     use_mftd: bool = True, use_siqc: bool = True,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, groups: torch.Tensor | None = None,
+                    site_queue: SiteMeanQueue | None = None,
+                    same_site_negatives: bool = False) -> dict[str, torch.Tensor]:
     """All MeDUET pretraining losses for one batch.
 
     Args:
@@ -63,9 +75,14 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
         use_mftd: add MFTD (the authors switch it on after 20 % of training).
         use_siqc: add SiQC (needs mixing ratio 0.5, so both sources have ``N/2`` tokens).
         generator: random source for the mask.
+        groups: ``(B,)`` volume slot of each crop (crops of one volume pool together); None:
+            every crop its own volume.
+        site_queue: the queue ``weights.site_alignment`` needs.
+        same_site_negatives: SiQC content negatives from the query's site only.
 
     Returns:
-        scalars ``rec``, ``domain_content``, ``domain_style``, ``mftd``, ``siqc`` (zero when
+        scalars ``rec``, ``domain_content``, ``domain_style``, ``mftd``, ``siqc``,
+        ``clean_content``, ``clean_style``, ``decorrelation``, ``site_alignment`` (zero when
         switched off) and ``total``.
     """
     cfg = student.config
@@ -97,12 +114,18 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
     losses["domain_content"], losses["domain_style"] = domain_losses(student, demixed, domain,
                                                                      grl_lambda=weights.grl_lambda)
 
-    # Steps 5-6 re-encode decoded latents: one student encoder call for all of them.
-    if use_mftd or use_siqc:
-        redo = [pred[0]] if use_mftd else []
-        redo += [pred[1]] if use_siqc else []
-        re_content, re_style, _ = student.encode_full(student.unpatchify(torch.cat(redo)))
-        re_content, re_style = re_content.split(2 * batch), re_style.split(2 * batch)  # per view, (2B, N, .)
+    # Steps 5-6 re-encode decoded latents, and the project's terms encode the clean crops:
+    # one student encoder call for all of them.
+    clean = weights.clean_adversary > 0 or weights.decorrelation > 0 or weights.site_alignment > 0
+    to_encode = [x] if clean else []
+    to_encode += [student.unpatchify(pred[0])] if use_mftd else []
+    to_encode += [student.unpatchify(pred[1])] if use_siqc else []
+    if to_encode:
+        encoded_content, encoded_style, _ = student.encode_full(torch.cat(to_encode))
+        if clean:
+            clean_content, clean_style = encoded_content[:batch], encoded_style[:batch]  # (B, N, E), (B, N, S)
+            encoded_content, encoded_style = encoded_content[batch:], encoded_style[batch:]
+        re_content, re_style = encoded_content.split(2 * batch), encoded_style.split(2 * batch)  # per view
 
     zero = x.new_zeros(())
     losses["mftd"] = zero
@@ -117,11 +140,30 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
             [demixed.content_own, demixed.content_partner, *swapped_c],
             [demixed.style_own, demixed.style_partner, *swapped_s])
         losses["siqc"] = siqc_loss(query_c, query_s, teacher_out["key_content"], teacher_out["key_style"],
-                                   student.logit_scale_content, student.logit_scale_style)
+                                   student.logit_scale_content, student.logit_scale_style,
+                                   domain=domain if same_site_negatives else None, groups=groups)
+
+    # The project's site-free terms on the clean encoding.
+    slots = groups if groups is not None else torch.arange(batch, device=x.device)
+    losses["clean_content"], losses["clean_style"] = zero, zero
+    if weights.clean_adversary > 0:
+        losses["clean_content"], losses["clean_style"] = clean_site_losses(
+            student, clean_content, clean_style, domain, slots, weights.grl_lambda)
+    losses["decorrelation"] = (cross_correlation(pool_groups(clean_content.mean(1), slots),
+                                                 pool_groups(clean_style.mean(1), slots))
+                               if weights.decorrelation > 0 else zero)
+    losses["site_alignment"] = zero
+    if weights.site_alignment > 0:
+        if site_queue is None:
+            raise ValueError("weights.site_alignment > 0 needs a site_queue")
+        losses["site_alignment"] = site_queue(clean_content, domain)
 
     # Step 7.
     losses["total"] = (losses["rec"] + weights.domain * (losses["domain_content"] + losses["domain_style"])
-                       + weights.mftd * losses["mftd"] + weights.siqc * losses["siqc"])
+                       + weights.mftd * losses["mftd"] + weights.siqc * losses["siqc"]
+                       + weights.clean_adversary * (losses["clean_content"] + losses["clean_style"])
+                       + weights.decorrelation * losses["decorrelation"]
+                       + weights.site_alignment * losses["site_alignment"])
     return losses
 
 

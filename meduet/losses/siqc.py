@@ -43,7 +43,7 @@ def view_sources(batch: int, device: torch.device | str = "cpu") -> tuple[torch.
 
 
 def supcon_qk(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
-              logit_scale: torch.Tensor) -> torch.Tensor:
+              logit_scale: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Supervised contrastive loss of queries against keys with shared labels.
 
     Query ``a`` and key ``a`` are the same view of the same sample (student vs teacher); that
@@ -55,6 +55,8 @@ def supcon_qk(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
         keys: ``(M, F)`` unit vectors (treated as constants).
         labels: ``(M,)`` integer source ids.
         logit_scale: scalar ``log`` of the inverse temperature; clamped to ``[log 1e-3, log 100]``.
+        candidates: ``(M, M)`` bool, the keys each query's softmax may see (positives always
+            can); None: all keys.
 
     Returns:
         scalar: ``mean_a -1/|P(a)| sum_{p in P(a)} log softmax_{k != a}(s * q_a . k_k)[p]``.
@@ -65,9 +67,10 @@ def supcon_qk(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
     scale = logit_scale.clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX).exp()
     logits = scale * queries @ keys.detach().T  # (M, M)
     self_pair = torch.eye(len(labels), dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(self_pair, float("-inf"))
-    log_prob = logits - logits.logsumexp(dim=1, keepdim=True)  # (M, M)
     positives = (labels[:, None] == labels[None, :]) & ~self_pair  # (M, M)
+    hidden = self_pair if candidates is None else self_pair | ~(candidates | positives)
+    logits = logits.masked_fill(hidden, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=1, keepdim=True)  # (M, M)
     pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)  # -inf on the diagonal is masked out
     return (-pos_log_prob / positives.sum(1).clamp_min(1)).mean()
 
@@ -83,17 +86,27 @@ def view_embeddings(content: list[torch.Tensor], style: list[torch.Tensor]) -> t
 
 
 def siqc_loss(query_content: torch.Tensor, query_style: torch.Tensor, key_content: torch.Tensor,
-              key_style: torch.Tensor, logit_scale_content: torch.Tensor,
-              logit_scale_style: torch.Tensor) -> torch.Tensor:
+              key_style: torch.Tensor, logit_scale_content: torch.Tensor, logit_scale_style: torch.Tensor, *,
+              domain: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
     """``L_SiQC = L_c + L_s`` over the four views.
 
     Args:
         query_content, key_content: ``(4B, E)`` pooled views (``view_embeddings``), student / teacher.
         query_style, key_style: ``(4B, S)``.
         logit_scale_content, logit_scale_style: scalar log inverse temperatures.
+        domain: ``(B,)`` sites; given, content negatives come only from the query's site
+            (``pretrain.method.same_site_negatives``), so site cues cannot tell crops apart.
+        groups: ``(B,)`` volume slot of each crop; given, style positives are every view whose
+            style comes from the same volume (its crops share one acquisition).
     """
     if query_content.shape[0] % 4:
         raise ValueError(f"expected 4 views of B samples, got {query_content.shape[0]} rows")
     content_ids, style_ids = view_sources(query_content.shape[0] // 4, query_content.device)
-    return (supcon_qk(query_content, key_content, content_ids, logit_scale_content)
+    candidates = None
+    if domain is not None:
+        sites = domain[content_ids]
+        candidates = sites[:, None] == sites[None, :]
+    if groups is not None:
+        style_ids = groups[style_ids]
+    return (supcon_qk(query_content, key_content, content_ids, logit_scale_content, candidates)
             + supcon_qk(query_style, key_style, style_ids, logit_scale_style))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meduet.data.latent_crops import LatentCropSampler
+from meduet.data.latent_crops import GroupedCropSampler, LatentCropSampler, pair_across_sites
 from meduet.data.latents import LatentRecord, save_array, write_manifest, write_scale
 
 
@@ -85,3 +85,37 @@ def test_each_crop_carries_the_site_label_of_the_latent_it_was_cut_from(tmp_path
             assert site == site_of[source], (source, site)
             seen.add(source)
     assert seen == {1.0, 2.0, 3.0}
+
+
+def _constant_latents(root: Path, count: int) -> list[Path]:
+    """Latents filled with their own id 1..count, so every crop names its source."""
+    return [save_array(root / f"c{i}.npy", np.full((4, 9, 9, 9), float(i + 1), np.float32)) for i in range(count)]
+
+
+def test_pair_across_sites_crosses_whenever_possible():
+    sites = [0, 0, 0, 1, 1, 2]
+    for volumes in ([0, 1, 3, 4], [0, 1, 2, 3, 4, 5], [0, 3, 1, 5]):
+        ordered = pair_across_sites(volumes, sites)
+        assert sorted(ordered) == sorted(volumes)
+        assert all(sites[ordered[g]] != sites[ordered[-1 - g]] for g in range(len(ordered) // 2)), ordered
+    assert sorted(pair_across_sites([0, 1, 2, 3], sites)) == [0, 1, 2, 3]  # 3 of site 0: one pair cannot cross
+
+
+def test_grouped_batch_layout_partners_and_epochs(tmp_path):
+    sites = [0, 0, 1, 1, 2, 2, 3, 3]
+    sampler = GroupedCropSampler(_constant_latents(tmp_path, 8), sites, 6, scale=1.0, seed=0, crops_per_volume=2,
+                                 cross_site_partners=True, epoch_sampling=True)
+    seen = []
+    for step in range(4):  # 4 volumes per step, 8 volumes: two epochs
+        x, domain, group = sampler.grouped_batch(step, 8)
+        assert group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        source = [int(crop.unique().item()) - 1 for crop in x]
+        assert source[0::2] == source[1::2]  # the crops of a slot come from one volume
+        assert domain.tolist() == [sites[v] for v in source]
+        assert all(domain[i] != domain[7 - i] for i in range(8))  # partners i, B-1-i cross sites
+        seen += source[0::2]
+        again = sampler.grouped_batch(step, 8)
+        assert torch.equal(x, again[0])  # (seed, step) alone decide a batch: resumable
+    assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))  # each volume once an epoch
+    with pytest.raises(ValueError, match="multiple of 2 x 2"):
+        sampler.grouped_batch(0, 6)

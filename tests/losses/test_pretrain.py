@@ -9,7 +9,8 @@ from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
 
 TINY = PRESETS["tiny"]
-TERMS = {"rec", "domain_content", "domain_style", "mftd", "siqc", "total"}
+TERMS = {"rec", "domain_content", "domain_style", "mftd", "siqc", "clean_content", "clean_style", "decorrelation",
+         "site_alignment", "total"}
 
 
 def _batch(seed=0):
