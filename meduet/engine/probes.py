@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score, permutation_test_score
+from scipy.stats import binomtest
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, permutation_test_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -45,15 +46,19 @@ def site_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, l2: float = 1e-2
     ``jobs`` processes share the permutations (joblib; None: one); the null does not depend on it.
 
     Returns:
-        ``accuracy_mean``/``accuracy_std``/``fold_accuracies``/``folds``; with
+        ``accuracy_mean``/``accuracy_std``/``fold_accuracies``/``folds``, ``correct``/``samples`` and
+        ``ci95`` (Wilson interval of the pooled out-of-fold accuracy); with
         ``permutations > 0`` also ``null_mean``, ``null_p95`` (95th percentile) and ``p_value``
         (``(1 + #null ≥ score) / (1 + permutations)``, scikit-learn's definition).
     """
     cv = probe_folds(y, folds, seed)
     probe = linear_probe(l2, len(y), max_iter)
-    scores = cross_val_score(probe, x, y, cv=cv, scoring="accuracy")
+    predicted = cross_val_predict(probe, x, y, cv=cv)  # each sample predicted by the fold that held it out
+    scores = np.array([(predicted[test] == y[test]).mean() for _, test in cv.split(x, y)])
+    correct = int((predicted == y).sum())
     result = {"accuracy_mean": float(scores.mean()), "accuracy_std": float(scores.std()),
-              "fold_accuracies": [float(s) for s in scores], "folds": cv.get_n_splits()}
+              "fold_accuracies": [float(s) for s in scores], "folds": cv.get_n_splits(), "correct": correct,
+              "samples": len(y), "ci95": proportion_ci(correct, len(y))}
     if permutations > 0:
         _, null, p_value = permutation_test_score(probe, x, y, cv=cv, n_permutations=permutations,
                                                   random_state=seed, scoring="accuracy", n_jobs=jobs)
@@ -61,6 +66,14 @@ def site_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, l2: float = 1e-2
                        "null_p95": float(np.percentile(null, 95)), "p_value": float(p_value),
                        "above_null_p95": bool(scores.mean() > np.percentile(null, 95))})
     return result
+
+
+def proportion_ci(successes: int, trials: int) -> list[float]:
+    """95 % Wilson interval ``[low, high]`` of a proportion (``[0, 1]`` without trials)."""
+    if trials == 0:
+        return [0.0, 1.0]
+    interval = binomtest(successes, trials).proportion_ci(0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, max_iter: int = 200) -> Pipeline:

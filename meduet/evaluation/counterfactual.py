@@ -29,6 +29,7 @@ import torch
 from monai.metrics import PSNRMetric
 
 from meduet.data.windows import sliding_windows, window_origins, world_boxes
+from meduet.engine.probes import proportion_ci
 from meduet.io.images import ras_affine
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import MeduetModel
@@ -237,14 +238,19 @@ def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, ba
     decoded = [r for r in rows if "psnr_swap" in r]
     result = {"pairs": len(rows), "decoded_pairs": len(decoded),
               **{k: float(np.mean([r[k] for r in (decoded if k.startswith("psnr_") else rows)])) for k in methods},
-              "swap_closer_than_a": float(np.mean([r["latent_mse_swap"] < r["latent_mse_a"] for r in rows])),
-              "swap_closer_than_roundtrip": float(np.mean([r["latent_mse_swap"] < r["latent_mse_roundtrip"]
-                                                           for r in rows]))}
+              **_fraction("swap_closer_than_a", [r["latent_mse_swap"] < r["latent_mse_a"] for r in rows]),
+              **_fraction("swap_closer_than_roundtrip",
+                          [r["latent_mse_swap"] < r["latent_mse_roundtrip"] for r in rows])}
     if decoded:
         result["psnr_swap_above_a"] = float(np.mean([r["psnr_swap"] > r["psnr_a"] for r in decoded]))
         result["psnr_swap_above_a_vae"] = float(np.mean([r["psnr_swap"] > r["psnr_a_vae"] for r in decoded]))
     result["rows"] = rows
     return result
+
+
+def _fraction(name: str, outcomes: list[bool]) -> dict:
+    """``name``: the share of true outcomes, ``name_ci95``: its Wilson interval."""
+    return {name: float(np.mean(outcomes)), f"{name}_ci95": proportion_ci(int(np.sum(outcomes)), len(outcomes))}
 
 
 def _image_scores(images: _Images, scan_a: Scan, scan_b: Scan, swap: torch.Tensor, roundtrip: torch.Tensor) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.preprocessing import StandardScaler
 
+from meduet.engine.probes import proportion_ci
 from meduet.io.figures import plt, save_figure
 
 
@@ -41,7 +42,8 @@ def cross_site_retrieval(x: np.ndarray, sites: np.ndarray, subjects: list[str | 
         x: ``(n, F)`` features; sites: ``(n,)`` site labels; subjects: subject of each volume.
 
     Returns:
-        ``top1`` (hit rate over queries whose subject is seen at another site), ``chance``
+        ``top1`` (hit rate over queries whose subject is seen at another site) and its Wilson
+        ``ci95`` (queries are not independent: a subject is queried once per site), ``chance``
         (the expected hit rate of a random pick), ``queries``, and per query its hit
         (``hits``) — or ``{"skipped": reason}`` when no subject is seen at two sites.
     """
@@ -57,8 +59,8 @@ def cross_site_retrieval(x: np.ndarray, sites: np.ndarray, subjects: list[str | 
         chances.append(same.mean())
     if not hits:
         return {"skipped": "no subject is scanned at two sites (see evaluate_disentanglement.subject_pattern)"}
-    return {"top1": float(np.mean(hits)), "chance": float(np.mean(chances)), "queries": len(hits),
-            "hits": [bool(h) for h in hits]}
+    return {"top1": float(np.mean(hits)), "ci95": proportion_ci(int(np.sum(hits)), len(hits)),
+            "chance": float(np.mean(chances)), "queries": len(hits), "hits": [bool(h) for h in hits]}
 
 
 def plot_retrieval(features: dict[str, np.ndarray], sites: list[str], subjects: list[str | None],

@@ -217,12 +217,15 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
         "by_weights": per_weights, "region": region, "windows_curve": curves,
         "subjects_at_several_sites": len({s for s in subjects if s is not None and
                                           len({d for d, t in zip(y, subjects) if t == s}) > 1}),
-        "content_accuracy": probes["content"]["accuracy_mean"], "style_accuracy": probes["style"]["accuracy_mean"],
+        "content_accuracy": probes["content"]["accuracy_mean"], "content_ci95": probes["content"]["ci95"],
+        "style_accuracy": probes["style"]["accuracy_mean"], "style_ci95": probes["style"]["ci95"],
         "content_null_p95": probes["content"].get("null_p95"), "content_p_value": probes["content"].get("p_value"),
         "region_content_accuracy": probes["region_content"].get("accuracy_mean"),
+        "region_content_ci95": probes["region_content"].get("ci95"),
         "region_content_null_p95": probes["region_content"].get("null_p95"),
         "latent_statistics_accuracy": probes["latent_statistics"]["accuracy_mean"],
         "retrieval_content_top1": probes["retrieval_content"].get("top1"),
+        "retrieval_content_ci95": probes["retrieval_content"].get("ci95"),
         "retrieval_style_top1": probes["retrieval_style"].get("top1"),
         "retrieval_chance": probes["retrieval_content"].get("chance"),
     }
@@ -243,6 +246,7 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     if model is not None and cfg.counterfactual_pairs > 0:
         metrics["counterfactual"] = _counterfactual(cfg, paths, model, latent_records, latents, subjects)
         metrics["counterfactual_closer_than_a"] = metrics["counterfactual"].get("swap_closer_than_a")
+        metrics["counterfactual_closer_than_a_ci95"] = metrics["counterfactual"].get("swap_closer_than_a_ci95")
         metrics["counterfactual_closer_than_roundtrip"] = metrics["counterfactual"].get("swap_closer_than_roundtrip")
     metrics["goals"] = goals(metrics)
 

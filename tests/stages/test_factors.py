@@ -15,7 +15,7 @@ from meduet.stages import StageError, evaluate_disentanglement, extract_factors
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, save_meduet
 from meduet.data.windows import sliding_windows, window_starts
-from meduet.engine.probes import fit_probe, site_probe
+from meduet.engine.probes import fit_probe, proportion_ci, site_probe
 from meduet.evaluation.swap import swap_test, swapped_factors
 from tests.stages.test_pretrain import _write_cache
 
@@ -71,6 +71,12 @@ def test_probe_folds_never_exceed_the_rarest_class_and_need_two_samples_each() -
     assert site_probe(x, y, folds=5, permutations=0)["folds"] == 3
     with pytest.raises(ValueError, match="at least 2 samples"):
         site_probe(x[:7], y[:7], folds=5, permutations=0)  # class 2 has one sample
+
+
+def test_wilson_interval_known_answers() -> None:
+    assert proportion_ci(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert proportion_ci(0, 16)[0] == 0.0 and proportion_ci(16, 16)[1] == 1.0
+    assert proportion_ci(0, 0) == [0.0, 1.0]
 
 
 def test_probe_is_scale_invariant_and_predicts_labels() -> None:
@@ -140,6 +146,8 @@ def test_evaluate_writes_metrics_and_figure(project) -> None:
             probe = metrics["by_weights"][weights][name]
             assert 0.0 <= probe["accuracy_mean"] <= 1.0 and probe["folds"] == 3 and probe["permutations"] == 20
             assert 0.0 < probe["p_value"] <= 1.0 and probe["null_mean"] <= probe["null_p95"]
+            low, high = probe["ci95"]
+            assert low <= probe["correct"] / probe["samples"] <= high and probe["samples"] == 6
     # Identity affines and equal shapes: every window is inside the region every volume covers.
     assert metrics["region"]["windows_kept"] == metrics["region"]["windows_total"] == 48
     # Cases case0..case2 at both sites: each volume's subject is one of the 3 at the other site.
