@@ -78,6 +78,7 @@ class Headline:
     label: str
     goal: Goal | None = None
     digits: int = 3
+    interval: str | None = None  # dotted key of its 95 % interval [low, high], shown after the value
 
 
 EVAL = "evaluate_disentanglement"
@@ -85,19 +86,25 @@ HEADLINES: tuple[Headline, ...] = (
     Headline("train_vae", "overall.psnr", "VAE reconstruction PSNR (dB)", digits=1),
     Headline("train_vae", "overall.ssim", "VAE reconstruction SSIM", digits=2),
     Headline("train_vae", "overall.mae_raw", "VAE reconstruction MAE (raw units, HU for CT)", digits=1),
-    Headline(EVAL, "style_accuracy", "site from style (probe accuracy)", Goal(">=", 0.95, source="issue")),
-    Headline(EVAL, "content_accuracy", "site from content (probe accuracy)", Goal("<=", 0.40)),
+    Headline(EVAL, "style_accuracy", "site from style (probe accuracy)", Goal(">=", 0.95, source="issue"),
+             interval="style_ci95"),
+    Headline(EVAL, "content_accuracy", "site from content (probe accuracy)",
+             Goal("<=", ref="content_null_p95", ref_label="permutation null p95", source="issue"),
+             interval="content_ci95"),
     Headline(EVAL, "content_p_value", "site from content: permutation p-value"),
     Headline(EVAL, "region_content_accuracy", "site from content, shared anatomical region",
-             Goal("<=", ref="region_content_null_p95", ref_label="permutation null p95", source="issue")),
+             Goal("<=", ref="region_content_null_p95", ref_label="permutation null p95", source="issue"),
+             interval="region_content_ci95"),
     Headline(EVAL, "retrieval_content_top1", "same subject across sites by content (top-1)",
-             Goal(">=", 0.90, source="issue")),
+             Goal(">=", 0.90, source="issue"), interval="retrieval_content_ci95"),
     Headline(EVAL, "retrieval_style_top1", "same subject across sites by style (top-1)",
              Goal("<=", ref="probes.retrieval_style.chance", offset=0.10, ref_label="chance", source="issue")),
     Headline(EVAL, "swap_accuracy", "swap: style nearer B's round trip than A's", Goal(">=", 0.80)),
     Headline(EVAL, "swap.content_closer_to_a_roundtrip", "swap: content stays nearer A's round trip"),
     Headline(EVAL, "counterfactual_closer_than_a", "counterfactual: swap nearer B's scan than A's",
-             Goal(">=", 0.80, source="issue")),
+             Goal(">=", 0.80, source="issue"), interval="counterfactual_closer_than_a_ci95"),
+    Headline(EVAL, "counterfactual_closer_than_roundtrip",
+             "counterfactual: swap nearer B's scan than A's own decoder round trip"),
     Headline(EVAL, "latent_statistics_accuracy", "site from latent mean/std (input baseline)"),
     Headline(EVAL, "chance", "chance (1 / sites)"),
 )
@@ -141,6 +148,7 @@ class HeadlineRow:
     headline: Headline
     value: Any
     bound: float | None = None
+    interval: Any = None  # [low, high] or None
 
     @property
     def status(self) -> str:
@@ -155,7 +163,10 @@ class HeadlineRow:
         if self.value is MISSING or self.value is None:
             return MISSING_TEXT
         if isinstance(self.value, float):
-            return f"{self.value:.{self.headline.digits}f}"
+            text = f"{self.value:.{self.headline.digits}f}"
+            if isinstance(self.interval, list) and len(self.interval) == 2 and all(map(_is_number, self.interval)):
+                text += f" [{self.interval[0]:.{self.headline.digits}f}, {self.interval[1]:.{self.headline.digits}f}]"
+            return text
         return str(self.value)
 
     @property
@@ -179,7 +190,9 @@ def headline_rows(metrics: Mapping[str, Sequence[Any]],
     for headline in headlines:
         documents = metrics.get(headline.stage, ())
         bound = headline.goal.bound(documents) if headline.goal else None
-        rows.append(HeadlineRow(headline, _first(documents, headline.key), bound))
+        interval = _first(documents, headline.interval) if headline.interval else None
+        rows.append(HeadlineRow(headline, _first(documents, headline.key), bound,
+                                None if interval is MISSING else interval))
     return rows
 
 

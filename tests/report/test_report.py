@@ -219,3 +219,10 @@ def test_cli_report_command(synthetic_project: Path, capsys: pytest.CaptureFixtu
     assert (synthetic_project / "reports" / "index.html").is_file()
     assert f"Results report: {synthetic_project / 'reports' / 'index.html'}" in out
     assert out.startswith("metric") and "site from style (probe accuracy)" in out  # the default HEADLINES
+
+
+def test_headline_value_carries_its_interval_when_the_stage_wrote_one() -> None:
+    rows = headline_rows({"s": [{"x": 0.8125, "x_ci95": [0.57, 0.93], "y": 0.5, "y_ci95": "n/a"}]},
+                         [Headline("s", "x", "x", interval="x_ci95"), Headline("s", "y", "y", interval="y_ci95"),
+                          Headline("s", "y", "y", interval="absent")])
+    assert [r.value_text for r in rows] == ["0.812 [0.570, 0.930]", "0.500", "0.500"]
