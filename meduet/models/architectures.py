@@ -145,3 +145,85 @@ MEDUET_PRESETS: dict[str, MeduetArchitecture] = {
     "tiny": MeduetArchitecture(input_size=(8, 8, 8), patch_size=2, embed_dim=32, depth=2, num_heads=2,
                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0),
 }
+
+
+DiTPresetName = Literal["base", "small", "tiny"]
+
+
+@dataclass(frozen=True)
+class DiTArchitecture(_Architecture):
+    """Shape of the factor-conditioned latent DiT (``meduet.models.dit``).
+
+    Input size and patch size equal those of the MeDUET preset of the same name, so the DiT's
+    tokens line up one to one with MeDUET's content tokens (the spatial content path and
+    REPA need that); ``hidden_size`` equals MeDUET's ``E`` so its encoder weights can
+    initialise the DiT.
+
+    Args:
+        input_size: latent crop ``(d, h, w)``.
+        in_channels: latent channels ``C``.
+        patch_size: patch edge ``p``; must divide every entry of ``input_size``.
+        hidden_size, depth, num_heads: token width ``D``, blocks and heads.
+        mlp_ratio: MLP hidden width relative to ``D``.
+        content_dim: width ``E`` of MeDUET's content vector and tokens (the conditioning).
+        style_dim: width ``S`` of MeDUET's style vector.
+        spatial_content: add projected content tokens to the token embedding (translation);
+            off: global content and style vectors only, as the authors.
+        frequency_dim: sinusoidal features of the timestep before its MLP.
+        temperature: initial temperature of the factor embedders (learnable).
+    """
+
+    input_size: Grid = (24, 24, 24)
+    in_channels: int = 4
+    patch_size: int = 4
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    content_dim: int = 768
+    style_dim: int = 192
+    spatial_content: bool = True
+    frequency_dim: int = 256
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.input_size) != 3 or any(n % self.patch_size for n in self.input_size):
+            raise ValueError(f"input_size {self.input_size} must be 3 sizes divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if min(self.depth, self.in_channels, self.content_dim, self.style_dim) < 1:
+            raise ValueError("depth, in_channels, content_dim and style_dim must be at least 1")
+        if self.frequency_dim < 2 or self.frequency_dim % 2:
+            raise ValueError(f"frequency_dim must be even and >= 2, got {self.frequency_dim}")
+        if self.temperature <= 0 or self.mlp_ratio <= 0:
+            raise ValueError(f"temperature and mlp_ratio must be positive, got {self.temperature}, {self.mlp_ratio}")
+
+    @property
+    def grid(self) -> Grid:
+        """Patch grid ``(d/p, h/p, w/p)``."""
+        d, h, w = self.input_size
+        return d // self.patch_size, h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length ``p**3 * C`` of a flattened patch (the DiT's output per token)."""
+        return self.patch_size**3 * self.in_channels
+
+
+def _dit_like(meduet: MeduetArchitecture, **shape: Any) -> DiTArchitecture:
+    """A DiT on the same crop, patches and conditioning widths as the MeDUET preset ``meduet``."""
+    return DiTArchitecture(input_size=meduet.input_size, in_channels=meduet.in_channels, patch_size=meduet.patch_size,
+                           content_dim=meduet.embed_dim, style_dim=meduet.style_dim, **shape)
+
+
+DIT_PRESETS: dict[str, DiTArchitecture] = {
+    # DiT-B/4 on 24³ latents: 6³ tokens, the same as MeDUET base's.
+    "base": _dit_like(MEDUET_PRESETS["base"], hidden_size=768, depth=12, num_heads=12),
+    # CPU-sized variants for the demo and tests, as wide as the MeDUET preset of the same name.
+    "small": _dit_like(MEDUET_PRESETS["small"], hidden_size=96, depth=4, num_heads=4),
+    "tiny": _dit_like(MEDUET_PRESETS["tiny"], hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0),
+}
