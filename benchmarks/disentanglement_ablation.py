@@ -33,7 +33,7 @@ VARIANTS = {
     "faithful": FAITHFUL,
     "+adversary": [*FAITHFUL, "pretrain.method.clean_adversary=1.0", "pretrain.method.crops_per_volume=4"],
     "+partners": [*FAITHFUL, "pretrain.method.cross_site_partners=true", "pretrain.method.same_site_negatives=true"],
-    "+alignment": [*FAITHFUL, "pretrain.method.decorrelation=0.1", "pretrain.method.site_alignment=1.0"],
+    "+alignment": [*FAITHFUL, "pretrain.method.decorrelation=0.1", "pretrain.method.site_alignment=10.0"],
     "+schedules": [*FAITHFUL, "pretrain.method.grl_ramp=true", "pretrain.method.ema_horizon=[0.01,0.1]",
                    "pretrain.method.epoch_sampling=true"],
     "improved": ["pretrain.method.recipe=improved"],

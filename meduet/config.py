@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from meduet.models.architectures import MEDUET_PRESETS
+from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
 
 # Pretrained weights enter here: dvc.yaml lists this folder as a dependency of train-vae.
 PRETRAINED_DIR = "data/pretrained"
@@ -272,7 +272,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "same_site_negatives": False, "decorrelation": 0.0, "site_alignment": 0.0, "grl_ramp": False,
                  "ema_horizon": None, "epoch_sampling": False},
     "improved": {"crops_per_volume": 4, "clean_adversary": 1.0, "cross_site_partners": True,
-                 "same_site_negatives": True, "decorrelation": 0.1, "site_alignment": 1.0, "grl_ramp": True,
+                 "same_site_negatives": True, "decorrelation": 0.1, "site_alignment": 10.0, "grl_ramp": True,
                  "ema_horizon": (0.01, 0.1), "epoch_sampling": True},
 }
 
@@ -301,7 +301,8 @@ class PretrainMethod(StrictModel):
         default=None, description="weight of the squared cross-correlation of pooled clean content and style"
     )
     site_alignment: Annotated[float, Field(ge=0)] | None = Field(
-        default=None, description="weight of the spread of per-site means of pooled clean content (a queue)"
+        default=None, description="weight of the spread of per-site means of pooled clean content, in units of "
+        "its spread (a queue of recent crops)"
     )
     grl_ramp: bool | None = Field(
         default=None, description="reversal strength ramps 0 -> 1 as 2/(1+exp(-10 p)) - 1 (DANN)"
@@ -311,7 +312,9 @@ class PretrainMethod(StrictModel):
         "1 - 1/(fraction * steps)); None keeps ema_start/ema_end"
     )
     epoch_sampling: bool | None = Field(default=None, description="volumes drawn without replacement per epoch")
-    queue_size: Annotated[int, Field(ge=2)] = Field(default=256, description="pooled crops kept for site_alignment")
+    queue_size: Annotated[int, Field(ge=2)] = Field(
+        default=2048, description="pooled crops kept for site_alignment (its noise floor falls as 1/queue_size)"
+    )
 
     @model_validator(mode="after")
     def _fill_from_recipe(self) -> PretrainMethod:
@@ -464,6 +467,70 @@ class EvaluateDisentanglementConfig(StrictModel):
         return value
 
 
+# --------------------------------------------------------------------------- latent diffusion
+class TrainDiffusionConfig(StrictModel):
+    """The factor-conditioned latent DiT (stage ``train-diffusion``)."""
+
+    preset: Literal["base", "small", "tiny"] = Field(
+        default="tiny", description="base = DiT-B/4 on 24^3 latents; small/tiny for CPU (each on the crop and "
+        "patches of the MeDUET preset of the same name, so their tokens align)"
+    )
+    crop: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="latent crop edge; must equal the preset's input size (and the pretrained MeDUET's)"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=8, description="crops per worker and micro-step")
+    steps: Annotated[int, Field(ge=1)] = 1000
+    lr: PositiveFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    grad_clip: PositiveFloat = 1.0
+    grad_accumulation: Annotated[int, Field(ge=1)] = Field(default=1, description="micro-batches per optimizer step")
+    objective: Literal["ddpm", "rflow"] = Field(
+        default="ddpm", description="ddpm = 1000-step linear beta, epsilon-prediction; rflow = rectified flow, "
+        "velocity prediction"
+    )
+    flow_time: Literal["uniform", "logit_normal"] = Field(default="uniform", description="rflow's training times")
+    init: Literal["scratch", "meduet", "meduet_repa"] = Field(
+        default="meduet", description="scratch; meduet = patch embedding and block weights from the pretrained "
+        "MeDUET encoder; meduet_repa = that plus representation alignment to MeDUET's content tokens"
+    )
+    repa_weight: Annotated[float, Field(ge=0)] = Field(default=0.5, description="weight of REPA (meduet_repa)")
+    repa_layer: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="1-based DiT block whose tokens REPA aligns; None = a third of the depth"
+    )
+    cond_drop: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.2, description="probability of replacing content, style (and content tokens) by their null "
+        "embeddings, for classifier-free guidance"
+    )
+    spatial_content: bool = Field(
+        default=True, description="also condition on MeDUET's content tokens (translation: A's layout, B's style); "
+        "false = global content and style vectors only, as the authors"
+    )
+    ema_decay: Annotated[float, Field(ge=0, le=1)] = Field(default=0.9999, description="EMA of the DiT's weights")
+    amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
+    cpu_bf16: bool = Field(default=False, description="bf16 autocast on CPUs with native bf16 too")
+    val_crops: Annotated[int, Field(ge=0)] = Field(
+        default=32, description="held-out crops of the validation loss (fixed noise and timesteps); 0 skips it"
+    )
+    log_every: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainDiffusionConfig:
+        preset = DIT_PRESETS[self.preset]
+        if (self.crop,) * 3 != tuple(preset.input_size):
+            raise ValueError(f"crop {self.crop} must equal preset {self.preset!r}'s input size {preset.input_size}")
+        if self.repa_layer is not None and self.repa_layer > preset.depth:
+            raise ValueError(f"repa_layer {self.repa_layer} exceeds preset {self.preset!r}'s depth {preset.depth}")
+        return self
+
+    @property
+    def repa_block(self) -> int:
+        """The block REPA aligns: ``repa_layer`` or a third of the preset's depth."""
+        return self.repa_layer or max(1, DIT_PRESETS[self.preset].depth // 3)
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -508,6 +575,7 @@ class MeduetConfig(StrictModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     extract_factors: ExtractFactorsConfig = Field(default_factory=ExtractFactorsConfig)
     evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
+    train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

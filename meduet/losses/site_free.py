@@ -9,8 +9,9 @@ pools:
   gradient reversal) and clean style, over the ``M`` crops of a volume in the batch;
 - ``cross_correlation``: the squared cross-correlation of pooled content and pooled style
   (the authors define a decorrelation term but never use it);
-- ``SiteMeanQueue``: the spread of per-site means of pooled content over a queue of recent
-  crops (a linear MMD between each site and all of them), with no adversary to balance.
+- ``SiteMeanQueue``: the spread of per-site means of pooled content, in units of its spread,
+  over a queue of recent crops (a linear MMD between each site and all of them), with no
+  adversary to balance.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from meduet.losses.domain import grad_reverse
-from meduet.losses.siqc import pool_tokens
 from meduet.models.meduet import MeduetModel
 
 
@@ -58,12 +58,17 @@ def cross_correlation(content: torch.Tensor, style: torch.Tensor) -> torch.Tenso
 
 
 class SiteMeanQueue(nn.Module):
-    """Between-site spread of pooled content, estimated over a queue of recent crops.
+    """Between-site spread of pooled content in units of its spread, over a queue of recent crops.
 
-    ``forward`` returns ``sum_k (n_k / n) ||mu_k - mu||²`` of unit-normalised pooled content
-    over the queue and the batch (gradients through the batch only), then enqueues the batch.
-    The queue is a buffer, so it is checkpointed with the module and a resumed run continues
-    with the same queue.
+    ``forward`` pools each crop's content tokens (token mean, the vector a linear probe on
+    volume averages sees), standardises every channel by the queue's standard deviation
+    (held constant: a penalty in the features' own units, so shrinking them gains nothing)
+    and returns ``mean over channels of sum_k (n_k / n) (mu_k - mu)²`` over the queue and the
+    batch (gradients through the batch only); then it enqueues the batch. A linear probe
+    on volume averages finds a site exactly when these per-site means differ; a long queue
+    keeps the estimate's noise floor (about ``(K - 1) / n`` per channel) under the shifts it
+    has to remove. The queue is a buffer: checkpointed with the module, so a resumed run
+    continues with the same queue.
 
     Args:
         size: crops kept; width: ``E``.
@@ -77,15 +82,17 @@ class SiteMeanQueue(nn.Module):
 
     def forward(self, content: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """Penalty for content tokens ``(B, N, E)`` of sites ``(B,)``."""
-        pooled = pool_tokens(content).float()  # (B, E) unit vectors
+        pooled = content.float().mean(1)  # (B, E)
         filled = self.sites >= 0
         features = torch.cat([self.features[filled], pooled])
         sites = torch.cat([self.sites[filled], domain])
-        mean = features.mean(0)
+        scale = features.detach().std(0).clamp_min(1e-6) if len(features) > 1 else pooled.new_ones(pooled.shape[1])
+        standardised = features / scale
+        mean = standardised.mean(0)
         penalty = pooled.new_zeros(())
         for site in sites.unique():
             members = sites == site
-            penalty = penalty + members.float().mean() * (features[members].mean(0) - mean).pow(2).sum()
+            penalty = penalty + members.float().mean() * (standardised[members].mean(0) - mean).pow(2).mean()
         self._enqueue(pooled.detach(), domain)
         return penalty
 

@@ -46,20 +46,25 @@ def test_cross_correlation_known_answers() -> None:
                                rtol=1e-3)  # a copy: correlation 1
 
 
-def test_site_queue_penalises_site_means_apart_and_checkpoints() -> None:
+def test_site_queue_penalises_site_means_apart_in_units_of_spread_and_checkpoints() -> None:
     queue = SiteMeanQueue(size=8, width=2)
-    apart = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[-1.0, 0.0]], [[-1.0, 0.0]]])  # (B, N=1, E) after pooling
+    apart = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[-1.0, 0.0]], [[-1.0, 0.0]]])  # (B, N=1, E)
     sites = torch.tensor([0, 0, 1, 1])
-    # layer-norm of (1, 0) is (1, -1)/1 -> unit (0.707, -0.707); of (-1, 0) the opposite: site means ±v
-    assert queue(apart, sites).item() == pytest.approx(1.0, abs=1e-4)  # 0.5 |v|² + 0.5 |v|², |v| = 1
-    same = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]])
-    fresh = SiteMeanQueue(size=8, width=2)
-    assert fresh(same, sites).item() == pytest.approx(0.0, abs=1e-6)
+    # channel 0: site means ±1, sd 2/sqrt(3) -> (±sqrt(3)/2)² = 0.75 each, weighted 0.5 + 0.5; channel 1 constant
+    assert queue(apart, sites).item() == pytest.approx(0.75 / 2, abs=1e-5)  # mean over the 2 channels
+    scaled = SiteMeanQueue(size=8, width=2)
+    assert scaled(100 * apart, sites).item() == pytest.approx(0.75 / 2, abs=1e-5)  # scale-free
+    same = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]], [[1.0, 0.0]], [[2.0, 0.0]]])
+    assert SiteMeanQueue(size=8, width=2)(same, sites).item() == pytest.approx(0.0, abs=1e-6)
     state = copy.deepcopy(queue.state_dict())
     assert int(state["cursor"]) == 4 and (state["sites"][:4] == sites).all()
     resumed = SiteMeanQueue(size=8, width=2)
     resumed.load_state_dict(state)
     torch.testing.assert_close(resumed(same, sites), queue(same, sites))  # the queue carries over
+    # gradients reach the batch only, pulling the site means together
+    batch = apart.clone().requires_grad_(True)
+    SiteMeanQueue(size=8, width=2)(batch, sites).backward()
+    assert batch.grad[0, 0, 0] > 0 > batch.grad[2, 0, 0]  # descending moves site 0 down, site 1 up
 
 
 def test_same_site_negatives_drop_other_sites_from_the_softmax() -> None:
