@@ -1,16 +1,22 @@
 """One MeDUET pretraining step: time, peak memory, FLOPs and achieved FLOP/s.
 
 Measures the real optimizer step of the pretraining loop (``meduet.engine.loop.optimizer_step``
-over the pretraining trainer's parts: mixing, demixing, batched dual decoding, domain heads, MFTD and SiQC re-encodings, the
-teacher's targets, AdamW) plus the EMA update, for ``base`` at batch 2 and a small preset at
-batch 8: on CPU in fp32 and, where the CPU has native bf16, with bf16 autocast; on GPU (bf16)
-when one is available. Every row runs in its own process, so peak memory is that row's alone.
-The first step's losses of each row are compared with the fp32 row of the same preset.
+over the pretraining trainer's parts: mixing, demixing, batched dual decoding, domain heads,
+MFTD and SiQC re-encodings, the teacher's targets, AdamW) plus the EMA update, for ``base`` at
+batch 2 and a small preset at batch 8: on CPU in fp32 and, where the CPU has native bf16, with
+bf16 autocast; on GPU (bf16) when one is available. Every row runs in its own process, so peak
+memory is that row's alone. The first step's losses of each row are compared with the fp32 row
+of the same preset.
 
-    python benchmarks/pretrain_step.py [--steps 3] [--presets base:2 small:8]
+    python benchmarks/pretrain_step.py [--steps 3] [--presets base:2 small:8] [--repeats 2]
+        [--reference /tmp/refbench --harness ../shared/bench/ref_step.py]
 
-For orientation (from the issue): the authors' public code needs 19.9 s per step and
-4.3 GiB peak RSS for ``base``, batch 2, 24³ latents on a 2-core machine of this kind.
+With ``--reference`` (a folder laid out by the side-by-side harness's ``setup_ref.sh``: the
+authors' ``pretrain/`` code and its imports) the authors' step for ``base`` runs in the same
+invocation, alternating with the project's row ``--repeats`` times, each in its own
+process, fp32 and (where the CPU has native bf16) under the same bf16 autocast: every ratio
+printed is one measured on this machine in this run. Each row also shows its share of
+this machine's measured matrix-multiply peak (MFU) in its precision.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from machine import describe, matmul_peak  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import PretrainConfig
@@ -33,8 +42,6 @@ from meduet.engine.precision import native_bf16
 from meduet.engine.pretrain_training import PretrainObjective, pretrain_trainer
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
-
-AUTHORS_BASE_CPU = {"seconds": 19.9, "peak_gib": 4.3}
 
 
 def peak_rss_gib() -> float:
@@ -87,10 +94,36 @@ def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dic
     return json.loads(out.strip().splitlines()[-1])
 
 
+def run_reference(harness: Path, reference: Path, batch: int, steps: int, bf16: bool) -> dict:
+    """The authors' ``base`` step (``ref_step.py``, first step excluded) in a fresh interpreter."""
+    env = {**os.environ, "REF_SRC": str(reference / "src" / "pretrain"), "PYTHONPATH": str(reference / "site")}
+    command = [sys.executable, str(harness), "--preset", "base", "--batch", str(batch), "--steps", str(steps + 1),
+               "--threads", str(torch.get_num_threads()), *(["--bf16"] if bf16 else [])]
+    row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+                     .stdout.strip().splitlines()[-1])
+    return {"seconds": row["s_step_median"], "peak_gib": row["peak_rss_gib"], "gflop": row["gflop"]}
+
+
+def _spread(values: list[float]) -> str:
+    """``median (min-max)`` of repeated measurements."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{_median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["base:2", "small:8"], metavar="PRESET:BATCH")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each row (median and range printed)")
+    parser.add_argument("--reference", type=Path, default=None, help="setup_ref.sh's folder: run the authors' step")
+    parser.add_argument("--harness", type=Path, default=Path("../shared/bench/ref_step.py"))
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = parser.parse_args()
     if args.row:
@@ -98,26 +131,46 @@ def main() -> None:
         print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1")))
         return
 
-    rows = [("cpu", False)] + ([("cpu", True)] if native_bf16(torch.device("cpu")) else [])
+    cpu_bf16 = native_bf16(torch.device("cpu"))
+    peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16) if cpu_bf16 else float("nan")}
+    print(f"machine: {describe()}; matmul peak (2048², best of 5): fp32 {peaks[False]:.0f} GFLOP/s"
+          + (f", bf16 {peaks[True]:.0f} GFLOP/s" if cpu_bf16 else ", no native bf16"))
+    rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
     rows += [("cuda", True)] if torch.cuda.is_available() else []
-    print(f"\n{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>9}{'peak GiB':>10}{'GFLOP':>9}"
-          f"{'GFLOP/s':>9}{'time vs authors':>17}{'mem vs authors':>16}{'max loss diff':>15}")
+    print(f"\n{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
+          f"{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
     for item in args.presets:
         preset, batch = item.split(":")
         reference = None
         for device, bf16 in rows:
-            r = run_row(preset, int(batch), args.steps, device, bf16)
+            side_by_side = args.reference is not None and preset == "base" and device == "cpu"
+            ours, theirs = [], []
+            for _ in range(args.repeats):
+                ours.append(run_row(preset, int(batch), args.steps, device, bf16))
+                if side_by_side:
+                    theirs.append(run_reference(args.harness, args.reference, int(batch), args.steps, bf16))
+            r = ours[0]
             reference = reference or r["losses"]  # the fp32 CPU row comes first
             diff = max(abs(r["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
-            versus = preset == "base" and batch == "2" and device == "cpu"
-            t_ratio = f"{r['seconds'] / AUTHORS_BASE_CPU['seconds']:.2f}x" if versus else "-"
-            m_ratio = f"{r['peak_gib'] / AUTHORS_BASE_CPU['peak_gib']:.2f}x" if versus else "-"
-            print(f"{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{r['seconds']:>9.2f}"
-                  f"{r['peak_gib']:>10.2f}{r['gflop']:>9.1f}{r['gflops_per_s']:>9.1f}{t_ratio:>17}{m_ratio:>16}"
-                  f"{diff:>14.2%}")
-    print("\nPeak memory: the process's peak RSS on CPU (one process per row), max allocated on GPU. "
-          "Max loss diff: largest relative difference of a first-step loss term from the fp32 CPU row. "
-          "Authors' reference: 19.9 s/step, 4.3 GiB (base, batch 2, 2 cores).")
+            seconds = _median([o["seconds"] for o in ours])
+            peak = peaks[bf16] if device == "cpu" else float("nan")
+            t_ratio = f"{seconds / _median([t['seconds'] for t in theirs]):.2f}x" if theirs else "-"
+            m_ratio = f"{_median([o['peak_gib'] for o in ours]) / _median([t['peak_gib'] for t in theirs]):.2f}x" \
+                if theirs else "-"
+            print(f"{'project':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
+                  f"{_spread([o['seconds'] for o in ours]):>20}{_median([o['peak_gib'] for o in ours]):>10.2f}"
+                  f"{r['gflop']:>9.1f}{r['gflop'] / seconds:>9.1f}{r['gflop'] / seconds / peak:>6.0%}"
+                  f"{t_ratio:>12}{m_ratio:>11}{diff:>14.2%}")
+            if theirs:
+                t_seconds = _median([t["seconds"] for t in theirs])
+                print(f"{'authors':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
+                      f"{_spread([t['seconds'] for t in theirs]):>20}{_median([t['peak_gib'] for t in theirs]):>10.2f}"
+                      f"{theirs[0]['gflop']:>9.1f}{theirs[0]['gflop'] / t_seconds:>9.1f}"
+                      f"{theirs[0]['gflop'] / t_seconds / peak:>6.0%}{'1.00x':>12}{'1.00x':>11}{'':>15}")
+    print("\ns/step: median (range) over the repeats, each row in its own process. Peak memory: the process's peak "
+          "RSS on CPU, max allocated on GPU. MFU: achieved GFLOP/s over this machine's matmul peak in the row's "
+          "precision. Ratios: project / authors, measured alternately in this run. Max loss diff: largest relative "
+          "difference of a first-step loss term from the fp32 CPU row.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""What machine a benchmark ran on, and what its matrix multiply can do: printed with every table.
+
+A ratio or a FLOP/s figure means something only next to the CPU (model and ISA flags), the
+threads and the precision it was measured with, and next to this machine's own matmul peak.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The ISA flags of ``ISA_FLAGS`` this CPU has."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+def describe() -> str:
+    """``Intel Xeon … (avx2, avx512f, avx512_bf16), 2 threads, torch 2.13.0``."""
+    return (f"{cpu_name()} ({', '.join(cpu_flags()) or 'no AVX2'}), {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of a ``size``² matrix product over ``repeats`` tries (this process's threads)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: first call pays for allocation and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
