@@ -63,7 +63,7 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     cfg = PretrainConfig(preset=preset, crop=config.input_size[0], batch_size=batch, steps=10,
                          mftd_start_fraction=0.0, amp=bf16, cpu_bf16=bf16, method={"recipe": "faithful"})
     trainer = pretrain_trainer(cfg=cfg, objective=PretrainObjective(student), teacher=teacher,
-                               batches=lambda step: [(x, domain, mask, slots, step)], device=device)
+                               batches=lambda step: [(x, domain, mask, slots, x, step)], device=device)
 
     def step() -> dict[str, torch.Tensor]:
         losses = optimizer_step(trainer, trainer.batches(1))

@@ -149,20 +149,24 @@ class GroupedCropSampler(LatentCropSampler):
         return pair_across_sites(chosen, self.domains) if self.cross_site_partners else chosen
 
     def grouped_batch(self, step: int, batch_size: int,
-                      rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's crops.
 
         Returns:
-            ``x (B, C, c, c, c)``, ``domain (B,)`` and ``group (B,)`` (the volume slot ``0 … B/M - 1``).
+            ``x (B, C, c, c, c)`` (flipped and rotated), ``domain (B,)``, ``group (B,)`` (the volume
+            slot ``0 … B/M - 1``) and ``canonical (B, C, c, c, c)``: the same crops unflipped and
+            unrotated, oriented as evaluation reads whole volumes.
         """
         m = self.crops_per_volume
         if batch_size % (2 * m):
             raise ValueError(f"batch size {batch_size} is not a multiple of 2 x {m} crops per volume")
         gen = step_generator(self.seed, step, rank)
-        crops, labels = [], []
+        crops, canonical, labels = [], [], []
         for index in self.volumes(step, batch_size // m, rank, gen):
             for _ in range(m):
-                crops.append(self._augment(self._crop(self.arrays[index], gen), gen))
+                canonical.append(self._crop(self.arrays[index], gen))
+                crops.append(self._augment(canonical[-1], gen))
                 labels.append(self.domains[index])
         group = torch.arange(batch_size // m).repeat_interleave(m)
-        return torch.stack(crops) * self.scale, torch.tensor(labels, dtype=torch.long), group
+        return (torch.stack(crops) * self.scale, torch.tensor(labels, dtype=torch.long), group,
+                torch.stack(canonical) * self.scale)

@@ -28,8 +28,8 @@ from meduet.engine.loop import Trainer
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.losses import LossWeights, pretrain_losses
-from meduet.losses.site_free import SiteMeanQueue
 from meduet.losses.mixing import random_mix_mask
+from meduet.losses.site_free import SiteMeanQueue
 from meduet.models.meduet import MeduetArchitecture, MeduetModel
 
 TERMS = ("rec", "domain_content", "domain_style", "mftd", "siqc", "clean_content", "clean_style", "decorrelation",
@@ -38,8 +38,9 @@ TERMS = ("rec", "domain_content", "domain_style", "mftd", "siqc", "clean_content
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 _MASK_STREAM = 1  # generator stream of the mixing masks (stream 0 = the crops)
 
-# One micro-batch: latents (B, C, d, h, w), sites (B,), mixing mask (B, N), volume slots (B,), and its step.
-PretrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+# One micro-batch: latents (B, C, d, h, w), sites (B,), mixing mask (B, N), volume slots (B,), the same
+# latents unaugmented (B, C, d, h, w), and its step.
+PretrainBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 class PretrainObjective(nn.Module):
@@ -61,13 +62,13 @@ class PretrainObjective(nn.Module):
         self.same_site_negatives = same_site_negatives
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
-                teacher: MeduetModel, *, weights: LossWeights, use_mftd: bool,
+                canonical: torch.Tensor, teacher: MeduetModel, *, weights: LossWeights, use_mftd: bool,
                 use_siqc: bool) -> dict[str, torch.Tensor]:
-        """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``
-        and volume slots ``groups (B,)``."""
+        """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``,
+        volume slots ``groups (B,)`` and the unaugmented crops ``canonical (B, C, d, h, w)``."""
         return pretrain_losses(self.student, teacher, x, domain, mask=mask, weights=weights, use_mftd=use_mftd,
                                use_siqc=use_siqc, groups=groups, site_queue=self.site_queue,
-                               same_site_negatives=self.same_site_negatives)
+                               same_site_negatives=self.same_site_negatives, clean_crops=canonical)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -129,8 +130,8 @@ def pretrain_trainer(*, cfg: PretrainConfig, objective: nn.Module, teacher: Medu
     mftd_start = round(cfg.mftd_start_fraction * cfg.steps)
 
     def loss(batch: PretrainBatch) -> dict[str, torch.Tensor]:
-        x, domain, mask, slots, step = batch
-        return objective(x, domain, mask, slots, teacher, weights=loss_weights(cfg, step),
+        x, domain, mask, slots, canonical, step = batch
+        return objective(x, domain, mask, slots, canonical, teacher, weights=loss_weights(cfg, step),
                          use_mftd=cfg.use_mftd and step >= mftd_start, use_siqc=cfg.use_siqc)
 
     def update_teacher(step: int) -> dict[str, float]:
@@ -172,9 +173,9 @@ def build_trainer(*, cfg: PretrainConfig, architecture: MeduetArchitecture, late
     def batches(step: int):
         for micro in range(cfg.grad_accumulation):
             index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
-            x, domain, slots = sampler.grouped_batch(index, cfg.batch_size, rank)  # (B, C, d, h, w), (B,), (B,)
+            x, domain, slots, canonical = sampler.grouped_batch(index, cfg.batch_size, rank)
             mask = random_mix_mask(cfg.batch_size, architecture.num_tokens, architecture.mask_ratio,
                                    generator=step_generator(cfg.seed, index, rank, _MASK_STREAM))  # (B, N)
-            yield x.to(device), domain.to(device), mask.to(device), slots.to(device), step
+            yield x.to(device), domain.to(device), mask.to(device), slots.to(device), canonical.to(device), step
 
     return pretrain_trainer(cfg=cfg, objective=objective, teacher=teacher, batches=batches, device=device)

@@ -21,9 +21,20 @@ from einops import rearrange
 
 from meduet.losses.domain import domain_losses
 from meduet.losses.mftd import mftd_loss
-from meduet.losses.mixing import check_mask, encode_demix, fuse, random_mix_mask, reconstruction_loss
-from meduet.losses.site_free import SiteMeanQueue, clean_site_losses, cross_correlation, pool_groups
+from meduet.losses.mixing import (
+    check_mask,
+    encode_demix,
+    fuse,
+    random_mix_mask,
+    reconstruction_loss,
+)
 from meduet.losses.siqc import siqc_loss, view_embeddings
+from meduet.losses.site_free import (
+    SiteMeanQueue,
+    clean_site_losses,
+    cross_correlation,
+    pool_groups,
+)
 from meduet.models.meduet import MeduetModel
 
 
@@ -61,8 +72,8 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
                     mask: torch.Tensor | None = None, weights: LossWeights = LossWeights(),
                     use_mftd: bool = True, use_siqc: bool = True,
                     generator: torch.Generator | None = None, groups: torch.Tensor | None = None,
-                    site_queue: SiteMeanQueue | None = None,
-                    same_site_negatives: bool = False) -> dict[str, torch.Tensor]:
+                    site_queue: SiteMeanQueue | None = None, same_site_negatives: bool = False,
+                    clean_crops: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """All MeDUET pretraining losses for one batch.
 
     Args:
@@ -79,6 +90,8 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
             every crop its own volume.
         site_queue: the queue ``weights.site_alignment`` needs.
         same_site_negatives: SiQC content negatives from the query's site only.
+        clean_crops: ``(B, C, d, h, w)`` the crops the site-free terms encode (the unaugmented
+            ``x``, oriented as evaluation reads volumes); None: ``x``.
 
     Returns:
         scalars ``rec``, ``domain_content``, ``domain_style``, ``mftd``, ``siqc``,
@@ -117,7 +130,7 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
     # Steps 5-6 re-encode decoded latents, and the project's terms encode the clean crops:
     # one student encoder call for all of them.
     clean = weights.clean_adversary > 0 or weights.decorrelation > 0 or weights.site_alignment > 0
-    to_encode = [x] if clean else []
+    to_encode = [x if clean_crops is None else clean_crops] if clean else []
     to_encode += [student.unpatchify(pred[0])] if use_mftd else []
     to_encode += [student.unpatchify(pred[1])] if use_siqc else []
     if to_encode:

@@ -9,9 +9,9 @@ pools:
   gradient reversal) and clean style, over the ``M`` crops of a volume in the batch;
 - ``cross_correlation``: the squared cross-correlation of pooled content and pooled style
   (the authors define a decorrelation term but never use it);
-- ``SiteMeanQueue``: the spread of per-site means of pooled content, in units of its spread,
-  over a queue of recent crops (a linear MMD between each site and all of them), with no
-  adversary to balance.
+- ``SiteMeanQueue``: a push that pulls the per-site means of pooled content together, in
+  units of its spread, estimated over a queue of recent crops (the gradient of a linear MMD
+  between each site and all of them, at full strength per crop), with no adversary to balance.
 """
 
 from __future__ import annotations
@@ -58,17 +58,17 @@ def cross_correlation(content: torch.Tensor, style: torch.Tensor) -> torch.Tenso
 
 
 class SiteMeanQueue(nn.Module):
-    """Between-site spread of pooled content in units of its spread, over a queue of recent crops.
+    """Pulls the per-site means of pooled content together, estimated over a queue of recent crops.
 
-    ``forward`` pools each crop's content tokens (token mean, the vector a linear probe on
-    volume averages sees), standardises every channel by the queue's standard deviation
-    (held constant: a penalty in the features' own units, so shrinking them gains nothing)
-    and returns ``mean over channels of sum_k (n_k / n) (mu_k - mu)²`` over the queue and the
-    batch (gradients through the batch only); then it enqueues the batch. A linear probe
-    on volume averages finds a site exactly when these per-site means differ; a long queue
-    keeps the estimate's noise floor (about ``(K - 1) / n`` per channel) under the shifts it
-    has to remove. The queue is a buffer: checkpointed with the module, so a resumed run
-    continues with the same queue.
+    Each crop's content tokens are pooled (token mean: the vector a linear probe on volume
+    averages sees) and every channel is measured in units of the queue's standard deviation.
+    Over the queue and the batch, site ``k``'s mean sits ``d_k = mu_k - mu`` from the mean of
+    all. ``forward`` returns ``mean_i <d_{k(i)}, x_i>`` over the batch with ``d`` held
+    constant: its gradient moves every crop of site ``k`` by ``-d_k``, a push that vanishes
+    when the site means agree. (The spread itself, ``sum_k (n_k/n) mean(d_k²)``, would pass each
+    crop only ``1/n_k`` of the push: with a long queue, nothing.) The returned value is that
+    spread, so the loss history shows it; the gradient is the push's. The queue is a buffer:
+    checkpointed with the module, so a resumed run continues with the same queue.
 
     Args:
         size: crops kept; width: ``E``.
@@ -81,20 +81,23 @@ class SiteMeanQueue(nn.Module):
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
 
     def forward(self, content: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        """Penalty for content tokens ``(B, N, E)`` of sites ``(B,)``."""
+        """The spread (value) and push (gradient) for content tokens ``(B, N, E)`` of sites ``(B,)``."""
         pooled = content.float().mean(1)  # (B, E)
         filled = self.sites >= 0
-        features = torch.cat([self.features[filled], pooled])
-        sites = torch.cat([self.sites[filled], domain])
-        scale = features.detach().std(0).clamp_min(1e-6) if len(features) > 1 else pooled.new_ones(pooled.shape[1])
-        standardised = features / scale
-        mean = standardised.mean(0)
-        penalty = pooled.new_zeros(())
-        for site in sites.unique():
-            members = sites == site
-            penalty = penalty + members.float().mean() * (standardised[members].mean(0) - mean).pow(2).mean()
+        with torch.no_grad():
+            features = torch.cat([self.features[filled], pooled])
+            sites = torch.cat([self.sites[filled], domain])
+            scale = features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(pooled[0])
+            mean = (features / scale).mean(0)
+            offsets = torch.zeros(int(sites.max()) + 1, pooled.shape[1], device=pooled.device)
+            spread = pooled.new_zeros(())
+            for site in sites.unique():
+                members = sites == site
+                offsets[site] = (features[members] / scale).mean(0) - mean
+                spread += members.float().mean() * offsets[site].pow(2).mean()
         self._enqueue(pooled.detach(), domain)
-        return penalty
+        push = (offsets[domain] * (pooled / scale)).sum(1).mean() / pooled.shape[1]
+        return push - push.detach() + spread  # value: the spread; gradient: the push
 
     @torch.no_grad()
     def _enqueue(self, pooled: torch.Tensor, domain: torch.Tensor) -> None:

@@ -107,8 +107,8 @@ def test_grouped_batch_layout_partners_and_epochs(tmp_path):
                                  cross_site_partners=True, epoch_sampling=True)
     seen = []
     for step in range(4):  # 4 volumes per step, 8 volumes: two epochs
-        x, domain, group = sampler.grouped_batch(step, 8)
-        assert group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        x, domain, group, canonical = sampler.grouped_batch(step, 8)
+        assert group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and canonical.shape == x.shape
         source = [int(crop.unique().item()) - 1 for crop in x]
         assert source[0::2] == source[1::2]  # the crops of a slot come from one volume
         assert domain.tolist() == [sites[v] for v in source]
@@ -119,3 +119,20 @@ def test_grouped_batch_layout_partners_and_epochs(tmp_path):
     assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))  # each volume once an epoch
     with pytest.raises(ValueError, match="multiple of 2 x 2"):
         sampler.grouped_batch(0, 6)
+
+
+def test_canonical_crops_are_the_augmented_crops_before_flips_and_rotations(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = [save_array(tmp_path / f"r{i}.npy", rng.normal(size=(2, 9, 9, 9)).astype(np.float32)) for i in range(2)]
+    sampler = GroupedCropSampler(paths, [0, 1], 6, scale=2.0, seed=0)
+    x, _, _, canonical = sampler.grouped_batch(3, 8)
+    for crop, plain in zip(x, canonical):
+        # some flip/rot90 of the canonical crop (the 48 symmetries of a cube include it) ...
+        found = any(torch.equal(crop, torch.rot90(plain.flip(flips), k, dims=plane)) for flips in
+                    ([], [1], [2], [3], [1, 2], [1, 3], [2, 3], [1, 2, 3]) for plane in ((1, 2), (1, 3), (2, 3))
+                    for k in range(4))
+        assert found
+        # ... cut from the latent in its stored orientation: a window of one of the (scaled) sources
+        windows = [torch.from_numpy(np.load(p))[:, i:i + 6, j:j + 6, k:k + 6] * 2.0 for p in paths
+                   for i in range(4) for j in range(4) for k in range(4)]
+        assert any(torch.equal(plain, w) for w in windows)

@@ -46,14 +46,13 @@ def test_cross_correlation_known_answers() -> None:
                                rtol=1e-3)  # a copy: correlation 1
 
 
-def test_site_queue_penalises_site_means_apart_in_units_of_spread_and_checkpoints() -> None:
+def test_site_queue_reports_the_spread_and_pushes_site_means_together() -> None:
     queue = SiteMeanQueue(size=8, width=2)
     apart = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[-1.0, 0.0]], [[-1.0, 0.0]]])  # (B, N=1, E)
     sites = torch.tensor([0, 0, 1, 1])
     # channel 0: site means ±1, sd 2/sqrt(3) -> (±sqrt(3)/2)² = 0.75 each, weighted 0.5 + 0.5; channel 1 constant
     assert queue(apart, sites).item() == pytest.approx(0.75 / 2, abs=1e-5)  # mean over the 2 channels
-    scaled = SiteMeanQueue(size=8, width=2)
-    assert scaled(100 * apart, sites).item() == pytest.approx(0.75 / 2, abs=1e-5)  # scale-free
+    assert SiteMeanQueue(size=8, width=2)(100 * apart, sites).item() == pytest.approx(0.75 / 2, abs=1e-5)
     same = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]], [[1.0, 0.0]], [[2.0, 0.0]]])
     assert SiteMeanQueue(size=8, width=2)(same, sites).item() == pytest.approx(0.0, abs=1e-6)
     state = copy.deepcopy(queue.state_dict())
@@ -61,10 +60,16 @@ def test_site_queue_penalises_site_means_apart_in_units_of_spread_and_checkpoint
     resumed = SiteMeanQueue(size=8, width=2)
     resumed.load_state_dict(state)
     torch.testing.assert_close(resumed(same, sites), queue(same, sites))  # the queue carries over
-    # gradients reach the batch only, pulling the site means together
+
+    # The gradient is a full-strength push per crop, even behind a long queue of old crops.
+    long_queue = SiteMeanQueue(size=1024, width=2)
+    for _ in range(100):
+        long_queue(apart, sites)  # fills the queue with the two sites apart
     batch = apart.clone().requires_grad_(True)
-    SiteMeanQueue(size=8, width=2)(batch, sites).backward()
+    long_queue(batch, sites).backward()
     assert batch.grad[0, 0, 0] > 0 > batch.grad[2, 0, 0]  # descending moves site 0 down, site 1 up
+    assert batch.grad[0, 0, 0] > 1e-2  # not 1/n_k of it
+    assert batch.grad[:, 0, 1].abs().max() == 0  # no push where the sites agree
 
 
 def test_same_site_negatives_drop_other_sites_from_the_softmax() -> None:
