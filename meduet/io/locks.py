@@ -24,8 +24,13 @@ class OutputLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def output_lock(locks_dir: Path, folder: Path | str) -> Iterator[None]:
+def output_lock(locks_dir: Path, folder: Path | str, owner: str | None = None) -> Iterator[None]:
     """Hold the lock of ``folder`` (a local path or URI) for the duration of the block.
+
+    Args:
+        locks_dir: where the lock files live.
+        folder: what is locked; the same path or URI is the same lock.
+        owner: who holds it, in words (e.g. a Prefect flow run), added to the holder record.
 
     Raises:
         OutputLockedError: another process holds it (no waiting: the caller reports and stops).
@@ -45,8 +50,8 @@ def output_lock(locks_dir: Path, folder: Path | str) -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        handle.write(json.dumps({**record, **({"owner": owner} if owner else {})}))
         handle.flush()
         try:
             yield

@@ -43,3 +43,12 @@ def test_a_second_writer_is_refused_with_the_holder_named_and_a_killed_holder_fr
             time.sleep(0.05)
     with output_lock(locks, folder):  # released on leaving the block, also in this process
         pass
+
+
+def test_the_refusal_names_the_owner_the_holder_gave(tmp_path: Path):
+    locks, folder = tmp_path / "locks", tmp_path / "project"
+    with output_lock(locks, folder, owner="Prefect flow run 'calm-otter' (1234)"):
+        # flock locks belong to an open file, so a second open in this process is refused too
+        with pytest.raises(OutputLockedError, match=r"\"owner\": \"Prefect flow run 'calm-otter' \(1234\)\""):
+            with output_lock(locks, folder):
+                pass
