@@ -95,4 +95,6 @@ STAGES: dict[str, StageSpec] = {
                                  "whole-volume content and style vectors from the pretrained model"),
     "evaluate-disentanglement": StageSpec("meduet.stages.evaluate_disentanglement", "evaluate_disentanglement",
                                           "linear site probes on content and style, and a swap test"),
+    "train-diffusion": StageSpec("meduet.stages.train_diffusion", "train_diffusion",
+                                 "latent DiT conditioned on MeDUET content and style (Ray Train)", extra=("ray",)),
 }

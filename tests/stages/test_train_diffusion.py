@@ -1,0 +1,134 @@
+"""train-diffusion: a tiny DiT run through the stage on a synthetic latent cache and a tiny saved MeDUET (real Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from meduet.artifacts.diffusion import load_dit
+from meduet.config import ConfigError, MeduetConfig, Paths, TrainDiffusionConfig, config_from_dict
+from meduet.data.latents import read_manifest, read_scale
+from meduet.engine.checkpoint import read_checkpoint
+from meduet.engine.diffusion_training import TERMS, build_trainer
+from meduet.stages import StageError, train_diffusion
+from tests.stages.test_factors import _save_tiny_model
+from tests.stages.test_pretrain import _write_cache
+
+STEPS = 30
+
+
+def _config(**overrides) -> MeduetConfig:
+    return MeduetConfig.model_validate({
+        "train_diffusion": {"steps": STEPS, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
+                            "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 8, **overrides},
+        "ray": {"checkpoint_every": 10, "keep_checkpoints": 5, "local_num_cpus": 2, "max_failures": 0},
+    })
+
+
+def _project(root: Path, cfg: MeduetConfig) -> Paths:
+    paths = Paths.resolve(cfg, root)
+    _write_cache(paths.latents, per_domain=3)  # 4 train and 2 held-out (4, 12, 12, 12) latents
+    _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    cfg = _config()
+    paths = _project(tmp_path_factory.mktemp("diffusion_project"), cfg)
+    return cfg, paths, train_diffusion.run(cfg.train_diffusion, paths, ray=cfg.ray)
+
+
+def test_training_writes_the_model_metrics_and_history(trained) -> None:
+    cfg, paths, result = trained
+    rows = (paths.reports / "train_diffusion" / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[0] == "step" and set(TERMS) <= set(header) and len(rows) == 1 + STEPS
+    repa = [float(row.split(",")[header.index("repa")]) for row in rows[1:]]
+    assert np.mean(repa[-5:]) < np.mean(repa[:5]), repa  # the alignment is learnt
+    assert (paths.reports / "train_diffusion" / "loss.png").stat().st_size > 2000
+
+    metrics = result.metrics
+    assert metrics["steps"] == STEPS and metrics["train_latents"] == 4 and metrics["held_out_latents"] == 2
+    assert metrics["init"] == "meduet_repa" and metrics["init_loaded"] == 18
+    assert metrics["init_skipped"]["MAE decoder"] > 0
+    for key in ("val_loss", "val_loss_ema"):
+        assert math.isfinite(metrics[key]) and 0 < metrics[key] < 2, metrics
+    assert set(metrics["final"]) == set(TERMS) and metrics["final"]["repa"] > 0
+
+    meduet_file = paths.models / "pretrain" / "meduet.pt"
+    for weights in ("ema", "model"):
+        model, meta = load_dit(paths.models / "diffusion" / "dit.pt", weights)
+        assert model.config.spatial_content and model.config.content_dim == 32 and model.config.style_dim == 8
+    assert meta["config"] == cfg.train_diffusion.model_dump(mode="json") and meta["steps"] == STEPS
+    assert meta["meduet_sha256"] == hashlib.sha256(meduet_file.read_bytes()).hexdigest()
+    assert meta["scale_factor"] == read_scale(paths.latents)
+    assert meta["validation"] == {"model": metrics["val_loss"], "ema": metrics["val_loss_ema"]}
+    assert len(meta["init_report"]["loaded"]) == 18
+
+
+def test_checkpoint_holds_everything_a_resume_needs(trained) -> None:
+    _, paths, _ = trained
+    latest = max((paths.work / "ray_results").glob("train_diffusion-*/checkpoint_*/state.pt")).parent
+    state = read_checkpoint(str(latest))
+    assert {"dit", "ema", "projector", "optimizer", "scheduler", "step", "rng"} <= set(state)
+    assert state["step"] == STEPS and state["scheduler"]["last_epoch"] == STEPS
+    assert not torch.equal(state["dit"]["blocks.0.gates.weight"], state["ema"]["blocks.0.gates.weight"])
+
+
+def test_batches_depend_on_the_step_alone(trained) -> None:
+    cfg, paths, _ = trained
+    train = [str(paths.latents / r.latent) for r in read_manifest(paths.latents) if r.split == "train"]
+    arch = train_diffusion.architecture(cfg.train_diffusion, train_diffusion.load_meduet(
+        paths.models / "pretrain" / "meduet.pt")[0].config)
+
+    def batch(step: int) -> list[torch.Tensor]:
+        torch.manual_seed(step + 100)  # the global generator must not matter
+        trainer = build_trainer(cfg=cfg.train_diffusion, architecture=arch, meduet_file=str(
+            paths.models / "pretrain" / "meduet.pt"), latents=train, scale=read_scale(paths.latents))
+        return list(next(iter(trainer.batches(step))))
+
+    again, other = batch(3), batch(4)
+    for a, b in zip(batch(3), again):
+        assert torch.equal(a, b)
+    assert not torch.equal(again[0], other[0]) and not torch.equal(again[1], other[1])
+
+
+def test_missing_model_and_misaligned_preset_are_clear_errors(tmp_path: Path) -> None:
+    cfg = _config()
+    paths = Paths.resolve(cfg, tmp_path)
+    with pytest.raises(StageError, match="run the encode-latents stage first"):
+        train_diffusion.run(cfg.train_diffusion, paths, ray=cfg.ray)
+    _write_cache(paths.latents)
+    with pytest.raises(StageError, match="run the pretrain stage first"):
+        train_diffusion.run(cfg.train_diffusion, paths, ray=cfg.ray)
+    _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
+    small = _config(preset="small", crop=16)
+    with pytest.raises(StageError, match="their tokens must align"):
+        train_diffusion.run(small.train_diffusion, paths, ray=small.ray)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"crop": 16}, "must equal preset 'tiny''s input size"),
+    ({"preset": "base"}, "must equal preset 'base''s input size"),
+    ({"repa_layer": 3}, "exceeds preset 'tiny''s depth 2"),
+    ({"objective": "edm"}, "train_diffusion.objective"),
+    ({"cond_drop": 1.0}, "train_diffusion.cond_drop"),
+])
+def test_invalid_sections_are_named(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train_diffusion": overrides})
+
+
+def test_params_yaml_section_validates_and_repa_layer_defaults_to_a_third_of_the_depth() -> None:
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    section = TrainDiffusionConfig.model_validate(params["train_diffusion"])
+    assert section.preset == "tiny" and section.cond_drop == 0.2 and section.repa_weight == 0.5
+    assert TrainDiffusionConfig(preset="base", crop=24).repa_block == 4
+    assert TrainDiffusionConfig(repa_layer=2).repa_block == 2
