@@ -16,7 +16,6 @@ applies the same EMA update to the same weights).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -39,8 +38,6 @@ from meduet.models.architectures import DiTArchitecture
 from meduet.models.dit import ConditionedDiT
 from meduet.models.dit_init import init_from_meduet
 from meduet.models.meduet import MeduetModel
-
-log = logging.getLogger(__name__)
 
 TERMS = ("diffusion", "repa", "total")
 _NOISE_STREAM = 1  # generator stream of noise, timesteps and drops (stream 0 = the crops)
@@ -130,9 +127,7 @@ def build_dit(cfg: TrainDiffusionConfig, architecture: DiTArchitecture, teacher:
     """A fresh DiT, initialised from the teacher's encoder unless ``init`` is ``scratch``."""
     dit = ConditionedDiT(architecture)
     if cfg.init != "scratch":
-        report = init_from_meduet(dit, teacher.state_dict())
-        if dist.world_rank() == 0:
-            log.info("train_diffusion: MeDUET initialisation: %s", report.summary())
+        init_from_meduet(dit, teacher.state_dict())  # the stage reports what maps (plan_meduet_init)
     return dit
 
 

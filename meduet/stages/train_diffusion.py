@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -95,6 +94,9 @@ def run(cfg: TrainDiffusionConfig, paths: Paths, ray: RayConfig) -> StageResult:
                     meta["scale_factor"])
     meduet_sha = _sha256(teacher_file)
     report = init_report(cfg, arch, teacher.state_dict())
+    if report is not None:
+        log.info("%s: MeDUET initialisation: %s; skipped: %s", STAGE, report.summary(),
+                 "; ".join(f"{key} ({why})" for key, why in report.skipped.items()))
     # The run key covers the section, the code and this listing: new latents, a new scale or a
     # new MeDUET file (other factors, other initial weights) is another run.
     inputs = write_json(paths.work / "inputs" / f"{STAGE}.json",
@@ -129,7 +131,8 @@ def run(cfg: TrainDiffusionConfig, paths: Paths, ray: RayConfig) -> StageResult:
                "held_out_latents": len(held_out), "val_crops": cfg.val_crops if held_out else 0,
                "val_loss": validation["model"], "val_loss_ema": validation["ema"],
                "first": _terms(history[0]) if history else {}, "final": _terms(history[-1]) if history else {},
-               "init_loaded": len(report.loaded) if report else 0,
-               "init_skipped": dict(Counter(report.skipped.values())) if report else {}}
+               # counts; the full report (names and reasons) is in dit.pt and the log
+               "init_loaded": len(report.loaded) if report else 0, "init_folded": len(report.folded) if report else 0,
+               "init_skipped": len(report.skipped) if report else 0, "init_kept": len(report.kept) if report else 0}
     return finish_training_stage(STAGE, paths=paths, outputs={"model": target}, metrics=metrics, run=trained,
                                  terms=TERMS, title="Latent DiT training")

@@ -56,8 +56,8 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
 
     metrics = result.metrics
     assert metrics["steps"] == STEPS and metrics["train_latents"] == 4 and metrics["held_out_latents"] == 2
-    assert metrics["init"] == "meduet_repa" and metrics["init_loaded"] == 18
-    assert metrics["init_skipped"]["MAE decoder"] > 0
+    assert metrics["init"] == "meduet_repa" and (metrics["init_loaded"], metrics["init_folded"]) == (18, 8)
+    assert metrics["init_skipped"] > 0 and metrics["init_kept"] > 0
     for key in ("val_loss", "val_loss_ema"):
         assert math.isfinite(metrics[key]) and 0 < metrics[key] < 2, metrics
     assert set(metrics["final"]) == set(TERMS) and metrics["final"]["repa"] > 0
@@ -70,7 +70,8 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
     assert meta["meduet_sha256"] == hashlib.sha256(meduet_file.read_bytes()).hexdigest()
     assert meta["scale_factor"] == read_scale(paths.latents)
     assert meta["validation"] == {"model": metrics["val_loss"], "ema": metrics["val_loss_ema"]}
-    assert len(meta["init_report"]["loaded"]) == 18
+    assert len(meta["init_report"]["loaded"]) == 18 and len(meta["init_report"]["skipped"]) == metrics["init_skipped"]
+    assert meta["init_report"]["skipped"]["decoder_pred.weight"] == "MAE decoder"
 
 
 def test_checkpoint_holds_everything_a_resume_needs(trained) -> None:
