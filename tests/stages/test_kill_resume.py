@@ -3,7 +3,7 @@
 The whole process group (driver, local Ray, workers) is killed once a checkpoint exists, so
 nothing gets to clean up, as when a node dies. The rerun must continue from that checkpoint
 (no checkpoint up to the kill is rewritten, no step lost or repeated) and end with the
-history and weights of an uninterrupted run of the same configuration. Both trainers run
+history and weights of an uninterrupted run of the same configuration. All trainers run
 on the shared loop (``meduet.engine.loop``), so this is the loop's resume tested per trainer.
 """
 
@@ -28,6 +28,7 @@ import yaml
 from meduet.config import MeduetConfig, Paths
 from meduet.stages import harmonize
 from tests.harmonize.synth import phantom, write_msd
+from tests.stages.test_factors import _save_tiny_model
 from tests.stages.test_pretrain import _write_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +44,13 @@ def _harmonized(root: Path) -> None:
     cfg = MeduetConfig.model_validate({"harmonize": {"datasets": datasets, "target_spacing": [2.0, 2.0, 2.0],
                                                      "min_size": [16, 16, 16], "divisible_by": 16, "workers": 1}})
     harmonize.run(cfg.harmonize, Paths.resolve(cfg, root))
+
+
+def _latents_and_meduet(root: Path) -> None:
+    """The synthetic latent cache and a tiny saved MeDUET (the DiT's conditioning teacher)."""
+    paths = Paths.resolve(MeduetConfig(), root)
+    _write_cache(paths.latents, per_domain=3)
+    _save_tiny_model(paths, ["site_a", "site_b"], 1.0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,11 @@ TRAINERS = {
         params={"vae": {"steps": STEPS, "crop_size": [16, 16, 16], "warmup_steps": 2, "log_every": 1,
                         "holdout_fraction": 0.5}},
         prepare=_harmonized, model_file="models/vae/vae.pt", weights=("state_dict",), term="loss"),
+    "train-diffusion": Trainer(
+        cli="train-diffusion", stage="train_diffusion",
+        params={"train_diffusion": {"steps": STEPS, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
+                                    "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 4}},
+        prepare=_latents_and_meduet, model_file="models/diffusion/dit.pt", weights=("model", "ema"), term="total"),
 }
 
 
