@@ -7,7 +7,16 @@ place, and the stages' metrics and plots as artifacts of the run. The run ends w
 results report (``meduet.report``): ``reports/index.html`` and the markdown artifact
 ``results-report``.
 
-Served as the deployment ``meduet/<orchestration.deployment_name>`` by ``flows.serve``.
+Served as the deployment ``meduet/<orchestration.deployment_name>`` by ``flows.serve`` (one
+process), or registered on a process work pool by ``prefect deploy --all`` (``prefect.yaml``).
+
+One run per project at a time. Two runs interleaving stages would each ``dvc repro`` and
+push while the other rewrites the same outputs. Runs of one deployment queue in Prefect
+(``serve(limit=1)``; ``concurrency_limit`` 1 with ENQUEUE in ``prefect.yaml``): a scheduled
+run firing during a manual one waits for it. What Prefect cannot see, a run of another
+deployment or server on the same project (``make run`` beside a cluster worker) or a flow
+called by hand, meets the project lock (``meduet.io.locks``, under ``<work>/locks``) and
+fails at once, naming the run that holds it; nothing of the holder's is touched.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from meduet.config import Paths, StorageConfig, load_config
 from meduet.dvc_graph import Stage, load_stages
 from meduet.dvc_remote import configure_remote, default_remote, dvc_executable
 from meduet.env import offline_env
+from meduet.io.locks import output_lock
 from meduet.report import build_report, flatten_metrics, read_metrics
 from meduet.report.sources import data_uri, is_image
 
@@ -209,29 +220,35 @@ def meduet(
         ``{"stages": {name: ran|unchanged|restored|done}, "artifacts": [...], "report": path of
         reports/index.html, "pushed": bool}``. The report is written even when a stage fails
         (showing what exists), before the failure is raised.
+
+    Raises:
+        OutputLockedError: another run holds this project (see the module docstring).
     """
     logger = get_run_logger()
     root = Path(project_dir or Path.cwd()).resolve()
     cfg = load_config(root / params)
-    if Path(params).as_posix() != DVC_PARAMS_FILE:
-        logger.warning("stages read %s (as dvc.yaml says); %s only sets orchestration/storage", DVC_PARAMS_FILE, params)
-    orchestration = cfg.orchestration
-    retrying = {"retries": orchestration.task_retries, "retry_delay_seconds": orchestration.retry_delay_s}
-    plan = select_stages(load_stages(root), stages)
-    logger.info("stages in order: %s", ", ".join(s.name for s in plan))
+    paths = Paths.resolve(cfg, root)
+    with output_lock(paths.work / "locks", root, owner=f"Prefect flow run '{flow_run.name}' ({flow_run.id})"):
+        if Path(params).as_posix() != DVC_PARAMS_FILE:
+            logger.warning("stages read %s (as dvc.yaml says); %s only sets orchestration/storage",
+                           DVC_PARAMS_FILE, params)
+        orchestration = cfg.orchestration
+        retrying = {"retries": orchestration.task_retries, "retry_delay_seconds": orchestration.retry_delay_s}
+        plan = select_stages(load_stages(root), stages)
+        logger.info("stages in order: %s", ", ".join(s.name for s in plan))
 
-    outcome: dict[str, str] = {}
-    artifacts: list[str] = []
-    try:
-        for stage in plan:
-            outcome[stage.name] = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)(
-                str(root), stage.name, force
-            )
-            artifacts += publish_artifacts.with_options(task_run_name=f"publish-{stage.name}")(str(root), stage)
-    finally:
-        report = publish_report(str(root), str(Paths.resolve(cfg, root).reports), outcome)
-    pushed = False
-    if orchestration.push:
-        pushed = push.with_options(task_run_name="dvc-push", **retrying)(str(root), cfg.storage)
-    logger.info("stages: %s; pushed: %s", outcome, pushed)
+        outcome: dict[str, str] = {}
+        artifacts: list[str] = []
+        try:
+            for stage in plan:
+                outcome[stage.name] = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)(
+                    str(root), stage.name, force
+                )
+                artifacts += publish_artifacts.with_options(task_run_name=f"publish-{stage.name}")(str(root), stage)
+        finally:
+            report = publish_report(str(root), str(paths.reports), outcome)
+        pushed = False
+        if orchestration.push:
+            pushed = push.with_options(task_run_name="dvc-push", **retrying)(str(root), cfg.storage)
+        logger.info("stages: %s; pushed: %s", outcome, pushed)
     return {"stages": outcome, "artifacts": artifacts, "report": report, "pushed": pushed}
