@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows import pipeline
+from flows.deploy import deployment_settings
 from flows.pipeline import artifact_key, metrics_table, plot_markdown, repro_outcome, select_stages
 from flows.run_local import report_results
 from flows.serve import schedules
@@ -75,6 +76,18 @@ def test_schedules_from_orchestration_params() -> None:
     assert schedules(OrchestrationConfig(cron=None)) == []
     (cron,) = schedules(OrchestrationConfig(cron="0 3 * * 0", timezone="Europe/Paris"))
     assert cron.cron == "0 3 * * 0" and cron.timezone == "Europe/Paris"
+
+
+def test_prefect_yaml_build_step_reads_the_schedule_from_params_and_checks_the_name(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(
+        "orchestration: {deployment_name: nightly, cron: '0 1 * * *', timezone: Europe/Paris}\n")
+    settings = deployment_settings("nightly", project_dir=str(tmp_path))
+    assert settings == {"project_dir": str(tmp_path.resolve()), "params": "params.yaml", "cron": "0 1 * * *",
+                        "timezone": "Europe/Paris", "scheduled": True}
+    with pytest.raises(ValueError, match="names the deployment 'nightly'"):
+        deployment_settings("full-pipeline", project_dir=str(tmp_path))
+    (tmp_path / "params.yaml").write_text("orchestration: {deployment_name: nightly, cron: null}\n")
+    assert deployment_settings("nightly", project_dir=str(tmp_path))["scheduled"] is False  # registered, inactive
 
 
 def test_publish_report_writes_the_html_and_the_markdown_artifact(tmp_path: Path,
