@@ -116,6 +116,9 @@ def test_pretrain_recipes_fill_unset_switches_and_explicit_ones_win() -> None:
     mixed = PretrainConfig.model_validate({"batch_size": 16, "method": {"recipe": "faithful", "grl_ramp": True}})
     assert mixed.method.grl_ramp and mixed.method.clean_adversary == 0.0
     assert PretrainConfig(batch_size=4).method.crops_per_volume == 2  # the recipe's 4 shrinks to fit the batch
+    improved = PretrainConfig(batch_size=16).method  # the default: the best measured configuration
+    assert improved.recipe == "improved" and improved.clean_adversary == 1.0 and improved.crops_per_volume == 4
+    assert not improved.cross_site_partners and improved.site_alignment == 0.0 and improved.ema_horizon is None
     with pytest.raises(ValidationError, match="multiple of 2 x method.crops_per_volume"):
         PretrainConfig.model_validate({"batch_size": 4, "method": {"crops_per_volume": 4}})
 
@@ -124,7 +127,7 @@ def test_grl_ramp_and_ema_horizon_schedules() -> None:
     from meduet.config import PretrainConfig
     from meduet.engine.pretrain_training import loss_weights, teacher_momentum
 
-    cfg = PretrainConfig.model_validate({"batch_size": 16, "steps": 1000})
+    cfg = PretrainConfig.model_validate({"batch_size": 16, "steps": 1000, "method": {"recipe": "all"}})
     assert loss_weights(cfg, 0).grl_lambda == 0.0
     assert loss_weights(cfg, 1000).grl_lambda == pytest.approx(2 / (1 + math.exp(-10)) - 1)
     assert loss_weights(cfg, 100).grl_lambda == pytest.approx(2 / (1 + math.exp(-1)) - 1)

@@ -63,7 +63,8 @@ def plot_factors(content: np.ndarray, style: np.ndarray, y: np.ndarray, domains:
             ax.scatter(*scores[y == k].T, s=18, label=domain)
         acc = probes[name]
         null = f", null p95 {acc['null_p95']:.2f}" if "null_p95" in acc else ""
-        ax.set_title(f"{name}: probe acc {acc['accuracy_mean']:.2f} ± {acc['accuracy_std']:.2f}{null}", fontsize=9)
+        ax.set_title(f"{name}: probe acc {acc['accuracy_mean']:.2f} ± {acc['accuracy_std']:.2f}{null}"
+                     if "accuracy_mean" in acc else f"{name}: no probe ({acc.get('skipped', '')})", fontsize=8)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     axes[1].legend(fontsize=7)
@@ -82,7 +83,10 @@ def plot_curve(curves: dict[str, list[dict]], target: Path) -> Path:
         if all("null_p95" in p for p in points):
             ax.plot(k, [p["null_p95"] for p in points], ls="--", color=color, alpha=0.6,
                     label=f"{name}: permutation null p95")
-    ax.set_xscale("log", base=2)
+    if not any(curves.values()):
+        ax.text(0.5, 0.5, "no probes: too few volumes per site", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("windows averaged per volume (last point: all)")
     ax.set_ylabel("site probe accuracy (cross-validated)")
     ax.set_ylim(0, 1.05)
@@ -126,16 +130,30 @@ def factor_report(arrays: dict[str, np.ndarray], weights: str, y: np.ndarray, su
     probe = {"folds": cfg.folds, "l2": cfg.l2, "max_iter": cfg.max_iter, "permutations": cfg.permutations,
              "seed": cfg.seed, "jobs": cfg.jobs}
     report: dict = {}
+    too_few = _too_few_for_probes(y)
     for factor in ("content", "style"):
         x = arrays[f"{weights}_{factor}"].astype(np.float64)
-        report[factor] = site_probe(x, y, **probe)
+        report[factor] = {"skipped": too_few} if too_few else site_probe(x, y, **probe)
         matched, counts = volume_means(arrays[f"{weights}_window_{factor}"].astype(np.float64),
                                        arrays["window_volume"], len(y), region_windows)
-        report[f"region_{factor}"] = (site_probe(matched, y, **probe) if (counts > 0).all() else
-                                      {"skipped": f"{int((counts == 0).sum())} volumes have no window inside the "
-                                                  "region every volume covers"})
+        if too_few:
+            report[f"region_{factor}"] = {"skipped": too_few}
+        elif (counts == 0).any():
+            report[f"region_{factor}"] = {"skipped": f"{int((counts == 0).sum())} volumes have no window inside "
+                                                     "the region every volume covers"}
+        else:
+            report[f"region_{factor}"] = site_probe(matched, y, **probe)
         report[f"retrieval_{factor}"] = cross_site_retrieval(x, y, subjects)
     return report
+
+
+def _too_few_for_probes(y: np.ndarray) -> str:
+    """Why cross-validated site probes cannot run on labels ``y`` ('' when they can)."""
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    if counts.min() < 2:
+        return f"cross-validated probes need 2 volumes of every site, got {counts.tolist()}"
+    return ""
 
 
 def _region(arrays: dict[str, np.ndarray], latents: list[LatentRecord]) -> tuple[np.ndarray, dict]:
@@ -169,10 +187,11 @@ def goals(metrics: dict) -> dict:
     region = probes.get("region_content", {})
     retrieval_c, retrieval_s = probes.get("retrieval_content", {}), probes.get("retrieval_style", {})
     counterfactual = metrics.get("counterfactual", {})
+    style = metrics["style_accuracy"]
     return {
         "region_content_not_above_null_p95": check(
             region.get("accuracy_mean"), None if "null_p95" not in region else not region["above_null_p95"]),
-        "style_accuracy_at_least_0.95": check(metrics["style_accuracy"], metrics["style_accuracy"] >= 0.95),
+        "style_accuracy_at_least_0.95": check(style, None if style is None else style >= 0.95),
         "retrieval_content_top1_at_least_0.90": check(
             retrieval_c.get("top1"), None if "top1" not in retrieval_c else retrieval_c["top1"] >= 0.90),
         "retrieval_style_top1_at_most_chance_plus_0.10": check(
@@ -202,14 +221,15 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     region_windows, region = _region(arrays, latent_records)
     per_weights = {w: factor_report(arrays, w, y, subjects, region_windows, cfg) for w in all_weights}
     probes = dict(per_weights[primary])
-    probes["latent_statistics"] = site_probe(latent_statistics(latents), y, folds=cfg.folds, l2=cfg.l2,
-                                             max_iter=cfg.max_iter, permutations=cfg.permutations, seed=cfg.seed,
-                                             jobs=cfg.jobs)
+    too_few = _too_few_for_probes(y)
+    probes["latent_statistics"] = {"skipped": too_few} if too_few else site_probe(
+        latent_statistics(latents), y, folds=cfg.folds, l2=cfg.l2, max_iter=cfg.max_iter,
+        permutations=cfg.permutations, seed=cfg.seed, jobs=cfg.jobs)
     curve_probe = {"folds": cfg.folds, "l2": cfg.l2, "max_iter": cfg.max_iter, "jobs": cfg.jobs}
-    curves = {factor: windows_curve(arrays[f"{primary}_window_{factor}"].astype(np.float64), arrays["window_volume"],
-                                    y, cfg.window_counts, draws=cfg.curve_draws, permutations=cfg.curve_permutations,
-                                    probe=curve_probe, seed=cfg.seed)
-              for factor in ("content", "style")}
+    curves = {factor: [] if too_few else windows_curve(
+        arrays[f"{primary}_window_{factor}"].astype(np.float64), arrays["window_volume"], y, cfg.window_counts,
+        draws=cfg.curve_draws, permutations=cfg.curve_permutations, probe=curve_probe, seed=cfg.seed)
+        for factor in ("content", "style")}
 
     metrics: dict = {
         "volumes": len(y), "sites": domains, "chance": 1.0 / len(domains),
@@ -217,13 +237,13 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
         "by_weights": per_weights, "region": region, "windows_curve": curves,
         "subjects_at_several_sites": len({s for s in subjects if s is not None and
                                           len({d for d, t in zip(y, subjects) if t == s}) > 1}),
-        "content_accuracy": probes["content"]["accuracy_mean"], "content_ci95": probes["content"]["ci95"],
-        "style_accuracy": probes["style"]["accuracy_mean"], "style_ci95": probes["style"]["ci95"],
+        "content_accuracy": probes["content"].get("accuracy_mean"), "content_ci95": probes["content"].get("ci95"),
+        "style_accuracy": probes["style"].get("accuracy_mean"), "style_ci95": probes["style"].get("ci95"),
         "content_null_p95": probes["content"].get("null_p95"), "content_p_value": probes["content"].get("p_value"),
         "region_content_accuracy": probes["region_content"].get("accuracy_mean"),
         "region_content_ci95": probes["region_content"].get("ci95"),
         "region_content_null_p95": probes["region_content"].get("null_p95"),
-        "latent_statistics_accuracy": probes["latent_statistics"]["accuracy_mean"],
+        "latent_statistics_accuracy": probes["latent_statistics"].get("accuracy_mean"),
         "retrieval_content_top1": probes["retrieval_content"].get("top1"),
         "retrieval_content_ci95": probes["retrieval_content"].get("ci95"),
         "retrieval_style_top1": probes["retrieval_style"].get("top1"),
@@ -237,7 +257,9 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
         if model.config.norm_pix_loss:
             model = None
             metrics["swap"] = {"skipped": "norm_pix_loss: decoded patches are normalised, not latents"}
-    if model is not None and cfg.swap_pairs > 0:
+    if too_few:
+        metrics["skipped"] = too_few
+    if model is not None and cfg.swap_pairs > 0 and not too_few:
         style_probe = fit_probe(arrays["style"].astype(np.float64), y, cfg.l2, cfg.max_iter)
         windows = [sliding_windows(z, model.config.input_size) for z in latents]
         swap = functools.partial(swapped_factors, model, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -260,7 +282,7 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
                                     {"content": probes["retrieval_content"], "style": probes["retrieval_style"]},
                                     reports / "retrieval.png"),
     }
-    log.info("evaluate-disentanglement: site probe content %.3f (null p95 %s), region-matched %s, style %.3f; "
+    log.info("evaluate-disentanglement: site probe content %s (null p95 %s), region-matched %s, style %s; "
              "retrieval content %s style %s (chance %s); counterfactual closer than s@A %s",
              metrics["content_accuracy"], metrics["content_null_p95"], metrics["region_content_accuracy"],
              metrics["style_accuracy"], metrics["retrieval_content_top1"], metrics["retrieval_style_top1"],

@@ -224,3 +224,17 @@ def test_swap_test_scores_known_swaps(swap, expected) -> None:
     assert result["pairs"] == 10 and result["self_style_predicted_as_a"] == 1.0
     for key, value in expected.items():
         assert result[key] == value, (key, result)
+
+
+def test_too_few_volumes_per_site_skip_the_probes_but_write_every_output(tmp_path: Path) -> None:
+    cfg = MeduetConfig.model_validate({"evaluate_disentanglement": {"permutations": 5, "swap_pairs": 1,
+                                                                    "counterfactual_pairs": 1, "jobs": 1}})
+    paths = Paths.resolve(cfg, tmp_path)
+    _write_cache(paths.latents, per_domain=1)  # one volume per site: no cross-validation possible
+    _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
+    extract_factors.run(cfg.extract_factors, paths)
+    result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
+    assert "2 volumes of every site" in result.metrics["skipped"] and result.metrics["content_accuracy"] is None
+    assert result.metrics["goals"]["style_accuracy_at_least_0.95"]["met"] is None
+    for output in ("metrics", "plot", "curve", "retrieval"):
+        assert result.outputs[output].is_file()
