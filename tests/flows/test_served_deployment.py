@@ -22,7 +22,8 @@ from meduet.dvc_graph import load_stages
 
 def _deployment_run(server: PrefectServer, deployment: ServedDeployment, params: dict | None = None) -> dict:
     """``prefect deployment run <name> --watch``; returns the flow run it started."""
-    args = [tool("prefect"), "deployment", "run", deployment.name, "--watch", "--watch-timeout", "180"]
+    # The watch timeout guards against a hang; it is no speed test (2 busy cores can take minutes).
+    args = [tool("prefect"), "deployment", "run", deployment.name, "--watch", "--watch-timeout", "600"]
     args += ["--params", json.dumps(params)] if params else []
     watch = subprocess.run(
         args, env=server.client_env(), capture_output=True, encoding="utf-8", errors="replace", check=False
