@@ -28,9 +28,6 @@ class Drops:
     style: torch.Tensor
     tokens: torch.Tensor
 
-    def to(self, device: torch.device) -> Drops:
-        return Drops(self.content.to(device), self.style.to(device), self.tokens.to(device))
-
 
 def condition_drops(batch: int, p: float, generator: torch.Generator | None = None) -> Drops:
     """Random drops for one training batch.
