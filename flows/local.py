@@ -133,13 +133,25 @@ def wait_until(service: Service, ready: Callable[[], bool], what: str, timeout_s
         time.sleep(0.5)
 
 
+BUSY_RETRIES = 5  # a Prefect server on SQLite answers 503 while its database is locked by another writer
+
+
 def http_json(method: str, url: str, body: Any = None, timeout_s: float = 10.0) -> Any:
-    """A JSON request with the standard library; raises ``urllib.error.URLError``."""
+    """A JSON request with the standard library; raises ``urllib.error.URLError``.
+
+    A 503 (the server's database busy; nothing was written) is retried with a growing pause.
+    """
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        payload = response.read()
-    return json.loads(payload) if payload else None
+    for attempt in range(BUSY_RETRIES + 1):
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                payload = response.read()
+            return json.loads(payload) if payload else None
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == BUSY_RETRIES:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def _answers(method: str, url: str) -> bool:

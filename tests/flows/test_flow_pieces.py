@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import re
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,35 @@ def test_make_run_ends_with_the_headline_and_the_report_path(tmp_path: Path,
     out = capsys.readouterr().out
     assert re.search(r"site from style \(probe accuracy\) +0\.970 +≥ 0\.95 +met", out)
     assert out.rstrip().endswith(f"Results report: {tmp_path / 'reports' / 'index.html'}")
+
+
+def test_http_json_retries_a_busy_server_and_gives_up_on_other_errors(monkeypatch) -> None:
+    import http.server
+    import threading
+
+    from flows import local
+
+    monkeypatch.setattr(local.time, "sleep", lambda _: None)
+    answers = iter([503, 503, 200, 404])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            code = next(answers)
+            body = b'{"ok": true}' if code == 200 else b"{}"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/x"
+    try:
+        assert local.http_json("POST", url, {}) == {"ok": True}  # two 503s, then the answer
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            local.http_json("POST", url, {})  # not a busy server: no retry
+    finally:
+        server.shutdown()
