@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from machine import describe, matmul_peak  # benchmarks/machine.py (this script's folder)
+from machine import peaks_line  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import TrainDiffusionConfig
@@ -124,9 +124,8 @@ def main() -> None:
         return
 
     cpu_bf16 = native_bf16(torch.device("cpu"))
-    peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16) if cpu_bf16 else float("nan")}
-    print(f"machine: {describe()}; matmul peak (2048², best of 5): fp32 {peaks[False]:.0f} GFLOP/s"
-          + (f", bf16 {peaks[True]:.0f} GFLOP/s" if cpu_bf16 else ", no native bf16"))
+    peaks, line = peaks_line(cpu_bf16)
+    print(line)
     rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
     rows += [("cuda", True)] if torch.cuda.is_available() else []
     print(f"\n{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'params M':>10}{'s/step':>9}{'CPU s/step':>11}"

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name  # benchmarks/machine.py (this script's folder)
 
 from meduet.config import Paths, load_config
 from meduet.io.atomic import write_json
@@ -110,16 +110,6 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             write_json(out, {"machine": cpu_name(), "overrides": args.overrides, "rows": rows})
     print_table(summarise(rows, args.variants), rows, args.seeds)
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def print_table(table: list[dict], rows: list[dict], seeds: list[int]) -> None:

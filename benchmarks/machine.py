@@ -54,3 +54,11 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: i
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def peaks_line(bf16: bool) -> tuple[dict[bool, float], str]:
+    """This machine's matmul peaks (``{False: fp32, True: bf16 or nan}``) and the line that names them."""
+    peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16) if bf16 else float("nan")}
+    line = (f"machine: {describe()}; matmul peak (2048², best of 5): fp32 {peaks[False]:.0f} GFLOP/s"
+            + (f", bf16 {peaks[True]:.0f} GFLOP/s" if bf16 else ", no native bf16"))
+    return peaks, line
