@@ -46,6 +46,7 @@ class PathsConfig(StrictModel):
     models_dir: str = "models"
     latents_dir: str = "data/latents"
     factors_dir: str = "data/factors"
+    synthesis_dir: str = "data/synthesis"
     work_dir: str = ".work"
 
 
@@ -535,6 +536,39 @@ class TrainDiffusionConfig(StrictModel):
         return self.repa_layer or max(1, DIT_PRESETS[self.preset].depth // 3)
 
 
+class SynthesizeConfig(StrictModel):
+    """Sampling the trained DiT (stage ``synthesize``): translations of held-out scans and new samples."""
+
+    weights: Literal["ema", "model"] = Field(default="ema", description="the DiT's EMA or raw trained weights")
+    sampling_steps: Annotated[int, Field(ge=1)] = Field(
+        default=50, description="ddpm: deterministic DDIM steps over the 1000 (the authors sample 250 ancestral "
+        "steps); rflow: Euler steps"
+    )
+    content_scale: float = Field(default=1.0, description="guidance w_c: what content adds over nothing")
+    style_scale: float = Field(default=1.0, description="guidance w_s: what style adds over content alone")
+    strength: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="translation starts from the source latent noised to this fraction of the "
+        "path (1: pure noise, the anatomy comes from the content tokens alone)"
+    )
+    window_overlap: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.5, description="overlap of the sliding windows that tile a whole volume at every step "
+        "(predictions averaged where they overlap)"
+    )
+    translations: Annotated[int, Field(ge=0)] = Field(
+        default=12, description="(held-out scan, other site) translations, whole volume; 0 skips them"
+    )
+    samples_per_site: Annotated[int, Field(ge=0)] = Field(
+        default=8, description="new crops per site from a training volume's content vector and the site's "
+        "style (generation as the authors do it); 0 skips it"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=64, description="windows per DiT forward")
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
+        default=4_000_000, description="whole-volume decode memory bound (the VAE's tensor splitting)"
+    )
+    workers: Annotated[int, Field(ge=1)] = Field(default=2, description="parallel sampling tasks on Ray (1: here)")
+    seed: int = 0
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -580,6 +614,7 @@ class MeduetConfig(StrictModel):
     extract_factors: ExtractFactorsConfig = Field(default_factory=ExtractFactorsConfig)
     evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
@@ -600,6 +635,7 @@ class Paths:
     models: Path
     latents: Path
     factors: Path
+    synthesis: Path
     work: Path
     s3_options: dict[str, Any]
 
@@ -615,6 +651,7 @@ class Paths:
             models=root / p.models_dir,
             latents=root / p.latents_dir,
             factors=root / p.factors_dir,
+            synthesis=root / p.synthesis_dir,
             work=root / p.work_dir,
             s3_options=s3_options(cfg.storage),
         )
