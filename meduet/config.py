@@ -492,8 +492,8 @@ class TrainDiffusionConfig(StrictModel):
     grad_clip: PositiveFloat = 1.0
     grad_accumulation: Annotated[int, Field(ge=1)] = Field(default=1, description="micro-batches per optimizer step")
     objective: Literal["ddpm", "rflow"] = Field(
-        default="ddpm", description="ddpm = 1000-step linear beta, epsilon-prediction; rflow = rectified flow, "
-        "velocity prediction"
+        default="rflow", description="rflow = rectified flow, velocity prediction; ddpm = 1000-step linear beta, "
+        "epsilon-prediction (its few-step samples diverge unless the model is trained far longer: README)"
     )
     flow_time: Literal["uniform", "logit_normal"] = Field(default="uniform", description="rflow's training times")
     init: Literal["scratch", "meduet", "meduet_repa"] = Field(
@@ -541,8 +541,12 @@ class SynthesizeConfig(StrictModel):
 
     weights: Literal["ema", "model"] = Field(default="ema", description="the DiT's EMA or raw trained weights")
     sampling_steps: Annotated[int, Field(ge=1)] = Field(
-        default=50, description="ddpm: deterministic DDIM steps over the 1000 (the authors sample 250 ancestral "
-        "steps); rflow: Euler steps"
+        default=20, description="rflow: Euler steps; ddpm: deterministic DDIM steps over the 1000 (the authors "
+        "sample 250 ancestral steps)"
+    )
+    ddpm_clip: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="ddpm only: clamp each step's estimate of the clean latent to +-this (scaled "
+        "latent units; None: unbounded)"
     )
     content_scale: float = Field(default=1.0, description="guidance w_c: what content adds over nothing")
     style_scale: float = Field(default=1.0, description="guidance w_s: what style adds over content alone")

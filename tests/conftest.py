@@ -66,6 +66,10 @@ TINY_PARAMS: dict[str, Any] = {
     "train_diffusion.warmup_steps": 1,
     "train_diffusion.log_every": 2,
     "train_diffusion.val_crops": 2,
+    "synthesize.sampling_steps": 2,
+    "synthesize.translations": 1,
+    "synthesize.samples_per_site": 1,
+    "synthesize.workers": 1,  # in-process: the Ray-task path has its own tests (tests/stages)
     "ray.checkpoint_every": 2,
     "ray.local_num_cpus": 2,
     "ray.max_failures": 0,

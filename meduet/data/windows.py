@@ -1,8 +1,9 @@
 """Sliding windows over a whole latent, in the model's input size.
 
-Stride = window, the last window of an axis aligned to the end; a latent smaller than the
-window is zero-padded, centred, as the training crops are. Used wherever a whole volume is
-encoded by a model trained on crops (factor extraction, evaluation).
+Stride = window unless given (overlapping windows for sampling), the last window of an axis
+aligned to the end; a latent smaller than the window is zero-padded, centred, as the training
+crops are. Used wherever a whole volume is encoded by a model trained on crops (factor
+extraction, evaluation, sampling).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import numpy as np
 import torch
 
 
-def window_starts(size: int, window: int) -> list[int]:
-    """Window origins along one axis: stride ``window``, the last one aligned to the end.
+def window_starts(size: int, window: int, stride: int | None = None) -> list[int]:
+    """Window origins along one axis: every ``stride`` (default ``window``), the last one aligned to the end.
 
     ``size`` must be at least ``window`` (pad first).
     """
     if size < window:
         raise ValueError(f"axis of size {size} is smaller than the window {window}")
-    starts = list(range(0, size - window + 1, window))
+    if stride is not None and not 1 <= stride <= window:
+        raise ValueError(f"stride must lie in [1, window {window}], got {stride}")
+    starts = list(range(0, size - window + 1, stride or window))
     if starts[-1] != size - window:
         starts.append(size - window)
     return starts
@@ -35,15 +38,15 @@ def pad_to_window(latent: torch.Tensor, window: tuple[int, int, int]) -> torch.T
     return torch.nn.functional.pad(latent, [p for n in reversed(pad) for p in (n // 2, n - n // 2)])
 
 
-def sliding_windows(latent: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+def sliding_windows(latent: torch.Tensor, window: tuple[int, int, int], stride: int | None = None) -> torch.Tensor:
     """All windows of a ``(C, d, h, w)`` latent: ``(n_windows, C, *window)``."""
     latent = pad_to_window(latent, window)
-    starts = [window_starts(n, k) for n, k in zip(latent.shape[1:], window, strict=True)]
+    starts = [window_starts(n, k, stride) for n, k in zip(latent.shape[1:], window, strict=True)]
     wd, wh, ww = window
     return torch.stack([latent[:, i:i + wd, j:j + wh, k:k + ww] for i, j, k in itertools.product(*starts)])
 
 
-def window_origins(shape: tuple[int, int, int], window: tuple[int, int, int]) -> np.ndarray:
+def window_origins(shape: tuple[int, int, int], window: tuple[int, int, int], stride: int | None = None) -> np.ndarray:
     """Origins ``(n_windows, 3)`` of ``sliding_windows``' windows, in the order it returns them.
 
     In the unpadded latent's ``(d, h, w)`` voxel indices: a window of an axis shorter than
@@ -52,7 +55,7 @@ def window_origins(shape: tuple[int, int, int], window: tuple[int, int, int]) ->
     origins = []
     for size, k in zip(shape, window, strict=True):
         pad_lo = max(0, k - size) // 2
-        origins.append([s - pad_lo for s in window_starts(max(size, k), k)])
+        origins.append([s - pad_lo for s in window_starts(max(size, k), k, stride)])
     return np.array(list(itertools.product(*origins)), dtype=np.int64).reshape(-1, 3)
 
 

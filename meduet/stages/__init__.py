@@ -97,4 +97,7 @@ STAGES: dict[str, StageSpec] = {
                                           "linear site probes on content and style, and a swap test"),
     "train-diffusion": StageSpec("meduet.stages.train_diffusion", "train_diffusion",
                                  "latent DiT conditioned on MeDUET content and style (Ray Train)", extra=("ray",)),
+    "synthesize": StageSpec("meduet.stages.synthesize", "synthesize",
+                            "translate held-out scans into other sites' styles and generate crops (Ray tasks)",
+                            extra=("ray",)),
 }

@@ -1,0 +1,341 @@
+"""Stage ``synthesize``: held-out scans translated into other sites' styles, and new crops per site.
+
+Inputs: the trained DiT (``paths.models/diffusion/dit.pt``), the MeDUET file it was trained
+with (its teacher encodes the content tokens of each source), the factor store (its teacher's
+volume styles give each site's style: the mean over the site's training volumes), the latent
+cache and the frozen VAE (decoding), the harmonized manifest (each source's grid and affine).
+
+Two uses of the factors (issue 10):
+
+- *translation* (``translations`` pairs): a held-out scan A, whole volume, sampled from noise
+  with A's content tokens window by window and site B's style (``meduet.diffusion.sampling``),
+  decoded onto A's harmonized grid with A's affine: A's anatomy as site B would acquire it;
+- *generation* (``samples_per_site`` per site): a crop of the DiT's input size from one
+  training volume's content vector and the site's style, as the authors generate.
+
+Sources come from the latent cache's ``held_out`` split, the subjects no training stage saw
+(a cache without one falls back to ``train``, and the metrics say so). Every image has its
+own seed (the run's seed and its position), runs as a Ray task (``workers``) and is recorded
+as soon as it is written, so a killed run resumes where it stopped; a change of settings or
+of any input file starts the store afresh (the run key). Outputs: ``paths.synthesis/`` (see
+``meduet.artifacts.synthesis``) and ``paths.reports/synthesize/``: ``metrics.json``,
+``translations.png`` and ``generated.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from pydantic import ValidationError
+
+from meduet import distributed as dist
+from meduet.artifacts.diffusion import dit_path, load_dit
+from meduet.artifacts.factors import FACTORS, load_factors
+from meduet.artifacts.pretrained import load_meduet, meduet_path
+from meduet.artifacts.synthesis import GENERATED, LATENTS, TRANSLATIONS, SynthesisRecord, write_synthesis
+from meduet.artifacts.vae import load_vae, vae_path
+from meduet.config import Paths, RayConfig, SynthesizeConfig, config_hash
+from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale, save_array
+from meduet.diffusion import build_process
+from meduet.diffusion.sampling import Guidance, TiledPredictor, crop_predictor, sample
+from meduet.engine.progress import Progress
+from meduet.engine.runs import RunSpec, Scaling
+from meduet.harmonize.manifest import read_manifest as read_harmonized
+from meduet.io.atomic import write_json
+from meduet.io.figures import plt, save_figure
+from meduet.io.images import sha256_file, write_image
+from meduet.io.locks import output_lock
+from meduet.io.prune import prune_unowned
+from meduet.models.vae import decode_latent
+from meduet.stages import StageError, StageResult
+
+log = logging.getLogger(__name__)
+
+STAGE = "synthesize"
+# The subject in a case id (demo: site_a_003 -> 003), as evaluate_disentanglement.subject_pattern's
+# default: it names the real s@B a translation s@A -> B is compared with.
+SUBJECT_PATTERN = r"_(\d+)$"
+
+
+# --------------------------------------------------------------------------- one image (a Ray task)
+@functools.lru_cache(maxsize=2)
+def _dit(path: str, weights: str) -> tuple[torch.nn.Module, dict]:
+    return load_dit(Path(path), weights)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(path: str) -> torch.nn.Module:
+    return load_meduet(Path(path), "teacher")[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _vae(path: str) -> torch.nn.Module:
+    return load_vae(Path(path))[0]
+
+
+def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Sample, decode and write one image; returns its :class:`SynthesisRecord` as a dict.
+
+    Models are loaded once per worker process (a task reuses the previous task's).
+    """
+    torch.set_num_threads(job["threads"])
+    start = time.perf_counter()
+    dit, meta = _dit(job["dit"], job["weights"])
+    process = build_process(meta["config"]["objective"], flow_time=meta["config"].get("flow_time", "uniform"))
+    settings, scale = job["settings"], job["scale"]
+    guidance = Guidance(settings["content_scale"], settings["style_scale"])
+    generator = torch.Generator().manual_seed(job["seed"])
+    style = torch.tensor(job["style"], dtype=torch.float32)
+    with torch.no_grad():
+        if job["record"]["kind"] == "translation":
+            source = torch.from_numpy(np.load(job["source_latent"]).astype(np.float32)) * scale  # (C, D, H, W)
+            predict = TiledPredictor(dit, _teacher(job["meduet"]), process, source=source, style=style,
+                                     guidance=guidance, overlap=settings["window_overlap"],
+                                     batch_size=settings["batch_size"])
+            noise = torch.randn((1, *source.shape), generator=generator)
+            latent = sample(predict, process, noise, steps=settings["sampling_steps"], strength=settings["strength"],
+                            source=source[None], clip=settings["ddpm_clip"])[0]
+        else:
+            content = torch.tensor(job["content"], dtype=torch.float32)[None]
+            predict = crop_predictor(dit, process, content=content, style=style[None], guidance=guidance)
+            noise = torch.randn((1, dit.config.in_channels, *dit.config.input_size), generator=generator)
+            latent = sample(predict, process, noise, steps=settings["sampling_steps"], clip=settings["ddpm_clip"])[0]
+        volume = decode_latent(_vae(job["vae"]), (latent / scale)[None], settings["max_voxels_per_split"])[0, 0]
+    image = sitk.GetImageFromArray(volume.float().numpy())  # array (D, H, W) = image (x, y, z) reversed
+    if job["header"]:
+        header = sitk.ReadImage(job["header"])
+        if header.GetSize() != image.GetSize():
+            raise StageError(f"{job['header']}: harmonized grid {header.GetSize()} differs from the decoded "
+                             f"latent's {image.GetSize()}; re-encode the latent cache")
+        image.CopyInformation(header)
+    else:
+        image.SetSpacing(job["spacing"])
+    out = Path(job["store"])
+    save_array(out / job["record"]["latent"], latent.numpy())
+    write_image(image, out / job["record"]["image"])
+    return {**job["record"], "shape": list(volume.shape), "seconds": round(time.perf_counter() - start, 3)}
+
+
+# --------------------------------------------------------------------------- planning
+def _site_styles(arrays: dict[str, np.ndarray], records: list, sites: list[str]) -> dict[str, np.ndarray]:
+    """Each site's style: the mean teacher style of its training volumes (all its volumes if none is train)."""
+    styles = {}
+    for site in sites:
+        rows = [r.row for r in records if r.domain == site and r.split == "train"] or \
+               [r.row for r in records if r.domain == site]
+        styles[site] = arrays["teacher_style"][rows].mean(0)
+    return styles
+
+
+def _subject(case_id: str) -> str | None:
+    match = re.search(SUBJECT_PATTERN, case_id)
+    return match.group(1) if match else None
+
+
+def _sources(latents: list[LatentRecord]) -> tuple[list[LatentRecord], str]:
+    held_out = [r for r in latents if r.split == "held_out"]
+    if held_out:
+        return held_out, "held_out"
+    log.warning("%s: the latent cache has no held-out volume; translating training volumes instead", STAGE)
+    return [r for r in latents if r.split == "train"], "train"
+
+
+def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: list, sites: list[str],
+         rng: np.random.Generator) -> list[dict[str, Any]]:
+    """The records to make: translations (source, other site), then generated crops per site, each with its seed."""
+    sources, split = _sources(latents)
+    pairs = [(a, site) for a in sources for site in sites if site != a.domain]
+    if len(pairs) > cfg.translations:
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=cfg.translations, replace=False))]
+    planned: list[dict[str, Any]] = []
+    for a, site in pairs:
+        key = f"{a.key}__{site}"
+        planned.append({"key": key, "kind": "translation", "source_key": a.key, "source_site": a.domain,
+                        "source_split": split, "subject": _subject(a.case_id), "target_site": site,
+                        "target_domain_index": sites.index(site), "image": f"{TRANSLATIONS}/{key}.nii.gz",
+                        "latent": f"{LATENTS}/{key}.npy"})
+    donors = [r for r in factor_records if r.split == "train"] or list(factor_records)
+    for site in sites:
+        for n in range(cfg.samples_per_site):
+            donor = donors[int(rng.integers(len(donors)))]
+            key = f"{site}_{n:03d}"
+            planned.append({"key": key, "kind": "generation", "source_key": donor.key, "source_site": donor.domain,
+                            "source_split": donor.split, "subject": _subject(donor.case_id), "target_site": site,
+                            "target_domain_index": sites.index(site), "image": f"{GENERATED}/{key}.nii.gz",
+                            "latent": f"{LATENTS}/{key}.npy", "donor_row": donor.row})
+    for index, record in enumerate(planned):
+        record["seed"] = int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0])
+    return planned
+
+
+def _reusable(store: Path, run_key: str) -> dict[str, SynthesisRecord]:
+    """Images a run of the same key finished (its per-image records), whose files are all there."""
+    done: dict[str, SynthesisRecord] = {}
+    for path in sorted((store / "records" / run_key).glob("*.json")):
+        try:
+            record = SynthesisRecord.model_validate_json(path.read_text())
+        except (ValidationError, OSError):  # torn by a kill: made again
+            continue
+        if (store / record.image).is_file() and (store / record.latent).is_file():
+            done[record.key] = record
+    return done
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
+    """Translate held-out scans and generate crops; one run at a time per store."""
+    with output_lock(paths.work / "locks", paths.synthesis):
+        return _run(cfg, paths, ray)
+
+
+def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
+    dit_file, teacher_file, vae_file = dit_path(paths), meduet_path(paths), vae_path(paths)
+    _, dit_meta = load_dit(dit_file, cfg.weights)  # fail early, in the driver, on missing or broken files
+    load_vae(vae_file)
+    teacher_sha = sha256_file(teacher_file) if teacher_file.is_file() else None
+    if teacher_sha != dit_meta["meduet_sha256"]:
+        raise StageError(f"{teacher_file}: not the MeDUET file the DiT {dit_file} was trained with; "
+                         f"rerun train-diffusion")
+    arrays, factor_records, factor_meta = load_factors(paths.factors)
+    if factor_meta.get("model_sha256") != teacher_sha or "teacher_style" not in arrays:
+        raise StageError(f"{paths.factors / FACTORS}: not the teacher factors of {teacher_file}; rerun extract-factors")
+    if not (paths.latents / MANIFEST).is_file():
+        raise StageError(f"{paths.latents / MANIFEST}: no latent cache; run the encode-latents stage first")
+    latents = read_manifest(paths.latents)
+    scale = read_scale(paths.latents)
+    harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
+    sites = list(factor_meta["domains"])
+    styles = _site_styles(arrays, factor_records, sites)
+    planned = plan(cfg, latents=latents, factor_records=factor_records, sites=sites,
+                   rng=np.random.default_rng(cfg.seed))
+    if not planned:
+        raise StageError(f"{STAGE}: nothing to make (translations and samples_per_site are 0, or one site only)")
+
+    store = paths.synthesis
+    run_key = config_hash(cfg.model_copy(update={"workers": 1}))[:8] + hashlib.sha256(
+        "".join([dit_meta["meduet_sha256"], _sha(dit_file), _sha(vae_file), _sha(paths.factors / FACTORS),
+                 _sha(paths.latents / MANIFEST), _sha(paths.latents / SCALE)]).encode()).hexdigest()[:8]
+    done = _reusable(store, run_key)
+    by_key = {r.key: r for r in latents}
+    spacing = list(harmonized[latents[0].key].out_spacing) if latents and latents[0].key in harmonized else [1.0] * 3
+    settings = cfg.model_dump(include={"sampling_steps", "ddpm_clip", "content_scale", "style_scale", "strength",
+                                       "window_overlap", "batch_size", "max_voxels_per_split"})
+    jobs = []
+    for record in planned:
+        if record["key"] in done:
+            continue
+        donor_row = record.pop("donor_row", None)
+        translation = record["kind"] == "translation"
+        source = by_key[record["source_key"]] if translation else None
+        jobs.append({"record": dict(record), "seed": record["seed"], "store": str(store),
+                     "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),
+                     "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_worker)),
+                     "style": styles[record["target_site"]].tolist(),
+                     "content": None if translation else arrays["teacher_content"][donor_row].tolist(),
+                     "source_latent": str(paths.latents / source.latent) if source else None,
+                     "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
+                     "spacing": spacing})
+    for record in planned:
+        record.pop("donor_row", None)
+    log.info("%s: %d image(s) planned, %d reused, %d to make on %d worker(s) (%s, %d steps)", STAGE, len(planned),
+             len(planned) - len(jobs), len(jobs), cfg.workers, dit_meta["config"]["objective"], cfg.sampling_steps)
+
+    records = list(done.values())
+    progress = Progress(STAGE, len(jobs), unit="images")
+    if jobs:
+        results = dist.map_tasks(synthesize_one, jobs, workers=cfg.workers, scaling=Scaling.from_config(ray),
+                                 run=RunSpec.from_config(ray, paths, STAGE, run_key))
+        for result in results:
+            record = SynthesisRecord.model_validate(result)
+            write_json(store / "records" / run_key / f"{record.key}.json", record.model_dump(mode="json"))
+            records.append(record)
+            progress.update(len(records) - (len(planned) - len(jobs)))
+    wanted = {r["key"] for r in planned}
+    records = sorted((r for r in records if r.key in wanted), key=lambda r: r.key)
+
+    meta = {"run_key": run_key, "dit": str(dit_file), "dit_sha256": _sha(dit_file), "meduet_sha256": teacher_sha,
+            "vae_sha256": _sha(vae_file), "objective": dit_meta["config"]["objective"],
+            "weights": cfg.weights, "settings": cfg.model_dump(mode="json"), "scale_factor": scale, "sites": sites,
+            "site_styles": {site: style.tolist() for site, style in styles.items()}}
+    keep = {store / p for r in records for p in (r.image, r.latent)}
+    keep.update(store / "records" / run_key / f"{r.key}.json" for r in records)
+    keep.update({store / "manifest.csv", store / "manifest.json"})
+    prune_unowned(store, keep)
+    outputs = write_synthesis(store, records, meta)
+    reports = paths.reports / STAGE
+    outputs.update(_figures(store, records, paths, harmonized, reports))
+    metrics = _metrics(records, meta)
+    outputs["metrics"] = write_json(reports / "metrics.json", metrics)
+    return StageResult(STAGE, outputs, metrics)
+
+
+def _metrics(records: list[SynthesisRecord], meta: dict) -> dict[str, Any]:
+    def seconds(kind: str) -> float | None:
+        values = [r.seconds for r in records if r.kind == kind]
+        return round(float(np.mean(values)), 3) if values else None
+
+    return {"translations": sum(r.kind == "translation" for r in records),
+            "generated": sum(r.kind == "generation" for r in records),
+            "source_split": next((r.source_split for r in records if r.kind == "translation"), None),
+            "objective": meta["objective"], "sampling_steps": meta["settings"]["sampling_steps"],
+            "seconds_per_translation": seconds("translation"), "seconds_per_generated_crop": seconds("generation"),
+            "sites": meta["sites"]}
+
+
+# --------------------------------------------------------------------------- figures
+def _middle_slice(path: Path) -> np.ndarray:
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # (D, H, W)
+    return array[array.shape[0] // 2]
+
+
+def _figures(store: Path, records: list[SynthesisRecord], paths: Paths, harmonized: dict,
+             reports: Path) -> dict[str, Path]:
+    """``translations.png``: each source, then its translations (middle axial slices); ``generated.png``."""
+    outputs: dict[str, Path] = {}
+    translations = [r for r in records if r.kind == "translation"]
+    sources = sorted({r.source_key for r in translations})
+    if sources:
+        targets = sorted({r.target_site for r in translations})
+        fig, axes = plt.subplots(len(sources), 1 + len(targets), figsize=(2.2 * (1 + len(targets)), 2.2 * len(sources)),
+                                 squeeze=False)
+        for row, source in enumerate(sources):
+            axes[row, 0].imshow(_middle_slice(paths.harmonized / harmonized[source].image), cmap="gray", vmin=0, vmax=1)
+            axes[row, 0].set_title(f"{source.split('__')[-1]} (real)", fontsize=7)
+            for col, site in enumerate(targets, start=1):
+                match = [r for r in translations if r.source_key == source and r.target_site == site]
+                if match:
+                    axes[row, col].imshow(_middle_slice(store / match[0].image), cmap="gray", vmin=0, vmax=1)
+                    axes[row, col].set_title(f"in {site}'s style", fontsize=7)
+        for ax in axes.flat:
+            ax.axis("off")
+        fig.tight_layout()
+        outputs["translations_figure"] = save_figure(fig, reports / "translations.png")
+    generated = [r for r in records if r.kind == "generation"]
+    if generated:
+        sites = sorted({r.target_site for r in generated})
+        per_site = max(sum(r.target_site == s for r in generated) for s in sites)
+        columns = min(per_site, 8)
+        fig, axes = plt.subplots(len(sites), columns, figsize=(1.4 * columns, 1.5 * len(sites)), squeeze=False)
+        for row, site in enumerate(sites):
+            for col, record in enumerate([r for r in generated if r.target_site == site][:columns]):
+                axes[row, col].imshow(_middle_slice(store / record.image), cmap="gray", vmin=0, vmax=1)
+            axes[row, 0].set_title(site, fontsize=7, loc="left")
+        for ax in axes.flat:
+            ax.axis("off")
+        fig.tight_layout()
+        outputs["generated_figure"] = save_figure(fig, reports / "generated.png")
+    return outputs
+

@@ -1,0 +1,145 @@
+"""synthesize: translations on the source's grid, generated crops, resume image by image (real Ray tasks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from meduet.artifacts.diffusion import save_dit
+from meduet.artifacts.synthesis import read_synthesis
+from meduet.artifacts.vae import save_vae
+from meduet.config import MeduetConfig, Paths
+from meduet.data.latents import read_manifest, read_scale
+from meduet.harmonize.manifest import CaseRecord, write_manifest
+from meduet.harmonize.manifest import read_manifest as read_harmonized
+from meduet.io.images import write_image
+from meduet.models.architectures import DIT_PRESETS
+from meduet.models.dit import ConditionedDiT
+from meduet.models.vae import PRESETS as VAE_PRESETS
+from meduet.models.vae import build_vae
+from meduet.stages import StageError, extract_factors, synthesize
+from tests.stages.test_factors import _save_tiny_model
+from tests.stages.test_pretrain import _write_cache
+
+SPACING = (1.5, 1.5, 1.5)
+
+
+def _config(**overrides) -> MeduetConfig:
+    return MeduetConfig.model_validate({
+        "extract_factors": {"batch_size": 4},
+        "synthesize": {"sampling_steps": 3, "translations": 2, "samples_per_site": 2, "batch_size": 4, "workers": 2,
+                       **overrides},
+        "ray": {"local_num_cpus": 2, "max_failures": 0},
+    })
+
+
+def _harmonized(paths: Paths) -> None:
+    """A harmonized image per latent (4x its grid, a distinct origin each) and the manifest naming them."""
+    records = []
+    for n, latent in enumerate(read_manifest(paths.latents)):
+        image = sitk.GetImageFromArray(np.zeros([4 * s for s in latent.latent_shape[1:]], dtype=np.float32))
+        image.SetSpacing(SPACING)
+        image.SetOrigin((10.0 * n, -5.0, 2.5 * n))
+        rel = f"{latent.dataset}/imagesTr/{latent.case_id}.nii.gz"
+        write_image(image, paths.harmonized / rel)
+        records.append(CaseRecord(key=latent.key, dataset=latent.dataset, case_id=latent.case_id,
+                                  domain=latent.domain, body_part="x", split="train", status="ok", image=rel,
+                                  out_spacing=list(SPACING)))
+    write_manifest(paths.harmonized / "manifest.csv", records)
+
+
+def _project(root: Path, cfg: MeduetConfig) -> Paths:
+    paths = Paths.resolve(cfg, root)
+    _write_cache(paths.latents, per_domain=3)  # per site: 2 train, 1 held-out (4, 12, 12, 12) latent
+    _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
+    extract_factors.run(cfg.extract_factors, paths)
+    _harmonized(paths)
+    torch.manual_seed(0)
+    arch = dataclasses.replace(DIT_PRESETS["tiny"], content_dim=32, style_dim=8)
+    dit = ConditionedDiT(arch)
+    meduet_sha = hashlib.sha256((paths.models / "pretrain" / "meduet.pt").read_bytes()).hexdigest()
+    save_dit(paths.models / "diffusion" / "dit.pt", model=dit.state_dict(), ema=dit.state_dict(), architecture=arch,
+             config={"objective": "rflow", "flow_time": "uniform"}, scale_factor=read_scale(paths.latents),
+             meduet_sha256=meduet_sha, init_report=None, steps=0, validation={})
+    vae_arch = VAE_PRESETS["tiny"]
+    save_vae(paths.models / "vae" / "vae.pt", state=build_vae(vae_arch).state_dict(), architecture=vae_arch,
+             config={}, train_cases=[], held_out_cases=[])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory: pytest.TempPathFactory):
+    cfg = _config()
+    paths = _project(tmp_path_factory.mktemp("synthesis_project"), cfg)
+    return cfg, paths, synthesize.run(cfg.synthesize, paths, ray=cfg.ray)
+
+
+def test_translations_lie_on_the_source_grid_and_crops_on_the_dit_input(synthesized) -> None:
+    cfg, paths, result = synthesized
+    records, meta = read_synthesis(paths.synthesis)
+    translations = [r for r in records if r.kind == "translation"]
+    generated = [r for r in records if r.kind == "generation"]
+    # the held-out volume of each site, into the other site's style; 2 crops per site
+    assert sorted((r.source_key, r.target_site) for r in translations) == [
+        ("site_a__case2", "site_b"), ("site_b__case2", "site_a")]
+    assert all(r.source_split == "held_out" for r in translations)
+    assert sorted(r.target_site for r in generated) == ["site_a", "site_a", "site_b", "site_b"]
+    assert all(r.source_split == "train" for r in generated)
+    harmonized = {case.key: case for case in read_harmonized(paths.harmonized / "manifest.csv")}
+    for record in translations:
+        header = sitk.ReadImage(str(paths.harmonized / harmonized[record.source_key].image))
+        image = sitk.ReadImage(str(paths.synthesis / record.image))
+        assert image.GetSize() == header.GetSize() == (48, 48, 48)
+        assert image.GetOrigin() == header.GetOrigin() and image.GetSpacing() == header.GetSpacing()
+        assert np.load(paths.synthesis / record.latent).shape == (4, 12, 12, 12)
+    for record in generated:
+        assert sitk.ReadImage(str(paths.synthesis / record.image)).GetSize() == (32, 32, 32)
+        assert np.isfinite(np.load(paths.synthesis / record.latent)).all()
+    assert len({r.seed for r in records}) == len(records)
+    assert meta["objective"] == "rflow" and set(meta["site_styles"]) == {"site_a", "site_b"}
+    assert result.metrics["translations"] == 2 and result.metrics["generated"] == 4
+    for figure in ("translations.png", "generated.png"):
+        assert (paths.reports / "synthesize" / figure).stat().st_size > 2000
+
+
+def test_a_rerun_remakes_only_what_is_missing_and_bit_identically(synthesized) -> None:
+    cfg, paths, _ = synthesized
+    records, _ = read_synthesis(paths.synthesis)
+    lost, kept = records[0], records[1]
+    before = np.load(paths.synthesis / lost.latent)
+    kept_mtime = (paths.synthesis / kept.image).stat().st_mtime_ns
+    (paths.synthesis / lost.image).unlink()
+    rerun = synthesize.run(cfg.synthesize.model_copy(update={"workers": 1}), paths, ray=cfg.ray)  # workers: not part
+    assert (paths.synthesis / kept.image).stat().st_mtime_ns == kept_mtime  # of the run key
+    np.testing.assert_array_equal(np.load(paths.synthesis / lost.latent), before)
+    assert rerun.metrics["translations"] == 2 and rerun.metrics["generated"] == 4
+
+
+def test_other_settings_start_the_store_afresh(synthesized, tmp_path: Path) -> None:
+    cfg, paths, _ = synthesized
+    changed = cfg.synthesize.model_copy(update={"samples_per_site": 1, "translations": 0, "workers": 1})
+    result = synthesize.run(changed, paths, ray=cfg.ray)
+    records, _ = read_synthesis(paths.synthesis)
+    assert result.metrics["translations"] == 0 and len(records) == 2
+    assert not list((paths.synthesis / "translations").glob("*.nii.gz"))  # the old run's images are gone
+    assert len(list((paths.synthesis / "records").rglob("*.json"))) == 2
+
+
+def test_a_dit_of_another_meduet_file_is_refused(synthesized, tmp_path: Path) -> None:
+    cfg, paths, _ = synthesized
+    other = Paths.resolve(cfg, tmp_path)
+    for folder in ("latents", "factors", "harmonized"):
+        getattr(other, folder).parent.mkdir(parents=True, exist_ok=True)
+        getattr(other, folder).symlink_to(getattr(paths, folder))
+    other.models.mkdir(parents=True)
+    for model in ("diffusion", "vae"):
+        (other.models / model).symlink_to(paths.models / model)
+    _save_tiny_model(other, ["site_a", "site_b", "site_c"], 1.0)  # another MeDUET file
+    with pytest.raises(StageError, match="not the MeDUET file the DiT"):
+        synthesize.run(cfg.synthesize, other, ray=cfg.ray)
