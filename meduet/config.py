@@ -518,11 +518,18 @@ class TrainDiffusionConfig(StrictModel):
     val_crops: Annotated[int, Field(ge=0)] = Field(
         default=32, description="held-out crops of the validation loss (fixed noise and timesteps); 0 skips it"
     )
+    val_every: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="every this many steps the held-out validation loss of the weights joins the "
+        "history (the convergence curve); a multiple of log_every; 0: only at the end"
+    )
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainDiffusionConfig:
+        if self.val_every % self.log_every:
+            raise ValueError(f"val_every {self.val_every} must be a multiple of log_every {self.log_every} "
+                             f"(validation values are written with the history rows)")
         preset = DIT_PRESETS[self.preset]
         if (self.crop,) * 3 != tuple(preset.input_size):
             raise ValueError(f"crop {self.crop} must equal preset {self.preset!r}'s input size {preset.input_size}")

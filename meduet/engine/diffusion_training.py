@@ -95,11 +95,13 @@ class DiffusionObjective(nn.Module):
 
 
 def diffusion_trainer(*, cfg: TrainDiffusionConfig, objective: nn.Module, teacher: MeduetModel, ema: ConditionedDiT,
-                      batches: Callable[[int], Iterable[DiffusionBatch]], device: torch.device) -> Trainer:
+                      batches: Callable[[int], Iterable[DiffusionBatch]], device: torch.device,
+                      validate: Callable[[], float] | None = None) -> Trainer:
     """The loop's parts around a built objective, teacher and EMA.
 
     Shared by :func:`build_trainer` and ``benchmarks/diffusion_step.py``, so the benchmark
-    times the step the pipeline runs.
+    times the step the pipeline runs. ``validate``: the held-out loss of the current weights,
+    added to the history as ``val_loss`` every ``cfg.val_every`` steps (the convergence curve).
     """
     inner = dist.unwrap(objective)
     optimizer = torch.optim.AdamW(inner.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -113,6 +115,8 @@ def diffusion_trainer(*, cfg: TrainDiffusionConfig, objective: nn.Module, teache
 
     def update_ema(step: int) -> dict[str, float]:
         ema_update(ema, inner.dit, cfg.ema_decay)
+        if validate is not None and cfg.val_every and (step + 1) % cfg.val_every == 0:
+            return {"val_loss": validate()}
         return {}
 
     checkpointed = {"dit": inner.dit, "ema": ema, "optimizer": optimizer, "scheduler": scheduler}
@@ -132,7 +136,7 @@ def build_dit(cfg: TrainDiffusionConfig, architecture: DiTArchitecture, teacher:
 
 
 def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, meduet_file: str, latents: list[str],
-                  scale: float) -> Trainer:
+                  scale: float, val_latents: list[str] | None = None) -> Trainer:
     """The conditioned DiT trained on crops of the latent cache.
 
     Args:
@@ -140,6 +144,8 @@ def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, m
         meduet_file: the pretrained MeDUET file; its EMA teacher conditions (and initialises).
         latents: ``.npy`` files of the training latents.
         scale: the latent cache's scale factor.
+        val_latents: ``.npy`` files of the held-out latents: with ``cfg.val_every``, their
+            ``cfg.val_crops`` validation crops (the stage's final ones) are scored during training.
     """
     device = dist.device()
     teacher = load_meduet(Path(meduet_file), "teacher")[0].requires_grad_(False).to(device)
@@ -164,7 +170,21 @@ def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, m
             drops = condition_drops(cfg.batch_size, cfg.cond_drop, gen)
             yield tuple(v.to(device) for v in (x0, noise, t, drops.content, drops.style, drops.tokens))
 
-    return diffusion_trainer(cfg=cfg, objective=objective, teacher=teacher, ema=ema, batches=batches, device=device)
+    validate = None
+    if val_latents and cfg.val_every and cfg.val_crops:
+        crops, _ = LatentCropSampler([Path(p) for p in val_latents], [0] * len(val_latents), architecture.input_size[0],
+                                     scale, cfg.seed).batch(0, cfg.val_crops)
+
+        def validate() -> float:
+            # its own noise stream and eval mode for the pass only: the training run is unchanged
+            model = dist.unwrap(objective).dit
+            try:
+                return validation_loss(model.eval(), teacher, process, crops.to(device), seed=cfg.seed)
+            finally:
+                model.train()
+
+    return diffusion_trainer(cfg=cfg, objective=objective, teacher=teacher, ema=ema, batches=batches, device=device,
+                             validate=validate)
 
 
 @torch.no_grad()

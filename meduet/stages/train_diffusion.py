@@ -104,7 +104,8 @@ def run(cfg: TrainDiffusionConfig, paths: Paths, ray: RayConfig) -> StageResult:
 
     trained = fit_trainer(stage=STAGE, cfg=cfg, build=build_trainer,
                           inputs={"architecture": arch, "meduet_file": str(teacher_file),
-                                  "latents": [str(paths.latents / r.latent) for r in train], "scale": scale},
+                                  "latents": [str(paths.latents / r.latent) for r in train], "scale": scale,
+                                  "val_latents": [str(paths.latents / r.latent) for r in held_out]},
                           input_manifest=inputs, paths=paths, ray=ray)
     state, history = trained.state, trained.history
 

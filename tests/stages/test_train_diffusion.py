@@ -26,7 +26,8 @@ STEPS = 30
 def _config(**overrides) -> MeduetConfig:
     return MeduetConfig.model_validate({
         "train_diffusion": {"steps": STEPS, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
-                            "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 8, **overrides},
+                            "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 8, "val_every": 10,
+                            **overrides},
         "ray": {"checkpoint_every": 10, "keep_checkpoints": 5, "local_num_cpus": 2, "max_failures": 0},
     })
 
@@ -52,6 +53,8 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
     assert header[0] == "step" and set(TERMS) <= set(header) and len(rows) == 1 + STEPS
     repa = [float(row.split(",")[header.index("repa")]) for row in rows[1:]]
     assert np.mean(repa[-5:]) < np.mean(repa[:5]), repa  # the alignment is learnt
+    validated = {int(row.split(",")[0]): row.split(",")[header.index("val_loss")] for row in rows[1:]}
+    assert [step for step, value in validated.items() if value] == [10, 20, 30]  # val_every
     assert (paths.reports / "train_diffusion" / "loss.png").stat().st_size > 2000
 
     metrics = result.metrics
@@ -60,6 +63,8 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
     assert metrics["init_skipped"] > 0 and metrics["init_kept"] > 0
     for key in ("val_loss", "val_loss_ema"):
         assert math.isfinite(metrics[key]) and 0 < metrics[key] < 2, metrics
+    # the curve's last point is the stage's final validation: same crops, noise and weights
+    assert float(validated[STEPS]) == pytest.approx(metrics["val_loss"], rel=1e-5)
     assert set(metrics["final"]) == set(TERMS) and metrics["final"]["repa"] > 0
 
     meduet_file = paths.models / "pretrain" / "meduet.pt"
