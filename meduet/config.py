@@ -557,6 +557,10 @@ class SynthesizeConfig(StrictModel):
     )
     content_scale: float = Field(default=1.0, description="guidance w_c: what content adds over nothing")
     style_scale: float = Field(default=1.0, description="guidance w_s: what style adds over content alone")
+    translation_content: Literal["tokens", "vector"] = Field(
+        default="tokens", description="what of scan A conditions each window of a translation: its content tokens "
+        "(the layout kept) or only their mean, the authors' global content vector (to measure what tokens add)"
+    )
     strength: Annotated[float, Field(gt=0, le=1)] = Field(
         default=1.0, description="translation starts from the source latent noised to this fraction of the "
         "path (1: pure noise, the anatomy comes from the content tokens alone)"

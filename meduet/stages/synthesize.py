@@ -100,7 +100,8 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
             source = torch.from_numpy(np.load(job["source_latent"]).astype(np.float32)) * scale  # (C, D, H, W)
             predict = TiledPredictor(dit, _teacher(job["meduet"]), process, source=source, style=style,
                                      guidance=guidance, overlap=settings["window_overlap"],
-                                     batch_size=settings["batch_size"])
+                                     batch_size=settings["batch_size"],
+                                     spatial=settings["translation_content"] == "tokens")
             noise = torch.randn((1, *source.shape), generator=generator)
             latent = sample(predict, process, noise, steps=settings["sampling_steps"], strength=settings["strength"],
                             source=source[None], clip=settings["ddpm_clip"])[0]
@@ -232,7 +233,8 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     by_key = {r.key: r for r in latents}
     spacing = list(harmonized[latents[0].key].out_spacing) if latents and latents[0].key in harmonized else [1.0] * 3
     settings = cfg.model_dump(include={"sampling_steps", "ddpm_clip", "content_scale", "style_scale", "strength",
-                                       "window_overlap", "batch_size", "max_voxels_per_split"})
+                                       "translation_content", "window_overlap", "batch_size",
+                                       "max_voxels_per_split"})
     jobs = []
     for record in planned:
         if record["key"] in done:
@@ -274,6 +276,9 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     keep.update(store / "records" / run_key / f"{r.key}.json" for r in records)
     keep.update({store / "manifest.csv", store / "manifest.json"})
     prune_unowned(store, keep)
+    for folder in (store / "records").glob("*/"):  # emptied by the prune: another run key's records
+        if not any(folder.iterdir()):
+            folder.rmdir()
     outputs = write_synthesis(store, records, meta)
     reports = paths.reports / STAGE
     outputs.update(_figures(store, records, paths, harmonized, reports))

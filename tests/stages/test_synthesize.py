@@ -121,14 +121,20 @@ def test_a_rerun_remakes_only_what_is_missing_and_bit_identically(synthesized) -
     assert rerun.metrics["translations"] == 2 and rerun.metrics["generated"] == 4
 
 
-def test_other_settings_start_the_store_afresh(synthesized, tmp_path: Path) -> None:
+def test_other_settings_start_the_store_afresh(synthesized) -> None:
     cfg, paths, _ = synthesized
-    changed = cfg.synthesize.model_copy(update={"samples_per_site": 1, "translations": 0, "workers": 1})
+    before = {p.name for p in (paths.synthesis / "records").iterdir()}
+    changed = cfg.synthesize.model_copy(update={"samples_per_site": 1, "translations": 1, "workers": 1,
+                                                "translation_content": "vector"})  # the authors' global content
     result = synthesize.run(changed, paths, ray=cfg.ray)
-    records, _ = read_synthesis(paths.synthesis)
-    assert result.metrics["translations"] == 0 and len(records) == 2
-    assert not list((paths.synthesis / "translations").glob("*.nii.gz"))  # the old run's images are gone
-    assert len(list((paths.synthesis / "records").rglob("*.json"))) == 2
+    records, meta = read_synthesis(paths.synthesis)
+    assert result.metrics["translations"] == 1 and len(records) == 3
+    assert meta["settings"]["translation_content"] == "vector"
+    run_keys = [p for p in (paths.synthesis / "records").iterdir()]
+    assert len(run_keys) == 1 and run_keys[0].name not in before  # the old run's records are gone...
+    assert len(list(run_keys[0].glob("*.json"))) == 3
+    images = sorted(p.relative_to(paths.synthesis).as_posix() for p in paths.synthesis.rglob("*.nii.gz"))
+    assert images == sorted(r.image for r in records)  # ...and so are its images
 
 
 def test_a_dit_of_another_meduet_file_is_refused(synthesized, tmp_path: Path) -> None:
