@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -98,6 +103,35 @@ def repro_outcome(stage: str, lines: Iterable[str]) -> str:
     return "done"
 
 
+# A progress line of meduet.engine.progress, wherever it comes from (a Ray worker's prefix and
+# colours, a logging prefix): "train_vae: 120/600 steps (20%), ...".
+PROGRESS_LINE = re.compile(r"(?P<name>[A-Za-z][\w-]*): (?P<done>\d+)/(?P<total>\d+) [a-z]+ \((?P<percent>\d+)%\)")
+
+
+def progress_percent(line: str) -> float | None:
+    """The percentage a stage's progress line reports, or None for any other line."""
+    match = PROGRESS_LINE.search(line)
+    return float(match["percent"]) if match else None
+
+
+class StageProgress:
+    """A Prefect progress artifact per stage: 0 at the start, each progress line's share, 100 at the end."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage, self.percent = stage, 0.0
+        self.artifact = create_progress_artifact(progress=0.0, key=artifact_key(stage, "progress"),
+                                                 description=f"{stage}: share of the stage's work done")
+
+    def line(self, line: str) -> None:
+        percent = progress_percent(line)
+        if percent is not None and percent > self.percent:  # a stage with two phases never moves back
+            self.percent = percent
+            update_progress_artifact(self.artifact, percent)
+
+    def finish(self) -> None:
+        update_progress_artifact(self.artifact, 100.0)
+
+
 # --------------------------------------------------------------------------- artifacts
 def artifact_key(stage: str, path: str) -> str:
     """Prefect keys allow lowercase letters, digits and dashes: ``harmonize-montage``."""
@@ -131,9 +165,16 @@ def run_stage(project_dir: str, stage: str, force: bool = False) -> str:
     logger = get_run_logger()
     args = [dvc_executable(), "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("%s (in %s)", " ".join(args[1:]), project_dir)
-    returncode, lines = stream(args, Path(project_dir), line_logger(logger))
+    progress, log = StageProgress(stage), line_logger(logger)
+
+    def on_line(line: str) -> None:
+        log(line)
+        progress.line(line)
+
+    returncode, lines = stream(args, Path(project_dir), on_line)
     if returncode != 0:
         raise RuntimeError(f"dvc repro of stage '{stage}' failed with exit code {returncode}")
+    progress.finish()
     return repro_outcome(stage, lines)
 
 

@@ -160,3 +160,27 @@ def test_http_json_retries_a_busy_server_and_gives_up_on_other_errors(monkeypatc
             local.http_json("POST", url, {})  # not a busy server: no retry
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(("line", "percent"), [
+    ("2026-11-26 06:51:53,720 INFO meduet.progress: synthesize: 11/44 images (25%), 0.03 images/s, 19m46s left", 25.0),
+    ("\x1b[36m(RayTrainWorker pid=2797)\x1b[0m train_diffusion: 1500/1500 steps (100%), 25.47 steps/s, done, "
+     "total 0.1631", 100.0),
+    ("encode-latents: 0/16 cases (0%), 0.00 cases/s", 0.0),
+    ("Running stage 'train_vae':", None),
+    ("site_a: 12/16 ok", None),
+])
+def test_progress_lines_are_read_from_any_prefix(line: str, percent: float | None) -> None:
+    assert pipeline.progress_percent(line) == percent
+
+
+def test_stage_progress_only_moves_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    updates: list[float] = []
+    monkeypatch.setattr(pipeline, "create_progress_artifact", lambda **kwargs: "id")
+    monkeypatch.setattr(pipeline, "update_progress_artifact", lambda artifact, progress: updates.append(progress))
+    progress = pipeline.StageProgress("train_vae")
+    for line in ["train_vae: 30/600 steps (5%)", "noise", "train_vae: 60/600 steps (10%)",
+                 "eval: 1/10 cases (10%)", "eval: 2/10 cases (20%)", "train_vae: 90/600 steps (15%)"]:
+        progress.line(line)
+    progress.finish()
+    assert updates == [5.0, 10.0, 20.0, 100.0]

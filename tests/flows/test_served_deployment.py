@@ -57,12 +57,15 @@ def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp
         with served_deployment(server, project, env=s3_server.env) as deployment:
             assert deployment.name == "meduet/full-pipeline"
             first = _deployment_run(server, deployment)
-            artifacts = {a["key"] for a in server.artifacts(first["id"])}
+            published_artifacts = server.artifacts(first["id"])
+            artifacts = {a["key"] for a in published_artifacts}
+            progress = {a["key"]: a["data"] for a in published_artifacts if a["type"] == "progress"}
 
             stages = load_stages(project)
             for stage in stages:
                 assert all((project / rel).exists() for rel in stage.outputs), stage.name
                 assert {artifact_key(stage.name, rel) for rel in stage.metrics + stage.plots} <= artifacts
+                assert progress[artifact_key(stage.name, "progress")] == 100.0, stage.name  # a finished stage
             assert dvc(project, "status", "--json").stdout.strip() in ("{}", "")
             # The run ends with the results report: the HTML page and its markdown artifact.
             assert REPORT_ARTIFACT_KEY in artifacts and (project / "reports" / "index.html").is_file()
