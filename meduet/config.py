@@ -186,6 +186,11 @@ class HarmonizeConfig(StrictModel):
     divisible_by: Annotated[int, Field(ge=1)] = 16
     compression_level: Annotated[int, Field(ge=0, le=9)] = 1
     workers: Annotated[int, Field(ge=1)] = 2
+    executor: Literal["auto", "pool", "ray"] = Field(
+        default="auto", description="pool = local processes; ray = Ray tasks across a cluster's nodes (the "
+        "harmonized folder must then be storage every node sees); auto = ray when a cluster is named (ray.address "
+        "or RAY_ADDRESS), else pool"
+    )
     fail_fast: bool = False
 
     @field_validator("datasets")

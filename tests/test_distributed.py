@@ -370,6 +370,12 @@ def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None
     for workers in (1, 2):
         with pytest.raises(dist.TaskError, match=r"task 2 of 3 failed: ValueError: negative item -1"):
             list(dist.map_tasks(square_or_fail, [1, 2, -1], workers=workers, scaling=scaling, run=run))
+        # errors="yield": the failure takes the item's place and the other items still run
+        results = list(dist.map_tasks(square_or_fail, [1, -1, 3], workers=workers, scaling=scaling, run=run,
+                                      errors="yield"))
+        failures = [r for r in results if isinstance(r, dist.TaskError)]
+        assert sorted(r for r in results if not isinstance(r, dist.TaskError)) == [1, 9]
+        assert [f.index for f in failures] == [1] and "negative item -1" in str(failures[0])
 
 
 @pytest.mark.services
@@ -382,3 +388,31 @@ def test_map_tasks_survives_a_killed_task_process_and_names_one_that_always_dies
     assert (tmp_path / "died2").read_text() == "died once"  # Ray ran task 2 again in a fresh process
     with pytest.raises(dist.TaskError, match=r"task 1 of 3 failed: .*(died|crash|exit)"):
         list(dist.map_tasks(square_or_die, [(1, ""), (2, "always"), (3, "")], workers=2, scaling=scaling, run=run))
+    results = list(dist.map_tasks(square_or_die, [(1, ""), (2, "always"), (3, "")], workers=2, scaling=scaling,
+                                  run=run, errors="yield"))
+    assert sorted(r for r in results if isinstance(r, int)) == [1, 9]
+    assert [r.index for r in results if isinstance(r, dist.TaskError)] == [1]
+
+
+def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray's own start-up timeout on a busy machine: tried again (up to 3 times); other errors are not."""
+    from meduet.distributed import driver
+
+    attempts: list[dict] = []
+
+    def init(**kwargs: Any) -> None:
+        attempts.append(kwargs)
+        if len(attempts) < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(driver.ray, "init", init)
+    monkeypatch.setattr(driver, "_STARTED_LOCAL", False)
+    driver.ensure_ray(spec(tmp_path / "runs", "retry", tmp_path))
+    assert len(attempts) == 3 and driver._STARTED_LOCAL
+    attempts.clear()
+    monkeypatch.setattr(driver.ray, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("port in use")))
+    with pytest.raises(RuntimeError, match="port in use"):
+        driver.ensure_ray(spec(tmp_path / "runs", "retry", tmp_path))

@@ -1,4 +1,5 @@
-"""A training stage on a real two-node Ray cluster, checkpointing to S3, survives a killed worker.
+"""A training stage on a real two-node Ray cluster, checkpointing to S3, survives a killed worker;
+a few hundred volumes harmonize there as Ray tasks.
 
 The cluster is what an operator starts by hand (README, "Running on a cluster"): a head
 node (``ray start --head``, no CPUs, so no training lands there) and a worker node
@@ -13,6 +14,7 @@ checkpoint, and the run ends with the weights of an uninterrupted run on the sam
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -32,6 +34,8 @@ import yaml
 
 from flows.local import Service, ServiceError, background, free_port, tool, wait_until
 from meduet.env import offline_env
+from meduet.harmonize.manifest import read_manifest
+from tests.harmonize.test_stage import HARMONIZE, _msd_site
 from tests.stages.test_kill_resume import TRAINERS, _history, _kill_session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +43,7 @@ TRAINER = TRAINERS["pretrain"]
 STEPS, EVERY = 120, 20  # 6 checkpoints, all kept; a few seconds of training after the first
 TIMEOUT_S = 300.0
 STARTUP_TRIES = 3
+VOLUMES = 240  # small volumes harmonized as Ray tasks on the cluster
 
 
 @dataclass(frozen=True)
@@ -216,3 +221,35 @@ def test_training_on_a_cluster_survives_a_killed_worker_process_and_ends_like_an
         assert got[which].keys() == want[which].keys()
         for key, value in want[which].items():
             torch.testing.assert_close(got[which][key], value, rtol=1e-4, atol=1e-5, msg=f"{which}.{key}")
+
+
+@pytest.mark.services
+def test_a_few_hundred_volumes_harmonize_as_ray_tasks_on_the_cluster_as_on_a_local_pool(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """``harmonize`` with a cluster named runs each case as a Ray task on the worker node; the
+    outputs are the local pool's, byte for byte, and a corrupt file is quarantined, not fatal."""
+    site = _msd_site(tmp_path / "raw", VOLUMES, size=(20, 18, 10))
+    whole = (site / "imagesTr" / "case_00.nii.gz").read_bytes()
+    (site / "imagesTr" / "case_broken.nii.gz").write_bytes(whole[: len(whole) // 3])
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["training"].append({"image": "./imagesTr/case_broken.nii.gz"})
+    (site / "dataset.json").write_text(json.dumps(meta))
+    datasets = [{"name": "many", "root": str(site), "domain": "a", "body_part": "abdomen"}]
+    manifests = {}
+    for executor in ("ray", "pool"):
+        project = tmp_path / executor
+        project.mkdir()
+        (project / "params.yaml").write_text(yaml.safe_dump({"harmonize": {
+            **HARMONIZE, "datasets": datasets, "executor": executor, "workers": 4 if executor == "ray" else 2}}))
+        args = [sys.executable, "-m", "meduet.cli", "harmonize", "--params", str(project / "params.yaml")]
+        done = subprocess.run(args, cwd=REPO, env=cluster.driver_env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        metrics = yaml.safe_load((project / "reports" / "harmonize" / "metrics.json").read_text())
+        assert metrics["executor"] == executor and metrics["cases"] == VOLUMES + 1, metrics
+        assert metrics["ok"] == VOLUMES and metrics["quarantined"] == 1, metrics
+        manifests[executor] = {r.key: (r.status, r.image_sha256, r.label_sha256)
+                               for r in read_manifest(project / "data" / "harmonized" / "manifest.csv")}
+    assert manifests["ray"] == manifests["pool"]
+    assert manifests["ray"]["many__case_broken"][0] == "quarantined"

@@ -39,6 +39,7 @@ class TrainingError(DistributedError):
 
 
 _STARTED_LOCAL = False
+LOCAL_START_TRIES = 3
 
 
 def _ray_temp_dir(preferred: Path) -> Path:
@@ -74,8 +75,21 @@ def ensure_ray(run: RunSpec) -> None:
     # The dashboard process also serves Ray's State API, which Ray Train's placement-group
     # cleaner polls every second: without it the cleaner cannot clean up after a dead
     # controller and logs a warning each time. It listens on loopback only.
-    ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             _temp_dir=str(temp_dir))
+    # Ray gives a new node a fixed time to come up; on a machine busy with other work that can
+    # run out ("timed out during startup"). Agents get longer to register, and a start that
+    # still times out is tried again from scratch.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
+                     dashboard_host="127.0.0.1", _temp_dir=str(temp_dir))
+            break
+        except Exception as error:  # Ray raises a bare Exception for a startup timeout
+            if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(error):
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); trying again", attempt,
+                        LOCAL_START_TRIES)
+            ray.shutdown()
     _STARTED_LOCAL = True
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import ray
 
@@ -12,11 +12,15 @@ from meduet.engine.runs import RunSpec, Scaling
 
 
 class TaskError(DistributedError):
-    """A Ray task of :func:`map_tasks` failed; the message names the item."""
+    """A Ray task of :func:`map_tasks` failed; the message names the item, ``index`` is its position."""
+
+    def __init__(self, message: str, index: int = -1) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scaling: Scaling,
-              run: RunSpec) -> Iterator[Any]:
+              run: RunSpec, errors: Literal["raise", "yield"] = "raise") -> Iterator[Any]:
     """Run ``fn(item)`` for every item as Ray tasks; yield results as they finish.
 
     For independent per-case work such as encoding volumes with a frozen model. At most
@@ -28,16 +32,22 @@ def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scali
         fn: an importable module-level function (Ray ships it by reference).
         items: plain, picklable arguments.
         run: where Ray runs (its address / local settings); no checkpoints are kept.
+        errors: ``raise`` stops at the first failed task (the others are cancelled);
+            ``yield`` yields a :class:`TaskError` (its ``index`` names the item) in the failed
+            task's place and goes on, for per-item work where one bad item must not stop the rest.
 
     Raises:
-        TaskError: naming the failing item's index and the task's error.
+        TaskError: naming the failing item's index and the task's error (``errors="raise"``).
     """
     if workers == 1:
         for index, item in enumerate(items):
             try:
                 yield fn(item)
             except Exception as error:
-                raise TaskError(f"task {index} of {len(items)} failed: {type(error).__name__}: {error}") from error
+                failure = TaskError(f"task {index} of {len(items)} failed: {type(error).__name__}: {error}", index)
+                if errors == "raise":
+                    raise failure from error
+                yield failure
         return
     ensure_ray(run)
     remote = ray.remote(num_cpus=scaling.cpus_per_worker,
@@ -51,9 +61,14 @@ def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scali
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
         try:
-            yield ray.get(done[0])
-        except ray.exceptions.RayError as error:
+            result = ray.get(done[0])
+        except ray.exceptions.RayError as error:  # the task raised, or its worker process died
+            cause = getattr(error, "cause", None) or error  # the task's own exception, without Ray's wrapping
+            failure = TaskError(f"task {index} of {len(items)} failed: {type(cause).__name__}: {cause}", index)
+            if errors == "yield":
+                yield failure
+                continue
             for ref in pending:
                 ray.cancel(ref)
-            cause = getattr(error, "cause", None) or error  # the task's own exception, without Ray's wrapping
-            raise TaskError(f"task {index} of {len(items)} failed: {type(cause).__name__}: {cause}") from None
+            raise failure from None
+        yield result

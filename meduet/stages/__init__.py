@@ -83,7 +83,8 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "demo-data": StageSpec("meduet.stages.demo_data", "demo_data", "generate multi-site CT-like phantoms"),
-    "harmonize": StageSpec("meduet.stages.harmonize", "harmonize", "reorient, resample, window, crop, QA"),
+    "harmonize": StageSpec("meduet.stages.harmonize", "harmonize", "reorient, resample, window, crop, QA",
+                           extra=("ray",)),
     "train-vae": StageSpec("meduet.stages.train_vae", "vae", "train (or load) the 3-D KL-VAE on Ray Train",
                            extra=("ray",)),
     "encode-latents": StageSpec("meduet.stages.encode_latents", "encode_latents",

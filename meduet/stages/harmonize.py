@@ -7,13 +7,16 @@ Reports (``paths.reports/harmonize``): ``metrics.json``, ``fingerprint.json``,
 
 Every case is independent: a bad one is quarantined and reported, the others finish.
 Finished cases are reused by a rerun when their inputs and settings are unchanged, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Cases run on a local process pool, or as Ray tasks
+across a cluster's nodes (``harmonize.executor``; a case whose task process dies is
+quarantined like one that crashes a pool worker).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,7 +28,9 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from meduet.config import HarmonizeConfig, Paths, config_hash
+from meduet import distributed as dist
+from meduet.config import HarmonizeConfig, Paths, RayConfig, config_hash
+from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize import qa
 from meduet.harmonize.case import CaseSettings, harmonize_case, input_hash
 from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
@@ -120,6 +125,10 @@ def _prune(out_dir: Path, records: list[CaseRecord]) -> int:
 
 
 # --------------------------------------------------------------------------- parallel execution
+# Where cases run: a local process pool, or Ray tasks (a cluster's nodes) of the ray section.
+Executor = tuple[str, RayConfig | None, Paths | None]
+
+
 def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path,
               workers: int) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
     """Yield ``(spec, record)`` as cases finish; ``record`` is None if the worker died."""
@@ -134,22 +143,50 @@ def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir:
                 yield futures[future], None
 
 
+def harmonize_job(job: tuple[CaseSpec, CaseSettings, Path, str]) -> CaseRecord:
+    """One case as a Ray task (a module-level function: Ray ships it by reference)."""
+    spec, settings, out_dir, digest = job
+    return harmonize_case(spec, settings, out_dir, digest)
+
+
+def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path, workers: int,
+             ray: RayConfig, paths: Paths) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
+    """Like :func:`_run_pool` on Ray: a task that fails (its process died: Ray retries such a
+    task, then gives up) yields ``None`` for its case; the other cases go on."""
+    items = [(spec, settings, out_dir, digest) for spec, digest in jobs]
+    specs = {spec.key: spec for spec, _ in jobs}
+    run = RunSpec.from_config(ray, paths, "harmonize", settings.settings_hash)
+    for result in dist.map_tasks(harmonize_job, items, workers=workers, scaling=Scaling.from_config(ray), run=run,
+                                 errors="yield"):
+        if isinstance(result, dist.TaskError):
+            log.warning("harmonize: %s", result)
+            yield jobs[result.index][0], None
+        else:
+            yield specs[result.key], result
+
+
 def harmonize_cases(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path,
-                    workers: int) -> Iterator[CaseRecord]:
+                    workers: int, executor: Executor = ("pool", None, None)) -> Iterator[CaseRecord]:
     """Harmonize cases in parallel; a case that crashes its worker process is quarantined.
 
     A crash (e.g. a native reader segfault on a malformed file) breaks the whole pool, so
-    the cases it took down are retried one per fresh pool to single out the culprit.
+    the cases it took down are retried one per fresh pool to single out the culprit (on Ray
+    only the crashed task fails, and Ray has retried it already).
     """
+    kind, ray, paths = executor
     crashed: list[tuple[CaseSpec, str]] = []
     digests = {spec.key: digest for spec, digest in jobs}
-    for spec, record in _run_pool(jobs, settings, out_dir, workers):
+    finished = _run_ray(jobs, settings, out_dir, workers, ray, paths) if kind == "ray" and ray and paths \
+        else _run_pool(jobs, settings, out_dir, workers)
+    for spec, record in finished:
         if record is None:
             crashed.append((spec, digests[spec.key]))
         else:
             yield record
     for spec, digest in crashed:
-        (_, record), = _run_pool([(spec, digest)], settings, out_dir, 1)
+        record = None
+        if kind != "ray":  # Ray has retried the task already; a pool retries it alone to single it out
+            (_, record), = _run_pool([(spec, digest)], settings, out_dir, 1)
         if record is None:
             record = CaseRecord(key=spec.key, dataset=spec.dataset, case_id=spec.case_id, domain=spec.domain,
                                 body_part=spec.body_part, split=spec.split, status="quarantined",
@@ -159,6 +196,14 @@ def harmonize_cases(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, ou
         yield record
 
 
+def executor_kind(cfg: HarmonizeConfig, ray: RayConfig | None) -> str:
+    """``pool`` or ``ray``: ``auto`` picks Ray when a cluster is named."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    named = os.environ.get("RAY_ADDRESS") or (ray.address if ray else None)
+    return "ray" if named and named != "local" else "pool"
+
+
 def _hash_inputs(specs: Iterable[CaseSpec], workers: int) -> list[str]:
     # hashlib releases the GIL on large buffers: threads overlap disk reads and hashing.
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -166,16 +211,17 @@ def _hash_inputs(specs: Iterable[CaseSpec], workers: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the stage
-def run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
+def run(cfg: HarmonizeConfig, paths: Paths, ray: RayConfig | None = None) -> StageResult:
     """Harmonize every configured dataset; see the module docstring for outputs.
 
     One run at a time per output folder: a second one is refused with a message naming the first.
+    ``ray``: the cluster for ``executor: ray`` (or ``auto`` with a cluster named).
     """
     with output_lock(paths.work / "locks", paths.harmonized):
-        return _run(cfg, paths)
+        return _run(cfg, paths, ray or RayConfig())
 
 
-def _run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
+def _run(cfg: HarmonizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     start = time.perf_counter()
     if not cfg.datasets:
         raise HarmonizeError("harmonize.datasets is empty: list at least one dataset in params.yaml")
@@ -193,11 +239,12 @@ def _run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
         else:
             jobs.append((spec, digest))
     reused = len(records)
-    log.info("harmonize: %d case(s), %d reused from an earlier run, %d to process with %d worker(s)",
-             len(specs), reused, len(jobs), cfg.workers)
+    kind = executor_kind(cfg, ray)
+    log.info("harmonize: %d case(s), %d reused from an earlier run, %d to process with %d worker(s) (%s)",
+             len(specs), reused, len(jobs), cfg.workers, "Ray tasks" if kind == "ray" else "local processes")
 
     progress = tqdm(total=len(jobs), desc="harmonize", unit="case", mininterval=2.0)
-    for record in harmonize_cases(jobs, settings, out_dir, cfg.workers):
+    for record in harmonize_cases(jobs, settings, out_dir, cfg.workers, (kind, ray, paths)):
         write_json(_record_path(out_dir, record.key), record.model_dump(mode="json"))
         records.append(record)
         progress.update()
@@ -232,6 +279,7 @@ def _run(cfg: HarmonizeConfig, paths: Paths) -> StageResult:
         "seconds": round(processed_seconds, 3),
         "volumes_per_s": round(len(jobs) / processed_seconds, 3) if jobs else None,
         "ok_per_domain": dict(sorted(Counter(r.domain for r in ok).items())),
+        "executor": kind,
     }
     write_json(report_dir / "metrics.json", metrics)
     write_json(report_dir / "fingerprint.json", qa.fingerprint(records))
