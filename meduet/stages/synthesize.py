@@ -282,22 +282,26 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     outputs = write_synthesis(store, records, meta)
     reports = paths.reports / STAGE
     outputs.update(_figures(store, records, paths, harmonized, reports))
-    metrics = _metrics(records, meta)
+    metrics = _metrics(records, meta, store)
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)
     return StageResult(STAGE, outputs, metrics)
 
 
-def _metrics(records: list[SynthesisRecord], meta: dict) -> dict[str, Any]:
+def _metrics(records: list[SynthesisRecord], meta: dict, store: Path) -> dict[str, Any]:
     def seconds(kind: str) -> float | None:
         values = [r.seconds for r in records if r.kind == kind]
         return round(float(np.mean(values)), 3) if values else None
+
+    # Scaled latents have unit standard deviation over the training set: a sampler that
+    # diverges (e.g. few-step DDPM with a weak ε model) shows here at once.
+    stds = [float(np.load(store / r.latent).std()) for r in records]
 
     return {"translations": sum(r.kind == "translation" for r in records),
             "generated": sum(r.kind == "generation" for r in records),
             "source_split": next((r.source_split for r in records if r.kind == "translation"), None),
             "objective": meta["objective"], "sampling_steps": meta["settings"]["sampling_steps"],
             "seconds_per_translation": seconds("translation"), "seconds_per_generated_crop": seconds("generation"),
-            "sites": meta["sites"]}
+            "latent_std_mean": round(float(np.mean(stds)), 4) if stds else None, "sites": meta["sites"]}
 
 
 # --------------------------------------------------------------------------- figures

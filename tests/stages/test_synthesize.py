@@ -104,6 +104,8 @@ def test_translations_lie_on_the_source_grid_and_crops_on_the_dit_input(synthesi
     assert len({r.seed for r in records}) == len(records)
     assert meta["objective"] == "rflow" and set(meta["site_styles"]) == {"site_a", "site_b"}
     assert result.metrics["translations"] == 2 and result.metrics["generated"] == 4
+    stds = [float(np.load(paths.synthesis / r.latent).std()) for r in records]
+    assert result.metrics["latent_std_mean"] == pytest.approx(np.mean(stds), abs=1e-4)
     for figure in ("translations.png", "generated.png"):
         assert (paths.reports / "synthesize" / figure).stat().st_size > 2000
 
