@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
 
@@ -430,6 +430,20 @@ class ExtractFactorsConfig(StrictModel):
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
 
 
+def _subject_pattern(value: str) -> str:
+    try:
+        groups = re.compile(value).groups
+    except re.error as error:
+        raise ValueError(f"not a regular expression: {error}") from error
+    if groups < 1:
+        raise ValueError(f"needs a capture group for the subject, got {value!r}")
+    return value
+
+
+# A regular expression whose first group is the subject in a case id (travelling subjects).
+SubjectPattern = Annotated[str, AfterValidator(_subject_pattern)]
+
+
 class EvaluateDisentanglementConfig(StrictModel):
     """Site probes, windows curve, region-matched probes, cross-site retrieval and swap tests
     of the factors (stage ``evaluate-disentanglement``)."""
@@ -448,7 +462,7 @@ class EvaluateDisentanglementConfig(StrictModel):
     curve_draws: Annotated[int, Field(ge=1)] = Field(default=5, description="random window draws per curve point")
     curve_permutations: Annotated[int, Field(ge=0)] = Field(default=50, description="null permutations per curve point")
     jobs: Annotated[int, Field(ge=1)] = Field(default=2, description="processes sharing a probe's permutations")
-    subject_pattern: str = Field(
+    subject_pattern: SubjectPattern = Field(
         default=r"_(\d+)$", description="regex whose first group is the subject in a case id (travelling "
         "subjects: the same subject scanned at several sites); cases without a match take no part in retrieval"
     )
@@ -465,16 +479,6 @@ class EvaluateDisentanglementConfig(StrictModel):
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
     seed: int = 0
 
-    @field_validator("subject_pattern")
-    @classmethod
-    def _one_group(cls, value: str) -> str:
-        try:
-            groups = re.compile(value).groups
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from error
-        if groups < 1:
-            raise ValueError(f"needs a capture group for the subject, got {value!r}")
-        return value
 
 
 # --------------------------------------------------------------------------- latent diffusion
@@ -589,6 +593,54 @@ class SynthesizeConfig(StrictModel):
     seed: int = 0
 
 
+# --------------------------------------------------------------------------- synthesis evaluation
+class TrainEvaluatorConfig(StrictModel):
+    """The synthesis evaluator (stage ``train-evaluator``): a small 3-D CNN with a site head and an
+    organ-segmentation head, trained on random crops of the real harmonized train-split images."""
+
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        default=(8, 16, 32), min_length=2, description="feature channels per level (each level halves the grid)"
+    )
+    crop_size: Size3 = Field(
+        default=(32, 32, 32), description="training crop (D, H, W); each edge divisible by 2 ** len(channels)"
+    )
+    crops_per_site: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="crops of each site per step (a batch holds every site equally often)"
+    )
+    steps: Annotated[int, Field(ge=1)] = 300
+    lr: PositiveFloat = 3e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    grad_clip: PositiveFloat = 1.0
+    site_weight: Annotated[float, Field(ge=0)] = Field(default=1.0, description="weight of the site cross-entropy")
+    seg_weight: Annotated[float, Field(ge=0)] = Field(default=1.0, description="weight of the organs' Dice + CE")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.1, description="dropout before the site head")
+    overlap: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.25, description="sliding-window overlap of whole-volume segmentation (held-out Dice)"
+    )
+    max_voxels_per_pass: Annotated[int, Field(ge=1)] = Field(
+        default=8_000_000, description="volumes up to this size are segmented in one pass, larger ones in "
+        "overlapping crops"
+    )
+    body_threshold: float = Field(
+        default=0.05, description="harmonized intensity above which a voxel is body (air is 0 after windowing)"
+    )
+    min_body_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="a volume's site is read from its grid crops at least this much body (air "
+        "carries no site after windowing)"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=8, description="crops per forward pass in evaluation")
+    log_every: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _crop_fits_levels(self) -> TrainEvaluatorConfig:
+        k = 2 ** len(self.channels)
+        if any(c % k for c in self.crop_size):
+            raise ValueError(f"every crop edge {self.crop_size} must divide by 2 ** len(channels) = {k}")
+        return self
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -635,6 +687,7 @@ class MeduetConfig(StrictModel):
     evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    train_evaluator: TrainEvaluatorConfig = Field(default_factory=TrainEvaluatorConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

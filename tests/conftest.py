@@ -70,6 +70,12 @@ TINY_PARAMS: dict[str, Any] = {
     "synthesize.translations": 1,
     "synthesize.samples_per_site": 1,
     "synthesize.workers": 1,  # in-process: the Ray-task path has its own tests (tests/stages)
+    "train_evaluator.channels": [4, 8],
+    "train_evaluator.crop_size": [16, 16, 16],
+    "train_evaluator.steps": 4,
+    "train_evaluator.crops_per_site": 1,
+    "train_evaluator.warmup_steps": 1,
+    "train_evaluator.log_every": 2,
     "ray.checkpoint_every": 2,
     "ray.local_num_cpus": 2,
     "ray.max_failures": 0,

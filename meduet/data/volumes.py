@@ -58,21 +58,25 @@ def load_volume(path: Path) -> torch.Tensor:
 
 
 class CropSampler:
-    """Random fixed-size crops with flips, indexed by training step.
+    """Random fixed-size crops, flipped at random unless ``flip=False``, indexed by training step.
 
     Args:
-        volumes: ``(1, D, H, W)`` tensors (already in memory: the demo and single-node
-            runs fit; large cohorts should use the latent cache instead).
+        volumes: ``(C, D, H, W)`` tensors (already in memory: the demo and single-node
+            runs fit; large cohorts should use the latent cache instead), e.g. an image and
+            its label map as two channels.
         crop: crop size ``(D, H, W)``; volumes smaller than it are zero-padded.
         seed: base seed; the batch of ``(step, rank)`` depends on nothing else.
+        flip: flip each axis with probability 1/2 (off where left and right differ, e.g. for
+            labels of paired organs).
     """
 
-    def __init__(self, volumes: list[torch.Tensor], crop: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, volumes: list[torch.Tensor], crop: tuple[int, int, int], seed: int, flip: bool = True) -> None:
         if not volumes:
             raise ValueError("no training volumes")
         self.volumes = [self._at_least(v, crop) for v in volumes]
         self.crop = crop
         self.seed = seed
+        self.flip = flip
 
     @staticmethod
     def _at_least(volume: torch.Tensor, crop: tuple[int, int, int]) -> torch.Tensor:
@@ -82,7 +86,7 @@ class CropSampler:
         return torch.nn.functional.pad(volume, [p for n in reversed(pad) for p in (n // 2, n - n // 2)])
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> torch.Tensor:
-        """Returns ``(B, 1, *crop)`` crops for this step and worker."""
+        """Returns ``(B, C, *crop)`` crops for this step and worker."""
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, step, rank]).generate_state(1)[0]))
         crops = []
         for _ in range(batch_size):
@@ -90,6 +94,6 @@ class CropSampler:
             corner = [int(torch.randint(s - c + 1, (1,), generator=gen)) for s, c in zip(volume.shape[1:], self.crop)]
             crop = volume[:, corner[0]:corner[0] + self.crop[0], corner[1]:corner[1] + self.crop[1],
                           corner[2]:corner[2] + self.crop[2]]
-            flips = [axis + 1 for axis in range(3) if torch.rand(1, generator=gen) < 0.5]
-            crops.append(crop.flip(flips) if flips else crop)
+            flips = [axis + 1 for axis in range(3) if torch.rand(1, generator=gen) < 0.5]  # drawn either way:
+            crops.append(crop.flip(flips) if flips and self.flip else crop)  # flip=False keeps the same crops
         return torch.stack(crops)

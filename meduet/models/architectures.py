@@ -227,3 +227,40 @@ DIT_PRESETS: dict[str, DiTArchitecture] = {
     "small": _dit_like(MEDUET_PRESETS["small"], hidden_size=96, depth=4, num_heads=4),
     "tiny": _dit_like(MEDUET_PRESETS["tiny"], hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0),
 }
+
+
+@dataclass(frozen=True)
+class EvaluatorArchitecture(_Architecture):
+    """The synthesis evaluator's shape (``meduet.models.evaluator.EvaluatorNet``).
+
+    Args:
+        channels: feature channels per resolution level; each level halves the grid.
+        num_sites: classes of the site head ``K``.
+        num_labels: classes of the segmentation head ``L`` (background included).
+        in_channels: image channels.
+        dropout: dropout before the site head.
+    """
+
+    channels: tuple[int, ...]
+    num_sites: int
+    num_labels: int
+    in_channels: int = 1
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels needs at least 2 positive levels, got {self.channels}")
+        if self.num_sites < 2 or self.num_labels < 2:
+            raise ValueError(f"num_sites and num_labels must be >= 2, got {self.num_sites}, {self.num_labels}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    @property
+    def downsample(self) -> int:
+        """Every input edge must divide by this."""
+        return 2 ** len(self.channels)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width ``F`` of ``features``: the pooled channels of every encoder level."""
+        return sum(self.channels)

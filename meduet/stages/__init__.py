@@ -101,4 +101,7 @@ STAGES: dict[str, StageSpec] = {
     "synthesize": StageSpec("meduet.stages.synthesize", "synthesize",
                             "translate held-out scans into other sites' styles and generate crops (Ray tasks)",
                             extra=("ray",)),
+    "train-evaluator": StageSpec("meduet.stages.train_evaluator", "train_evaluator",
+                                 "the synthesis evaluator: site and organ heads on real harmonized images (Ray Train)",
+                                 extra=("ray",)),
 }
