@@ -641,6 +641,51 @@ class TrainEvaluatorConfig(StrictModel):
         return self
 
 
+class EvaluateSynthesisConfig(StrictModel):
+    """Measuring synthesized images with the frozen evaluator (stage ``evaluate-synthesis``)."""
+
+    bootstrap: Annotated[int, Field(ge=10)] = Field(
+        default=200, description="bootstrap resamples of every interval (Fréchet distance, Dice, MS-SSIM, HU)"
+    )
+    real_crops_per_volume: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="random body crops (the generated crops' size) drawn from each real volume"
+    )
+    ms_ssim_kernel: Annotated[int, Field(ge=3)] = Field(
+        default=5, description="MS-SSIM Gaussian window (odd); with ms_ssim_scales it must fit the generated "
+        "crops (MONAI's check: crop edge // (scales - 1) ** 2 > kernel - 1; 32^3 crops: kernel <= 7 at 3 scales)"
+    )
+    ms_ssim_scales: Annotated[int, Field(ge=1, le=5)] = Field(
+        default=3, description="MS-SSIM scales (the first of MONAI's five weights, renormalised)"
+    )
+    ssim_window: Annotated[int, Field(ge=3)] = Field(
+        default=7, description="Gaussian window of the counterfactual's 3-D SSIM (MONAI's default 11 costs 2.4x "
+        "the time on whole volumes)"
+    )
+    histogram_levels: Annotated[int, Field(ge=2)] = Field(
+        default=256, description="histogram bins of the histogram-matching baseline (SimpleITK)"
+    )
+    match_points: Annotated[int, Field(ge=1)] = Field(
+        default=7, description="quantile match points of the histogram-matching baseline"
+    )
+    subject_pattern: SubjectPattern = Field(
+        default=r"_(\d+)$", description="regex whose first group is the subject in a case id: the real s@B of a "
+        "translation of s@A (as evaluate_disentanglement.subject_pattern)"
+    )
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
+        default=4_000_000, description="whole-volume VAE decode memory bound (round trips)"
+    )
+    figure_pairs: Annotated[int, Field(ge=0)] = Field(default=6, description="translation pairs drawn in pairs.png")
+    seed: int = 0
+
+    @field_validator("ms_ssim_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd, got {value}")
+        return value
+
+
+
 # --------------------------------------------------------------------------- distributed training
 class RayConfig(StrictModel):
     """How training stages reach Ray Train (see ``meduet.distributed``)."""
@@ -688,6 +733,7 @@ class MeduetConfig(StrictModel):
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     train_evaluator: TrainEvaluatorConfig = Field(default_factory=TrainEvaluatorConfig)
+    evaluate_synthesis: EvaluateSynthesisConfig = Field(default_factory=EvaluateSynthesisConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

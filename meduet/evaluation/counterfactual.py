@@ -131,8 +131,8 @@ def nearest_style(target: _Tokens, donor: _Tokens) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the test
-class _Images:
-    """Harmonized images and VAE decodes, read or computed once each."""
+class ImageCache:
+    """Harmonized images and VAE decodes, read or computed once each (also used by evaluate-synthesis)."""
 
     def __init__(self, vae: torch.nn.Module | None, scale: float, max_voxels: int) -> None:
         self.vae, self.scale, self.max_voxels = vae, scale, max_voxels
@@ -206,7 +206,7 @@ def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, ba
         return {"skipped": "no subject is scanned at two sites (see evaluate_disentanglement.subject_pattern)"}
     tokens: dict[int, _Tokens] = {}
     roundtrip: dict[int, torch.Tensor] = {}
-    images = _Images(vae, scale, max_voxels)
+    images = ImageCache(vae, scale, max_voxels)
 
     def encoded(v: int) -> _Tokens:
         if v not in tokens:
@@ -253,7 +253,7 @@ def _fraction(name: str, outcomes: list[bool]) -> dict:
     return {name: float(np.mean(outcomes)), f"{name}_ci95": proportion_ci(int(np.sum(outcomes)), len(outcomes))}
 
 
-def _image_scores(images: _Images, scan_a: Scan, scan_b: Scan, swap: torch.Tensor, roundtrip: torch.Tensor) -> dict:
+def _image_scores(images: ImageCache, scan_a: Scan, scan_b: Scan, swap: torch.Tensor, roundtrip: torch.Tensor) -> dict:
     """PSNR against ``s@B``'s harmonized image, on ``s@A``'s image grid where both have data."""
     image_a, affine_a = images.read(scan_a.image)
     image_b, affine_b = images.read(scan_b.image)

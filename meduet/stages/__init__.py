@@ -104,4 +104,6 @@ STAGES: dict[str, StageSpec] = {
     "train-evaluator": StageSpec("meduet.stages.train_evaluator", "train_evaluator",
                                  "the synthesis evaluator: site and organ heads on real harmonized images (Ray Train)",
                                  extra=("ray",)),
+    "evaluate-synthesis": StageSpec("meduet.stages.evaluate_synthesis", "evaluate_synthesis",
+                                    "synthesized images against real ones through the frozen evaluator"),
 }

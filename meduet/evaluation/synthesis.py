@@ -1,0 +1,161 @@
+"""The measurements of ``evaluate-synthesis`` that do not need the evaluator network itself.
+
+- :func:`frechet_distance`: MONAI's Fréchet distance on feature sets (here: the synthesis
+  evaluator's pooled features, so "evaluator-space Fréchet distance", not an FID);
+- :func:`bootstrap_interval`: percentile intervals of any statistic of independently
+  resampled sample sets;
+- :func:`fd_against_floor`: generated vs real next to real vs real at the same sample size
+  (the distance of two finite samples is biased upwards, more so the smaller they are);
+- :func:`pairwise_ms_ssim` and :func:`mean_off_diagonal`: 3-D MS-SSIM among samples (diversity);
+- :func:`histogram_match`: the SimpleITK histogram-matching baseline;
+- :func:`image_scores`: PSNR, SSIM and MAE in HU of one image against another;
+- :func:`organ_median_hu`: per-organ median HU (MAISI's check of generated intensities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
+from monai.metrics.fid import get_fid_score
+
+from meduet.engine.metrics import mae_raw, psnr
+
+# MONAI's (and Wang et al.'s) MS-SSIM scale weights, finest first.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of Gaussians fitted to feature sets ``a (n, F)`` and ``b (m, F)``."""
+    return float(get_fid_score(torch.from_numpy(np.asarray(a, dtype=np.float64)),
+                               torch.from_numpy(np.asarray(b, dtype=np.float64))))
+
+
+def bootstrap_interval(statistic: Callable[..., float], samples: Sequence[np.ndarray], *, resamples: int,
+                       seed: int) -> list[float]:
+    """95 % percentile interval of ``statistic(*samples)``, each sample resampled with replacement along axis 0.
+
+    For a Fréchet distance the interval can lie above the estimate: a resample repeats samples,
+    which shrinks each covariance's rank and inflates the distance (more so for small sets).
+    """
+    rng = np.random.default_rng(seed)
+    values = [statistic(*(s[rng.integers(len(s), size=len(s))] for s in samples)) for _ in range(resamples)]
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [np.nan] * 2
+
+
+def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndarray, *, resamples: int,
+                     seed: int) -> dict:
+    """Fréchet distance of ``generated`` to ``reference`` and the floor: other ``real`` samples to ``reference``.
+
+    Both compared sets are cut (seeded) to the same size, so the finite-sample bias is the same.
+
+    Args:
+        generated, reference, real: ``(n, F)`` features; ``reference`` is the train split's real crops,
+            ``real`` held-out real crops.
+
+    Returns:
+        ``fd``, ``fd_ci95``, ``floor``, ``floor_ci95``, ``ratio`` (fd / floor) and the sample counts.
+    """
+    n = min(len(generated), len(real))
+    if n < 2 or len(reference) < 2:
+        return {"skipped": f"too few samples (generated {len(generated)}, held-out real {len(real)}, "
+                           f"reference {len(reference)})"}
+    rng = np.random.default_rng(seed)
+    generated = generated[np.sort(rng.choice(len(generated), n, replace=False))]
+    real = real[np.sort(rng.choice(len(real), n, replace=False))]
+    fd, floor = frechet_distance(generated, reference), frechet_distance(real, reference)
+    return {"fd": fd, "fd_ci95": bootstrap_interval(frechet_distance, [generated, reference], resamples=resamples,
+                                                    seed=seed),
+            "floor": floor, "floor_ci95": bootstrap_interval(frechet_distance, [real, reference],
+                                                             resamples=resamples, seed=seed),
+            "ratio": fd / floor if floor > 0 else None, "samples": n, "reference_samples": len(reference)}
+
+
+def pairwise_ms_ssim(crops: torch.Tensor, *, kernel_size: int, scales: int) -> np.ndarray:
+    """3-D MS-SSIM of every pair of ``crops (n, 1, D, H, W)`` (intensities in [0, 1]): ``(n, n)``, NaN diagonal.
+
+    Raises:
+        ValueError: the kernel and scales do not fit the crop (MONAI's check).
+    """
+    weights = np.array(MS_SSIM_WEIGHTS[:scales]) / np.sum(MS_SSIM_WEIGHTS[:scales])
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=kernel_size, weights=tuple(weights))
+    i, j = np.triu_indices(len(crops), k=1)
+    matrix = np.full((len(crops), len(crops)), np.nan)
+    if len(i):
+        values = metric(crops[i].float().clamp(0, 1), crops[j].float().clamp(0, 1)).flatten().double().numpy()
+        matrix[i, j] = matrix[j, i] = values
+    return matrix
+
+
+def mean_off_diagonal(matrix: np.ndarray, index: np.ndarray | None = None) -> float:
+    """Mean of ``matrix[a, b]`` over pairs of distinct draws ``a != b`` of ``index`` (all rows by default).
+
+    A bootstrap draw repeats samples; pairs of a sample with itself are left out.
+    """
+    index = np.arange(len(matrix)) if index is None else np.asarray(index)
+    sub = matrix[np.ix_(index, index)]
+    distinct = index[:, None] != index[None, :]
+    return float(np.nanmean(sub[distinct])) if distinct.any() else float("nan")
+
+
+def diversity(crops: torch.Tensor, *, kernel_size: int, scales: int, resamples: int, seed: int) -> dict:
+    """Mean pairwise MS-SSIM among ``crops`` (lower: more diverse) with a bootstrap interval over samples."""
+    if len(crops) < 2:
+        return {"skipped": f"{len(crops)} sample(s): no pair"}
+    matrix = pairwise_ms_ssim(crops, kernel_size=kernel_size, scales=scales)
+    index = np.arange(len(crops))
+    return {"ms_ssim": mean_off_diagonal(matrix),
+            "ms_ssim_ci95": bootstrap_interval(lambda idx: mean_off_diagonal(matrix, idx), [index],
+                                               resamples=resamples, seed=seed),
+            "samples": len(crops)}
+
+
+def histogram_match(image: np.ndarray, reference: np.ndarray, *, levels: int, points: int) -> np.ndarray:
+    """``image``'s intensities mapped so that their histogram matches ``reference``'s (SimpleITK).
+
+    Voxels below each image's mean (air) are left out of the match, as CT histogram matching
+    needs (``ThresholdAtMeanIntensity``).
+    """
+    matcher = sitk.HistogramMatchingImageFilter()
+    matcher.SetNumberOfHistogramLevels(levels)
+    matcher.SetNumberOfMatchPoints(points)
+    matcher.ThresholdAtMeanIntensityOn()
+    matched = matcher.Execute(sitk.GetImageFromArray(np.asarray(image, dtype=np.float32)),
+                              sitk.GetImageFromArray(np.asarray(reference, dtype=np.float32)))
+    return sitk.GetArrayFromImage(matched)
+
+
+def image_scores(estimate: torch.Tensor, target: torch.Tensor, window: Sequence[float], *,
+                 ssim_window: int) -> dict[str, float | None]:
+    """PSNR (dB), 3-D SSIM (MONAI, Gaussian window ``ssim_window``) and MAE in raw units (HU) of ``estimate``
+    against ``target`` (``(1, D, H, W)`` harmonized intensities).
+
+    ``estimate`` is clamped to the harmonized range; SSIM is None for a region thinner than its window.
+    """
+    a_min, a_max, b_min, b_max = window
+    estimate, target = estimate.float().clamp(b_min, b_max)[None], target.float()[None]  # (1, 1, D, H, W)
+    thin = min(target.shape[2:]) < ssim_window
+    return {"psnr": psnr(target, estimate, b_max - b_min),
+            "ssim": None if thin else float(SSIMMetric(spatial_dims=3, data_range=b_max - b_min,
+                                                       win_size=ssim_window)(estimate, target).mean()),
+            "mae_hu": mae_raw(target, estimate, (a_min, a_max, b_min, b_max))}
+
+
+def organ_median_hu(image: torch.Tensor, classes: torch.Tensor, label_ids: Sequence[int],
+                    window: Sequence[float]) -> dict[int, float]:
+    """Median raw intensity (HU) of each label present in ``classes``.
+
+    Args:
+        image: ``(D, H, W)`` harmonized intensities.
+        classes: ``(D, H, W)`` head classes (``label_ids[i]`` is class ``i``); background left out.
+        window: ``(a_min, a_max, b_min, b_max)``, the harmonization's linear map.
+    """
+    a_min, a_max, b_min, b_max = window
+    raw = a_min + (image.float() - b_min) * (a_max - a_min) / (b_max - b_min)
+    return {int(label): float(raw[classes == i].median()) for i, label in enumerate(label_ids)
+            if i > 0 and bool((classes == i).any())}

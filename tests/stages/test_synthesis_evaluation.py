@@ -1,0 +1,115 @@
+"""train-evaluator (real Ray) and evaluate-synthesis on a tiny project with a stand-in synthesis store.
+
+Two sites scan the same two subjects (site_b: +60 HU and more noise); subject 1 is held out.
+The stand-in store (``tests.evaluation.fake_synthesis``) "translates" by histogram matching to
+a train volume of the target site, which is exactly the histogram-matched baseline: the
+translation can never beat it, a known answer for the counterfactual share.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from meduet.artifacts.evaluator import load_evaluator
+from meduet.artifacts.vae import save_vae
+from meduet.config import MeduetConfig, Paths
+from meduet.models.vae import PRESETS, build_vae
+from meduet.stages import StageError, encode_latents, evaluate_synthesis, harmonize, train_evaluator
+from tests.evaluation.fake_synthesis import write_fake_store
+from tests.harmonize.synth import phantom, write_msd
+
+CROP = [16, 16, 16]
+
+
+def _site_b(image: sitk.Image, seed: int) -> sitk.Image:
+    noisy = sitk.GetArrayFromImage(image).astype(np.float32) + 60
+    noisy += np.random.default_rng(seed).normal(0, 25, noisy.shape)
+    out = sitk.GetImageFromArray(noisy.astype(np.int16))
+    out.CopyInformation(image)
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("synthesis_project")
+    datasets = []
+    for site in ("site_a", "site_b"):
+        cases = {}
+        for subject in range(2):
+            image, label = phantom(seed=subject)  # the same anatomy at both sites
+            cases[f"{site}_{subject}"] = (image if site == "site_a" else _site_b(image, subject), label)
+        write_msd(root / "raw" / site, cases)
+        datasets.append({"name": site, "root": f"raw/{site}", "domain": site})
+    cfg = MeduetConfig.model_validate({
+        "harmonize": {"datasets": datasets, "target_spacing": [2.0, 2.0, 2.0], "min_size": [16, 16, 16],
+                      "divisible_by": 16, "workers": 1},
+        "encode_latents": {"workers": 1},
+        "train_evaluator": {"channels": [4, 8], "crop_size": CROP, "steps": 6, "crops_per_site": 2,
+                            "warmup_steps": 1, "log_every": 2, "min_body_fraction": 0.3},
+        "evaluate_synthesis": {"bootstrap": 20, "real_crops_per_volume": 3, "ms_ssim_kernel": 3, "ms_ssim_scales": 2,
+                               "ssim_window": 3},
+        "ray": {"checkpoint_every": 3, "local_num_cpus": 2, "max_failures": 0},
+    })
+    paths = Paths.resolve(cfg, root)
+    harmonize.run(cfg.harmonize, paths)
+    torch.manual_seed(0)
+    keys = ["site_a__site_a_0", "site_b__site_b_0"], ["site_a__site_a_1", "site_b__site_b_1"]
+    save_vae(paths.models / "vae" / "vae.pt", state=build_vae(PRESETS["tiny"]).state_dict(),
+             architecture=PRESETS["tiny"], config={}, train_cases=keys[0], held_out_cases=keys[1])
+    encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    trained = train_evaluator.run(cfg.train_evaluator, paths, ray=cfg.ray)
+    write_fake_store(paths.harmonized, paths.latents, paths.synthesis, samples_per_site=3, crop=tuple(CROP))
+    return cfg, paths, trained
+
+
+def test_train_evaluator_saves_the_model_and_judges_it_on_the_held_out_split(project) -> None:
+    cfg, paths, result = project
+    metrics = result.metrics
+    assert (metrics["train_cases"], metrics["held_out_cases"], metrics["steps"]) == (2, 2, 6)
+    assert metrics["sites"] == ["site_a", "site_b"] and metrics["label_ids"] == [0, 1, 2]
+    assert 0 <= metrics["site_accuracy"] <= 1 and metrics["site_crops"] >= 2
+    assert set(metrics["dice_per_organ"]) <= {"1", "2"} and all(0 <= d <= 1 for d in metrics["dice_per_organ"].values())
+    model, meta = load_evaluator(paths.models / "evaluator" / "evaluator.pt")
+    assert meta["train_cases"] == ["site_a__site_a_0", "site_b__site_b_0"] and meta["label_ids"] == [0, 1, 2]
+    assert model.config.channels == (4, 8) and meta["config"] == cfg.train_evaluator.model_dump(mode="json")
+    history = (paths.reports / "train_evaluator" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss,site_ce,seg_dice_ce,site_acc") and len(history) == 1 + 4  # 2, 3, 4, 6
+
+
+def test_evaluate_synthesis_measures_the_store_with_known_answers(project) -> None:
+    cfg, paths, _ = project
+    metrics = evaluate_synthesis.run(cfg.evaluate_synthesis, paths).metrics
+    assert (metrics["translations"], metrics["generated"]) == (2, 6)  # 2 held-out scans x 1 other site; 3 x 2 sites
+    cf = metrics["counterfactual"]
+    assert cf["pairs"] == 2 and cf["closer_than_baselines"] == 0.0  # the stand-in IS the histogram-matched baseline
+    assert cf["translation"]["mae_hu"]["mean"] == pytest.approx(cf["a_histmatch"]["mae_hu"]["mean"])
+    for row in metrics["rows"]:  # the real s@B is the same subject at the other site
+        assert row["counterfactual"]["b"].rsplit("_", 1)[1] == row["source"].rsplit("_", 1)[1]
+        assert row["counterfactual"]["histogram_reference"].endswith("_0")  # a train volume, never s@B
+    content = metrics["content"]
+    assert {"translation", "a_vae", "a"} <= set(content) and content["ratio_to_roundtrip_ci95"][0] <= \
+        content["ratio_to_roundtrip_ci95"][1]
+    fd = metrics["generation"]["frechet_distance"]
+    assert set(fd) == {"site_a", "site_b", "overall"} and fd["overall"]["fd"] >= 0 and fd["overall"]["floor"] >= 0
+    assert set(metrics["generation"]["ms_ssim"]["site_a"]) == {"generated", "real"}
+    assert 0 <= metrics["translation_style_accuracy"] <= 1 and 0 <= metrics["generation_style_accuracy"] <= 1
+    assert set(metrics["median_hu"]) == {"site_a", "site_b"}
+    assert all(goal["met"] in (True, False) for goal in metrics["goals"].values())
+    assert metrics["goals"]["counterfactual_closer_than_baselines_at_least_0.80"]["met"] is False
+    saved = json.loads((paths.reports / "evaluate_synthesis" / "metrics.json").read_text())
+    assert saved["goals"] == json.loads(json.dumps(metrics["goals"]))
+    for figure in ("pairs.png", "summary.png"):
+        assert (paths.reports / "evaluate_synthesis" / figure).stat().st_size > 5000
+
+
+def test_missing_inputs_are_named(project, tmp_path) -> None:
+    cfg, paths, _ = project
+    other = Paths(**{**paths.__dict__, "synthesis": tmp_path / "none"})
+    with pytest.raises(StageError, match=r"none/manifest.csv: no synthesized images; run the synthesize stage"):
+        evaluate_synthesis.run(cfg.evaluate_synthesis, other)
+    other = Paths(**{**paths.__dict__, "models": tmp_path / "models"})
+    with pytest.raises(StageError, match=r"evaluator.pt: no synthesis evaluator; run the train-evaluator stage"):
+        evaluate_synthesis.run(cfg.evaluate_synthesis, other)
