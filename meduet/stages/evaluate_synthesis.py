@@ -114,10 +114,16 @@ class _Inputs:
 # --------------------------------------------------------------------------- translations
 def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: SynthesisRecord, case_a: LabelledCase,
                     translation: torch.Tensor) -> dict | None:
-    """Scores of the translation and its baselines against the real ``s@B`` on ``A``'s grid (None: no ``s@B``)."""
+    """Scores of the translation and its baselines against the real ``s@B`` on ``A``'s grid.
+
+    None when there is no ``s@B``, no train volume of ``B`` of another subject to match histograms
+    to, or no overlap.
+    """
     same = [c for c in inputs.cases.values() if c.site == record.target_site and c.key != case_a.key
             and record.subject is not None and inputs.subject[c.key] == record.subject]
-    references = [c for c in inputs.cases.values() if c.site == record.target_site and c.split == "train"]
+    # the histogram reference: a train volume of B of another subject, never s@B itself
+    references = [c for c in inputs.cases.values() if c.site == record.target_site and c.split == "train"
+                  and inputs.subject[c.key] != record.subject]
     if not same or not references:
         return None
     case_b = same[0]

@@ -7,6 +7,7 @@ translation can never beat it, a known answer for the counterfactual share.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +33,8 @@ def _site_b(image: sitk.Image, seed: int) -> sitk.Image:
     return out
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("synthesis_project")
+def labelled_project(root: Path) -> tuple[MeduetConfig, Paths]:
+    """Harmonized images and labels of both sites, a (random) tiny VAE and its latent cache (subject 1 held out)."""
     datasets = []
     for site in ("site_a", "site_b"):
         cases = {}
@@ -60,6 +60,12 @@ def project(tmp_path_factory: pytest.TempPathFactory):
     save_vae(paths.models / "vae" / "vae.pt", state=build_vae(PRESETS["tiny"]).state_dict(),
              architecture=PRESETS["tiny"], config={}, train_cases=keys[0], held_out_cases=keys[1])
     encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    return cfg, paths
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    cfg, paths = labelled_project(tmp_path_factory.mktemp("synthesis_project"))
     trained = train_evaluator.run(cfg.train_evaluator, paths, ray=cfg.ray)
     write_fake_store(paths.harmonized, paths.latents, paths.synthesis, samples_per_site=3, crop=tuple(CROP))
     return cfg, paths, trained
