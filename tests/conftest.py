@@ -206,6 +206,26 @@ def reproduced_copy(reproduced_project: tuple[Path, Any], tmp_path: Path) -> Pat
 
 
 @pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: ``uninterrupted_run("pretrain")`` -> the project of one uninterrupted run of that trainer.
+
+    The trainers and their configurations are ``tests/stages/trainers.py``'s; each runs once per
+    session, in this process, when first asked for. Shared by the stage, kill/resume and cluster
+    tests: read its outputs, never change them.
+    """
+    from tests.stages.trainers import TRAINERS, run_in_process
+
+    roots: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in roots:
+            roots[name] = run_in_process(TRAINERS[name], tmp_path_factory.mktemp(f"uninterrupted-{name}"))
+        return roots[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 endpoint on 127.0.0.1 with bucket ``meduet``; ``.env`` has dummy credentials."""
     from flows.local import moto_s3

@@ -118,6 +118,23 @@ def uninterrupted(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> t
     return result, tmp
 
 
+@pytest.fixture(scope="module")
+def crashed(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> RunSpec:
+    """The reference's config crashed at step 10 (no retry): checkpoints 4 and 8 written. Copy it to resume."""
+    tmp = tmp_path_factory.mktemp("crashed")
+    run = spec(tmp / "results", "ref0001", tmp)
+    with pytest.raises(dist.TrainingError, match="simulated crash at step 10"):
+        dist.fit(toy_loop, loop_config(tmp, crash_at=10), TWO_CPU_WORKERS, run)
+    return run
+
+
+def _copy_of_crashed(crashed: RunSpec, tmp_path: Path) -> RunSpec:
+    """A run of the crashed run's config whose folder is a copy of it (each test resumes its own)."""
+    run = spec(tmp_path / "results", crashed.config_hash, tmp_path)
+    shutil.copytree(crashed.run_dir, run.run_dir)
+    return run
+
+
 # --------------------------------------------------------------------------- Ray runs
 @pytest.mark.services
 def test_two_workers_train_report_and_checkpoint(uninterrupted: tuple[dist.FitResult, Path]) -> None:
@@ -149,12 +166,10 @@ def test_two_workers_train_report_and_checkpoint(uninterrupted: tuple[dist.FitRe
 
 @pytest.mark.services
 def test_crash_then_resume_repeats_uninterrupted_run(
-    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+    uninterrupted: tuple[dist.FitResult, Path], crashed: RunSpec, tmp_path: Path
 ) -> None:
     reference, _ = uninterrupted
-    run = spec(tmp_path / "results", "ref0001", tmp_path)
-    with pytest.raises(dist.TrainingError, match="simulated crash at step 10"):
-        dist.fit(toy_loop, loop_config(tmp_path, crash_at=10), TWO_CPU_WORKERS, run)
+    run = _copy_of_crashed(crashed, tmp_path)  # crashed at step 10 (the fixture checks the TrainingError)
 
     resumed = dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
     rows = resumed.history
@@ -220,25 +235,30 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
 
 
 @pytest.mark.services
-def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(
-    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint_on_s3(
+    uninterrupted: tuple[dist.FitResult, Path], s3_server: Any, tmp_path: Path
 ) -> None:
+    """SIGKILLed rank 0 at step 10, checkpoints on S3: Ray's one allowed retry resumes from step 8's there."""
     reference, _ = uninterrupted
-    run = spec(tmp_path / "results", "ref0001", tmp_path, max_failures=1)
+    s3_options = {"key": s3_server.env["AWS_ACCESS_KEY_ID"], "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+                  "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
+    run = spec(f"s3://{s3_server.bucket}/runs", "ref0001", tmp_path, s3_options=s3_options, max_failures=1)
     result = dist.fit(toy_loop, loop_config(tmp_path, kill_at=10), TWO_CPU_WORKERS, run)
     _assert_repeats(result, reference)
+    assert {row["start_step"] for row in result.history[:8]} == {0}
     assert {row["start_step"] for row in result.history[8:]} == {8}  # Ray's retry resumed at the last checkpoint
+    assert result.checkpoint == f"s3://{s3_server.bucket}/runs/toy-ref0001/checkpoint_{STEPS:09d}"
+    assert result.load_state()["step"] == STEPS
+    assert s3_server.filesystem().exists(f"{s3_server.bucket}/runs/toy-ref0001/{RUN_MARKER}")
 
 
 @pytest.mark.services
 def test_complete_checkpoint_ray_had_not_listed_is_resumed_from(
-    uninterrupted: tuple[dist.FitResult, Path], tmp_path: Path
+    uninterrupted: tuple[dist.FitResult, Path], crashed: RunSpec, tmp_path: Path
 ) -> None:
     """Killed between a checkpoint reaching storage and Ray listing it: resume from it, not the one before."""
     reference, _ = uninterrupted
-    run = spec(tmp_path / "results", "ref0001", tmp_path)
-    with pytest.raises(dist.TrainingError, match="simulated crash at step 10"):
-        dist.fit(toy_loop, loop_config(tmp_path, crash_at=10), TWO_CPU_WORKERS, run)
+    run = _copy_of_crashed(crashed, tmp_path)
     listed = sorted(p.name for p in Path(run.run_dir).glob("checkpoint_*") if p.is_dir())
     assert listed == [f"checkpoint_{s:09d}" for s in (4, 8)]
     unlisted = f"checkpoint_{12:09d}"  # written by an identical run, never listed in this run's snapshot
@@ -256,22 +276,6 @@ def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitRe
     shutil.copytree(reference.run.run_dir, run.run_dir)  # e.g. a folder renamed by hand
     with pytest.raises(ConfigMismatchError, match="ref0001.*other0002"):
         dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
-
-
-@pytest.mark.services
-def test_s3_storage_and_ray_retry_resume_from_checkpoint(ray_local: Any, s3_server: Any, tmp_path: Path) -> None:
-    s3_options = {"key": s3_server.env["AWS_ACCESS_KEY_ID"], "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"],
-                  "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
-    run = spec(f"s3://{s3_server.bucket}/runs", "s3run01", tmp_path, s3_options=s3_options, max_failures=1)
-    one_worker = Scaling(num_workers=1)
-    config = loop_config(tmp_path, steps=8, crash_at=6)
-
-    # Crashes at step 6; Ray's one allowed retry resumes from the step-4 checkpoint on S3.
-    result = dist.fit(toy_loop, config, one_worker, run)
-    assert [row["start_step"] for row in result.history] == [0] * 4 + [4] * 4
-    assert result.checkpoint == f"s3://{s3_server.bucket}/runs/toy-s3run01/checkpoint_{8:09d}"
-    assert result.load_state()["step"] == 8
-    assert s3_server.filesystem().exists(f"{s3_server.bucket}/runs/toy-s3run01/{RUN_MARKER}")
 
 
 # --------------------------------------------------------------------------- without Ray

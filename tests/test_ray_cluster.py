@@ -8,7 +8,9 @@ session, with token authentication. The stage is the ``meduet pretrain`` CLI wit
 ``RAY_ADDRESS`` naming the head and ``ray.storage`` on the moto S3 endpoint. Once a
 checkpoint is on S3 the training process on the worker node is SIGKILLed; Ray Train's
 failure handling (``ray.max_failures``) starts a new one, which resumes from that
-checkpoint, and the run ends with the weights of an uninterrupted run on the same cluster.
+checkpoint, and the run ends with the weights of an uninterrupted run of the same params
+and inputs: the session's one (tests/stages/trainers.py, also the kill/resume test's
+reference), run on a local Ray on this machine.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,11 @@ from flows.local import Service, ServiceError, background, free_port, tool, wait
 from meduet.env import offline_env
 from meduet.harmonize.manifest import read_manifest
 from tests.harmonize.test_stage import HARMONIZE, _msd_site
-from tests.stages.test_kill_resume import TRAINERS, _history, _kill_session
+from tests.stages.trainers import TRAINERS, history, kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = TRAINERS["pretrain"]
-STEPS, EVERY = 120, 20  # 6 checkpoints, all kept; a few seconds of training after the first
+STEPS, EVERY = TRAINER.steps, 5  # every checkpoint kept; most of the run still to go after the first
 TIMEOUT_S = 300.0
 STARTUP_TRIES = 3
 VOLUMES = 240  # small volumes harmonized as Ray tasks on the cluster
@@ -62,7 +64,7 @@ def _log_says(service: Service, text: str) -> bool:
 
 def _stop_node(node: Service) -> None:
     node.stop()  # SIGTERM: `ray start --block` stops the node's processes
-    _kill_session(node.pid)  # and whatever Ray put in other process groups
+    kill_session(node.pid)  # and whatever Ray put in other process groups
 
 
 @contextlib.contextmanager
@@ -151,45 +153,29 @@ def cluster(s3_server: Any) -> Iterator[RayCluster]:
 
 @pytest.mark.services
 def test_training_on_a_cluster_survives_a_killed_worker_process_and_ends_like_an_uninterrupted_run(
-    cluster: RayCluster, s3_server: Any, tmp_path: Path
+    cluster: RayCluster, s3_server: Any, uninterrupted_run: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    inputs = tmp_path / "inputs"
-    TRAINER.prepare(inputs)
-    roots, prefixes = {}, {}
-    for run in ("reference", "killed"):
-        roots[run] = Path(shutil.copytree(inputs, tmp_path / run))
-        prefixes[run] = f"{s3_server.bucket}/cluster/{run}"
-        (roots[run] / "params.yaml").write_text(yaml.safe_dump({
-            "pretrain": {**TRAINER.params["pretrain"], "steps": STEPS},
-            "ray": {"checkpoint_every": EVERY, "keep_checkpoints": STEPS // EVERY, "max_failures": 1,
-                    "storage": f"s3://{prefixes[run]}"},
-            "storage": {"s3_endpoint_url": s3_server.endpoint_url},
-        }))
+    reference = uninterrupted_run("pretrain")  # the same params and inputs, uninterrupted, on a local Ray
+    root = tmp_path / "killed"
+    params = TRAINER.write_project(root)
+    prefix = f"{s3_server.bucket}/cluster/killed"
+    params.write_text(yaml.safe_dump({
+        TRAINER.section: TRAINER.settings,
+        "ray": {"checkpoint_every": EVERY, "keep_checkpoints": STEPS // EVERY, "max_failures": 1,
+                "storage": f"s3://{prefix}"},
+        "storage": {"s3_endpoint_url": s3_server.endpoint_url},
+    }))
     env = {**cluster.driver_env, **s3_server.env}
 
-    def start(run: str) -> tuple[subprocess.Popen[bytes], Path]:
-        """``meduet pretrain`` of one project as the driver, its output to ``<run>.log``."""
-        log = tmp_path / f"{run}.log"
-        with open(log, "wb") as out:
-            args = [sys.executable, "-m", "meduet.cli", TRAINER.cli, "--params", str(roots[run] / "params.yaml")]
-            return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT), log
-
-    def finish(process: subprocess.Popen[bytes], log: Path) -> None:
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        assert process.returncode == 0, log.read_text()[-4000:]
-
-    finish(*start("reference"))
-
+    # ``meduet pretrain`` as the driver, its output to killed.log.
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        args = [sys.executable, "-m", "meduet.cli", TRAINER.cli, "--params", str(params)]
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     fs = s3_server.filesystem()
-    root = roots["killed"]
-    process, log = start("killed")
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (before := _s3_checkpoints(fs, prefixes["killed"])):
+        while not (before := _s3_checkpoints(fs, prefix)):
             assert process.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"no checkpoint on S3 in time:\n{log.read_text()[-4000:]}"
             time.sleep(0.05)
@@ -199,24 +185,25 @@ def test_training_on_a_cluster_survives_a_killed_worker_process_and_ends_like_an
         os.kill(pid := workers[0], signal.SIGKILL)
         written = {int(key.split("checkpoint_")[1].split("/")[0]) for key in before}
         assert process.poll() is None and max(written) < STEPS, "the run ended before it could be killed"
-        finish(process, log)
+        process.wait(timeout=TIMEOUT_S)
     finally:
         if process.poll() is None:
             process.kill()
+    assert process.returncode == 0, log.read_text()[-4000:]
     assert pid not in _train_workers(cluster.worker)
 
     # Resumed, not restarted: the checkpoints written before the kill were not written again.
-    after = _s3_checkpoints(fs, prefixes["killed"])
+    after = _s3_checkpoints(fs, prefix)
     assert all(after[key] == modified for key, modified in before.items()), (before, after)
     assert len(after) == STEPS // EVERY
     assert not (root / ".work" / "ray_results").exists()  # every checkpoint went to S3
 
-    rows = _history(root, TRAINER.stage)
+    rows = history(root, TRAINER.stage)
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))  # no step lost, none repeated
-    for got, want in zip(rows, _history(roots["reference"], TRAINER.stage), strict=True):
+    for got, want in zip(rows, history(reference, TRAINER.stage), strict=True):
         assert got[TRAINER.term] == pytest.approx(want[TRAINER.term], rel=1e-4), got["step"]
     got = torch.load(root / TRAINER.model_file, weights_only=True)
-    want = torch.load(roots["reference"] / TRAINER.model_file, weights_only=True)
+    want = torch.load(reference / TRAINER.model_file, weights_only=True)
     for which in TRAINER.weights:
         assert got[which].keys() == want[which].keys()
         for key, value in want[which].items():

@@ -4,7 +4,12 @@ Flow runs are started the way an operator would (``prefect deployment run ... --
 The first must finish Completed with every dvc.yaml output written, every metrics/plots
 file published as an artifact, the results report written and published, and the DVC cache
 pushed to the S3 endpoint; the second passes flow parameters through the deployment (one
-stage, forced).
+stage, forced: the last one, a Ray training stage, runs under the served flow).
+
+The project is a copy of the session's reproduced tiny project (tests/conftest.py): that
+``dvc repro`` from scratch is tested in tests/test_dvc_pipeline.py, so the flow here starts
+where it left off and finds its stages up to date, except harmonize (its params name the S3
+endpoint, set here), which DVC runs again under the flow.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pytest
 from flows.local import PrefectServer, ServedDeployment, prefect_server, served_deployment, tool
 from flows.pipeline import REPORT_ARTIFACT_KEY, artifact_key
 from meduet.dvc_graph import load_stages
+from tests.conftest import write_params
 
 
 def _deployment_run(server: PrefectServer, deployment: ServedDeployment, params: dict | None = None) -> dict:
@@ -48,8 +54,9 @@ def _log_text(server: PrefectServer, flow_run_id: str) -> str:
 
 
 @pytest.mark.services
-def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp_path: Path, dvc) -> None:
-    project = project_copy({
+def test_served_deployment_runs_pipeline_and_pushes(reproduced_copy: Path, s3_server, tmp_path: Path, dvc) -> None:
+    project = reproduced_copy
+    write_params(project, {
         "storage.dvc_remote_url": f"s3://{s3_server.bucket}/served",
         "storage.s3_endpoint_url": s3_server.endpoint_url,
     })
@@ -57,6 +64,7 @@ def test_served_deployment_runs_pipeline_and_pushes(project_copy, s3_server, tmp
         with served_deployment(server, project, env=s3_server.env) as deployment:
             assert deployment.name == "meduet/full-pipeline"
             first = _deployment_run(server, deployment)
+            assert "Running stage 'harmonize'" in _log_text(server, first["id"])  # a stage ran under the flow
             published_artifacts = server.artifacts(first["id"])
             artifacts = {a["key"] for a in published_artifacts}
             progress = {a["key"]: a["data"] for a in published_artifacts if a["type"] == "progress"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -19,35 +20,29 @@ from meduet.engine.diffusion_training import TERMS, build_trainer
 from meduet.stages import StageError, train_diffusion
 from tests.stages.test_factors import _save_tiny_model
 from tests.stages.test_pretrain import _write_cache
+from tests.stages.trainers import TRAINERS
 
-STEPS = 30
+DIFFUSION = TRAINERS["train-diffusion"]
+STEPS = DIFFUSION.steps
 
 
 def _config(**overrides) -> MeduetConfig:
-    return MeduetConfig.model_validate({
-        "train_diffusion": {"steps": STEPS, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
-                            "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 8, "val_every": 10,
-                            **overrides},
-        "ray": {"checkpoint_every": 10, "keep_checkpoints": 5, "local_num_cpus": 2, "max_failures": 0},
-    })
-
-
-def _project(root: Path, cfg: MeduetConfig) -> Paths:
-    paths = Paths.resolve(cfg, root)
-    _write_cache(paths.latents, per_domain=3)  # 4 train and 2 held-out (4, 12, 12, 12) latents
-    _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
-    return paths
+    params = DIFFUSION.params
+    return MeduetConfig.model_validate({**params, "train_diffusion": {**params["train_diffusion"], **overrides}})
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
+def trained(uninterrupted_run):
+    """A synthetic latent cache (4 train, 2 held out), a tiny saved MeDUET and the DiT trained on them: the
+    session's uninterrupted train-diffusion run (tests/stages/trainers.py), the kill/resume test's reference."""
+    root = uninterrupted_run("train-diffusion")
     cfg = _config()
-    paths = _project(tmp_path_factory.mktemp("diffusion_project"), cfg)
-    return cfg, paths, train_diffusion.run(cfg.train_diffusion, paths, ray=cfg.ray)
+    paths = Paths.resolve(cfg, root)
+    return cfg, paths
 
 
 def test_training_writes_the_model_metrics_and_history(trained) -> None:
-    cfg, paths, result = trained
+    cfg, paths = trained
     rows = (paths.reports / "train_diffusion" / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert header[0] == "step" and set(TERMS) <= set(header) and len(rows) == 1 + STEPS
@@ -57,7 +52,7 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
     assert [step for step, value in validated.items() if value] == [10, 20, 30]  # val_every
     assert (paths.reports / "train_diffusion" / "loss.png").stat().st_size > 2000
 
-    metrics = result.metrics
+    metrics = json.loads((paths.reports / "train_diffusion" / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics["train_latents"] == 4 and metrics["held_out_latents"] == 2
     assert metrics["init"] == "meduet_repa" and (metrics["init_loaded"], metrics["init_folded"]) == (18, 8)
     assert metrics["init_skipped"] > 0 and metrics["init_kept"] > 0
@@ -80,7 +75,7 @@ def test_training_writes_the_model_metrics_and_history(trained) -> None:
 
 
 def test_checkpoint_holds_everything_a_resume_needs(trained) -> None:
-    _, paths, _ = trained
+    _, paths = trained
     latest = max((paths.work / "ray_results").glob("train_diffusion-*/checkpoint_*/state.pt")).parent
     state = read_checkpoint(str(latest))
     assert {"dit", "ema", "projector", "optimizer", "scheduler", "step", "rng"} <= set(state)
@@ -89,7 +84,7 @@ def test_checkpoint_holds_everything_a_resume_needs(trained) -> None:
 
 
 def test_batches_depend_on_the_step_alone(trained) -> None:
-    cfg, paths, _ = trained
+    cfg, paths = trained
     train = [str(paths.latents / r.latent) for r in read_manifest(paths.latents) if r.split == "train"]
     arch = train_diffusion.architecture(cfg.train_diffusion, train_diffusion.load_meduet(
         paths.models / "pretrain" / "meduet.pt")[0].config)

@@ -12,42 +12,33 @@ from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import load_latent, read_manifest, read_scale
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.models.vae import PRESETS, build_vae, encode_volume
-from meduet.stages import StageError, encode_latents, harmonize, train_vae
-from tests.harmonize.synth import phantom, write_msd
+from meduet.stages import StageError, encode_latents, train_vae
+from tests.stages.trainers import TRAINERS
+
+VAE = TRAINERS["train-vae"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[MeduetConfig, Paths]:
-    root = tmp_path_factory.mktemp("vae_project")
-    datasets = []
-    for site, seed in (("site_a", 0), ("site_b", 10)):
-        write_msd(root / "raw" / site, {f"{site}_{i}": phantom(seed=seed + i) for i in range(2)})
-        datasets.append({"name": site, "root": f"raw/{site}", "domain": site})
-    cfg = MeduetConfig.model_validate({
-        "harmonize": {"datasets": datasets, "target_spacing": [2.0, 2.0, 2.0], "min_size": [16, 16, 16],
-                      "divisible_by": 16, "workers": 1},
-        "vae": {"steps": 4, "crop_size": [16, 16, 16], "warmup_steps": 1, "log_every": 1, "holdout_fraction": 0.5},
-        "encode_latents": {"workers": 2, "store_std": True},
-        "ray": {"checkpoint_every": 2, "local_num_cpus": 2, "max_failures": 0},
-    })
-    paths = Paths.resolve(cfg, root)
-    harmonize.run(cfg.harmonize, paths)
-    train_vae.run(cfg.vae, paths, ray=cfg.ray)
-    return cfg, paths
+def trained(uninterrupted_run) -> tuple[MeduetConfig, Paths]:
+    """Two sites of two phantoms harmonized to 2 mm and the VAE trained on them: the session's
+    uninterrupted train-vae run (tests/stages/trainers.py), also the kill/resume test's reference."""
+    root = uninterrupted_run("train-vae")
+    cfg = MeduetConfig.model_validate({**VAE.params, "encode_latents": {"workers": 2, "store_std": True}})
+    return cfg, Paths.resolve(cfg, root)
 
 
 def test_train_vae_writes_weights_metrics_and_figures(trained):
     cfg, paths = trained
     saved = torch.load(paths.models / "vae" / "vae.pt", weights_only=True)
     assert saved["held_out_cases"] == ["site_a__site_a_1", "site_b__site_b_1"]  # one per site
-    assert saved["config"]["steps"] == 4 and saved["architecture"]["num_channels"] == [8, 16, 32]
+    assert saved["config"]["steps"] == VAE.steps and saved["architecture"]["num_channels"] == [8, 16, 32]
     metrics = json.loads((paths.reports / "train_vae" / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "held_out" and set(metrics["per_site"]) == {"site_a", "site_b"}
     for site in metrics["per_site"].values():  # finite, plausible numbers (NaN fails every comparison)
         assert site["cases"] == 1 and 0 < site["psnr"] < 60 and -1 <= site["ssim"] <= 1 and 0 < site["mae_raw"] < 1000
     assert 0 < metrics["final_loss"] < 10
     history = (paths.reports / "train_vae" / "history.csv").read_text().splitlines()
-    assert history[0].startswith("step,loss") and len(history) == 1 + 4
+    assert history[0].startswith("step,loss") and len(history) == 1 + VAE.steps
     for figure in ("loss.png", "reconstructions.png"):
         assert (paths.reports / "train_vae" / figure).stat().st_size > 2000
 
