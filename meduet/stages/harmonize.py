@@ -29,13 +29,13 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from meduet import distributed as dist
-from meduet.config import HarmonizeConfig, Paths, RayConfig, config_hash
+from meduet.config import HarmonizeConfig, Paths, RayConfig
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize import qa
 from meduet.harmonize.case import CaseSettings, harmonize_case, input_hash
 from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
-from meduet.harmonize.intensity import CTWindow, MRPercentiles
 from meduet.harmonize.manifest import CaseRecord, write_manifest
+from meduet.harmonize.settings import case_settings
 from meduet.io.atomic import write_json
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
@@ -48,20 +48,6 @@ log = logging.getLogger(__name__)
 
 class HarmonizeError(StageError):
     """The stage as a whole failed (nothing usable, or ``fail_fast`` hit a bad case)."""
-
-
-def case_settings(cfg: HarmonizeConfig) -> CaseSettings:
-    """Plain per-case settings; the hash covers exactly what changes a case's output."""
-    i = cfg.intensity
-    normalizer = (CTWindow(i.a_min, i.a_max, i.b_min, i.b_max, i.clip) if i.modality == "ct"
-                  else MRPercentiles(i.lower_percentile, i.upper_percentile, i.b_min, i.b_max, i.clip))
-    output_affecting = cfg.model_copy(update={"datasets": [], "workers": 1, "fail_fast": False})
-    return CaseSettings(
-        spacing=tuple(cfg.target_spacing), interpolation=cfg.interpolation, normalizer=normalizer,
-        crop_foreground=cfg.crop_foreground, foreground_threshold=cfg.foreground_threshold,
-        margin=cfg.foreground_margin, min_size=tuple(cfg.min_size), divisible_by=cfg.divisible_by,
-        compression_level=cfg.compression_level, settings_hash=config_hash(output_affecting),
-    )
 
 
 def discover_all(cfg: HarmonizeConfig, paths: Paths) -> list[CaseSpec]:
