@@ -481,6 +481,56 @@ class EvaluateDisentanglementConfig(StrictModel):
 
 
 
+# --------------------------------------------------------------------------- analysis: segmentation
+# The demo's label table (meduet.data.phantom.LABELS), by label value.
+DEMO_LABELS = ["background", "skin", "fat", "muscle", "liver", "spleen", "kidney_right", "kidney_left", "spine",
+               "aorta", "lung_right", "lung_left", "heart", "lesion"]
+
+
+class FinetuneConfig(StrictModel):
+    """Segmentation fine-tuning of the MeDUET encoder on the latent cache (stage ``finetune``)."""
+
+    init: Literal["scratch", "meduet"] = Field(
+        default="meduet", description="scratch = random encoder of the pretrained shape; meduet = the pretrained "
+        "MeDUET encoder (EMA teacher weights)"
+    )
+    decoder: Literal["upsample", "refine"] = Field(
+        default="refine", description="upsample = the authors' latent logits upsampled 4x trilinearly; refine = "
+        "a decoder refining at image resolution with skip features of the harmonized image"
+    )
+    labels_per_site: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        default="all", description="training subjects per site whose labels are used (label efficiency: 1, 2, 4, "
+        "all); the first ones by case key, the others stay unlabelled"
+    )
+    label_names: list[str] = Field(
+        default_factory=lambda: list(DEMO_LABELS), min_length=2,
+        description="class names by label value (background first); the label maps must not exceed their count"
+    )
+    features: Annotated[int, Field(ge=1)] = Field(default=16, description="channels of the latent-resolution head")
+    image_features: Annotated[int, Field(ge=1)] = Field(
+        default=8, description="channels of the image-resolution refinement (refine only)"
+    )
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=2, description="windows per worker and micro-step")
+    steps: Annotated[int, Field(ge=1)] = 400
+    lr: PositiveFloat = 3e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    grad_clip: PositiveFloat = 1.0
+    grad_accumulation: Annotated[int, Field(ge=1)] = Field(default=1, description="micro-batches per optimizer step")
+    amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
+    cpu_bf16: bool = Field(default=False, description="bf16 autocast on CPUs with native bf16 too")
+    foreground_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.67, description="share of training windows centred on a voxel of a random class present in the case"
+    )
+    overlap: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.25, description="overlap of the sliding windows that segment a whole volume (Gaussian-blended)"
+    )
+    window_batch: Annotated[int, Field(ge=1)] = Field(default=8, description="windows per forward when segmenting")
+    surface_tolerance_mm: PositiveFloat = Field(default=2.0, description="tolerance of the surface Dice (mm)")
+    log_every: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+
 # --------------------------------------------------------------------------- latent diffusion
 class TrainDiffusionConfig(StrictModel):
     """The factor-conditioned latent DiT (stage ``train-diffusion``)."""
@@ -730,6 +780,7 @@ class MeduetConfig(StrictModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     extract_factors: ExtractFactorsConfig = Field(default_factory=ExtractFactorsConfig)
     evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     train_evaluator: TrainEvaluatorConfig = Field(default_factory=TrainEvaluatorConfig)

@@ -264,3 +264,35 @@ class EvaluatorArchitecture(_Architecture):
     def feature_dim(self) -> int:
         """Width ``F`` of ``features``: the pooled channels of every encoder level."""
         return sum(self.channels)
+
+
+SegmentationDecoder = Literal["upsample", "refine"]
+
+
+@dataclass(frozen=True)
+class SegmenterArchitecture(_Architecture):
+    """Shape of the latent segmenter (``meduet.models.segmenter``) on top of a MeDUET encoder.
+
+    Args:
+        num_classes: output classes ``K`` (background included).
+        decoder: ``upsample`` = the authors' latent logits upsampled 4x trilinearly;
+            ``refine`` = those logits plus a correction computed at image resolution from
+            skip features of the harmonized image next to them.
+        features: channels ``F`` of the latent-resolution head.
+        image_features: channels ``Fi`` of the image-resolution refinement (``refine`` only).
+        downsample: image voxels per latent voxel along each axis (the VAE's compression).
+    """
+
+    num_classes: int
+    decoder: SegmentationDecoder = "refine"
+    features: int = 32
+    image_features: int = 8
+    downsample: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (background and one class), got {self.num_classes}")
+        if self.decoder not in ("upsample", "refine"):
+            raise ValueError(f"decoder must be 'upsample' or 'refine', got {self.decoder!r}")
+        if min(self.features, self.image_features, self.downsample) < 1:
+            raise ValueError("features, image_features and downsample must be at least 1")

@@ -1,0 +1,159 @@
+"""The segmentation fine-tuning trainer: its parts for the shared loop (``meduet.engine.loop``).
+
+Per micro-batch: windows of the labelled training cases, each a latent window ``(C, d, h, w)``
+(scaled), the image window over the same voxels ``(1, 4d, 4h, 4w)`` and its labels. A share
+``foreground_fraction`` of the windows is centred on a voxel of a random class present in the
+case (small organs would be rare in uniform windows, as MONAI's ``RandCropByLabelClasses``
+argues); the rest lie uniformly at random. No flips: they would swap left and right organs.
+Every draw comes from ``(seed, index, rank)``, so a resumed run sees the batches of an
+uninterrupted one. The loss is MONAI's ``DiceCELoss`` at image resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.losses import DiceCELoss
+
+from meduet import distributed as dist
+from meduet.artifacts.pretrained import load_meduet
+from meduet.config import FinetuneConfig
+from meduet.data.latent_crops import step_generator
+from meduet.engine.loop import Trainer
+from meduet.engine.precision import amp_dtype
+from meduet.engine.schedules import warmup_cosine
+from meduet.engine.segmentation import pad_case
+from meduet.models.architectures import MeduetArchitecture, SegmenterArchitecture
+from meduet.models.segmenter import LatentSegmenter
+
+TERMS = ("total",)
+_SAMPLES_PER_CLASS = 2000  # voxel positions kept per class and case to centre windows on
+
+# One micro-batch: latents (B, C, d, h, w), images (B, 1, 4d, 4h, 4w), labels (B, 1, 4d, 4h, 4w) int64.
+SegmentationBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One labelled case: its latent ``.npy`` and harmonized image and label files."""
+
+    latent: str
+    image: str
+    label: str
+
+
+def read_case(files: CaseFiles, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scaled latent ``(C, d, h, w)`` float32, image ``(D, H, W)`` float32 and labels ``(D, H, W)``."""
+    latent = np.load(files.latent).astype(np.float32) * np.float32(scale)
+    image = sitk.GetArrayFromImage(sitk.ReadImage(files.image)).astype(np.float32)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(files.label))
+    return latent, image, label
+
+
+class SegmentationCropSampler:
+    """Aligned latent, image and label windows of labelled cases, indexed by step.
+
+    Args:
+        cases: ``(latent (C, d, h, w), image (D, H, W), label (D, H, W))`` per case, ``D = factor * d``.
+        window: the latent window ``(d, h, w)``; factor: image voxels per latent voxel.
+        seed: base seed; a batch depends on ``(seed, step, rank)`` alone.
+        foreground_fraction: share of windows centred on a voxel of a random present class.
+    """
+
+    def __init__(self, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], window: tuple[int, int, int],
+                 factor: int, seed: int, foreground_fraction: float = 0.5) -> None:
+        if not cases:
+            raise ValueError("no labelled training case")
+        self.window, self.factor, self.seed, self.foreground_fraction = window, factor, seed, foreground_fraction
+        self.cases = [pad_case(lat, img, lab, window, factor)[:3] for lat, img, lab in cases]
+        rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
+        self.positions: list[list[np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
+        for _, _, label in self.cases:
+            per_class = []
+            for c in (c for c in np.unique(label) if c > 0):  # background needs no help to be seen
+                flat = np.flatnonzero(label == c)
+                flat = rng.choice(flat, min(len(flat), _SAMPLES_PER_CLASS), replace=False)
+                per_class.append(np.stack(np.unravel_index(flat, label.shape), axis=1))
+            self.positions.append(per_class)
+
+    def _corner(self, case: int, gen: torch.Generator) -> list[int]:
+        """Latent corner of one window of ``case``."""
+        latent = self.cases[case][0]
+        limits = [n - k for n, k in zip(latent.shape[1:], self.window)]
+        classes = self.positions[case]
+        if classes and float(torch.rand(1, generator=gen)) < self.foreground_fraction:
+            voxels = classes[int(torch.randint(len(classes), (1,), generator=gen))]
+            centre = voxels[int(torch.randint(len(voxels), (1,), generator=gen))] // self.factor
+            return [int(min(max(c - k // 2, 0), hi)) for c, k, hi in zip(centre, self.window, limits)]
+        return [int(torch.randint(hi + 1, (1,), generator=gen)) for hi in limits]
+
+    def batch(self, step: int, batch_size: int, rank: int = 0) -> SegmentationBatch:
+        """This step's and worker's windows: see ``SegmentationBatch``."""
+        gen = step_generator(self.seed, step, rank)
+        (wd, wh, ww), f = self.window, self.factor
+        latents, images, labels = [], [], []
+        for _ in range(batch_size):
+            case = int(torch.randint(len(self.cases), (1,), generator=gen))
+            i, j, k = self._corner(case, gen)
+            latent, image, label = self.cases[case]
+            big = (slice(f * i, f * (i + wd)), slice(f * j, f * (j + wh)), slice(f * k, f * (k + ww)))
+            latents.append(torch.from_numpy(np.ascontiguousarray(latent[:, i:i + wd, j:j + wh, k:k + ww])))
+            images.append(torch.from_numpy(np.ascontiguousarray(image[big]))[None])
+            labels.append(torch.from_numpy(label[big].astype(np.int64))[None])
+        return torch.stack(latents), torch.stack(images), torch.stack(labels)
+
+
+def build_segmenter(*, backbone: MeduetArchitecture, head: SegmenterArchitecture, init: str,
+                    meduet_file: str | None) -> LatentSegmenter:
+    """A fresh segmenter; its encoder from the pretrained file's EMA teacher unless ``init`` is ``scratch``."""
+    model = LatentSegmenter(backbone, head)
+    if init != "scratch":
+        if meduet_file is None:
+            raise ValueError(f"init {init!r} needs a pretrained file")
+        pretrained, _ = load_meduet(Path(meduet_file), "teacher")
+        model.encoder.load_state_dict(pretrained.state_dict())
+    return model
+
+
+def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: SegmenterArchitecture,
+                  meduet_file: str | None, cases: list[CaseFiles], scale: float) -> Trainer:
+    """The segmenter trained on windows of the labelled cases.
+
+    Args:
+        backbone: the MeDUET network shape (the pretrained file's).
+        head: the segmentation head's shape.
+        meduet_file: the pretrained MeDUET file (its EMA teacher initialises the encoder), or
+            None for ``init: scratch``.
+        cases: the labelled training cases.
+        scale: the latent cache's scale factor.
+    """
+    device = dist.device()
+    model = build_segmenter(backbone=backbone, head=head, init=cfg.init, meduet_file=meduet_file)
+    wrapped = dist.prepare_model(model.to(device))
+    inner = dist.unwrap(wrapped)
+    trained = [p for p in inner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], inner.window, head.downsample, cfg.seed,
+                                      cfg.foreground_fraction)
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    rank = dist.world_rank()
+
+    def loss(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
+        latent, image, label = batch
+        return {"total": criterion(wrapped(latent, image).float(), label)}
+
+    def batches(step: int) -> Iterable[SegmentationBatch]:
+        for micro in range(cfg.grad_accumulation):
+            index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
+            yield tuple(v.to(device) for v in sampler.batch(index, cfg.batch_size, rank))
+
+    return Trainer(checkpointed={"model": inner, "optimizer": optimizer, "scheduler": scheduler}, optimizer=optimizer,
+                   scheduler=scheduler, loss=loss, batches=batches, terms=TERMS, device=device,
+                   accumulation=cfg.grad_accumulation, grad_clip=cfg.grad_clip,
+                   amp_dtype=amp_dtype(device, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16))

@@ -1,0 +1,119 @@
+"""Segmenting whole volumes with a latent segmenter, and scoring the masks (monai.metrics).
+
+A case is its scaled latent ``(C, d, h, w)`` and the harmonized image ``(D, H, W)`` it was
+encoded from (``D = 4d`` ...). Windows tile the latent grid (``meduet.data.windows``); the
+image window of a latent window starts at 4x its origin, so both always cover the same
+voxels. Overlapping windows are blended with a Gaussian importance map at image resolution.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from monai.data.utils import compute_importance_map
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+from meduet.data.windows import window_starts
+from meduet.models.segmenter import LatentSegmenter
+
+
+def pad_case(latent: np.ndarray, image: np.ndarray, label: np.ndarray | None, window: tuple[int, int, int],
+             factor: int, image_fill: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Pad a case so that its latent covers ``window``, keeping latent and image voxels aligned.
+
+    The latent is zero-padded centred (as the training crops and ``pad_to_window`` do); the
+    image and label by ``factor`` times as many voxels.
+
+    Args:
+        latent: ``(C, d, h, w)``; image, label: ``(D, H, W)`` with ``D = factor * d`` ...
+
+    Returns:
+        the padded latent, image and label, and the latent padding before each axis ``(3,)``.
+    """
+    if tuple(image.shape) != tuple(factor * n for n in latent.shape[1:]):
+        raise ValueError(f"image {image.shape} is not {factor}x the latent grid {latent.shape[1:]}")
+    before = np.array([max(0, k - n) // 2 for k, n in zip(window, latent.shape[1:])])
+    after = np.array([max(0, k - n) - b for k, n, b in zip(window, latent.shape[1:], before)])
+    if not (before.any() or after.any()):
+        return latent, image, label, before
+    latent = np.pad(latent, [(0, 0), *zip(before, after)])
+    big = [(factor * b, factor * a) for b, a in zip(before, after)]
+    image = np.pad(image, big, constant_values=image_fill)
+    label = None if label is None else np.pad(label, big)
+    return latent, image, label, before
+
+
+@torch.no_grad()
+def segment_volume(model: LatentSegmenter, latent: np.ndarray, image: np.ndarray, *, overlap: float = 0.5,
+                   batch_size: int = 8, image_fill: float = 0.0) -> np.ndarray:
+    """The label map of a whole case.
+
+    Args:
+        model: the segmenter (eval mode).
+        latent: ``(C, d, h, w)`` scaled latent.
+        image: ``(D, H, W)`` harmonized image, ``D = 4d`` ...
+        overlap: fraction of a window its neighbours overlap (stride ``(1 - overlap) * window``).
+        batch_size: windows per forward.
+        image_fill: the harmonized background value the image is padded with.
+
+    Returns:
+        ``(D, H, W)`` uint8 (uint16 past 255 classes) labels, argmax of the blended probabilities.
+    """
+    window, factor = model.window, model.config.downsample
+    shape = image.shape
+    latent, image, _, before = pad_case(latent, image, None, window, factor, image_fill)
+    starts = [window_starts(n, k, max(1, round(k * (1 - overlap)))) for n, k in zip(latent.shape[1:], window)]
+    big = model.image_window
+    weight = compute_importance_map(big, mode="gaussian", sigma_scale=0.125, device="cpu")  # (4d, 4h, 4w)
+    probs = torch.zeros((model.config.num_classes, *image.shape))  # (K, D, H, W)
+    total = torch.zeros(image.shape)
+    lat, img = torch.from_numpy(np.ascontiguousarray(latent)), torch.from_numpy(np.ascontiguousarray(image))
+    origins = list(itertools.product(*starts))
+    device = next(model.parameters()).device
+    for first in range(0, len(origins), batch_size):
+        chunk = origins[first:first + batch_size]
+        x = torch.stack([lat[:, i:i + window[0], j:j + window[1], k:k + window[2]] for i, j, k in chunk])
+        im = torch.stack([img[None, factor * i:factor * i + big[0], factor * j:factor * j + big[1],
+                              factor * k:factor * k + big[2]] for i, j, k in chunk])
+        p = torch.softmax(model(x.to(device), im.to(device)).float(), dim=1).cpu()  # (n, K, 4d, 4h, 4w)
+        for (i, j, k), pw in zip(chunk, p):
+            box = (slice(factor * i, factor * i + big[0]), slice(factor * j, factor * j + big[1]),
+                   slice(factor * k, factor * k + big[2]))
+            probs[(slice(None), *box)] += pw * weight
+            total[box] += weight
+    labels = (probs / total).argmax(dim=0).numpy()
+    lo = before * factor
+    labels = labels[lo[0]:lo[0] + shape[0], lo[1]:lo[1] + shape[1], lo[2]:lo[2] + shape[2]]
+    return labels.astype(np.uint8 if model.config.num_classes <= 256 else np.uint16)
+
+
+def organ_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: tuple[float, float, float],
+                  tolerance_mm: float = 2.0) -> dict[int, dict[str, float]]:
+    """Dice, HD95 (mm) and surface Dice at ``tolerance_mm`` of each class present in ``truth``.
+
+    Args:
+        pred, truth: ``(D, H, W)`` label maps on the same grid.
+        classes: labels to score (those absent from ``truth`` are skipped: nothing to find).
+        spacing: voxel size along ``(D, H, W)`` in mm (SimpleITK's ``(x, y, z)`` reversed).
+
+    Returns:
+        ``{class: {"dice", "hd95", "surface_dice"}}``; HD95 is ``inf`` when the class is
+        missing from ``pred`` (MONAI's convention), surface Dice 0 then.
+    """
+    scores: dict[int, dict[str, float]] = {}
+    for c in classes:
+        y = torch.from_numpy(truth == c)[None, None]  # (1, 1, D, H, W) one class at a time: bounded memory
+        if not y.any():
+            continue
+        p = torch.from_numpy(pred == c)[None, None]
+        found = bool(p.any())
+        scores[c] = {
+            "dice": float(compute_dice(p, y, include_background=True)[0, 0]),
+            "hd95": float(compute_hausdorff_distance(p, y, include_background=True, percentile=95,
+                                                     spacing=spacing)[0, 0]) if found else float("inf"),
+            "surface_dice": float(compute_surface_dice(p, y, [tolerance_mm], include_background=True,
+                                                       spacing=spacing)[0, 0]) if found else 0.0,
+        }
+    return scores

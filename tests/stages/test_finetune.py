@@ -1,0 +1,138 @@
+"""finetune: a tiny segmenter trained through the stage (real Ray) on harmonized phantoms encoded by a tiny VAE."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from meduet.artifacts.segmenter import load_segmenter
+from meduet.artifacts.vae import save_vae
+from meduet.config import MeduetConfig, Paths
+from meduet.data.latents import LatentRecord, read_manifest, read_scale
+from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
+from meduet.engine.segmentation import pad_case, segment_volume
+from meduet.models.architectures import VAE_PRESETS
+from meduet.models.vae import build_vae
+from meduet.stages import StageError, encode_latents, finetune, harmonize
+from tests.harmonize.synth import phantom, write_msd
+from tests.stages.test_factors import _save_tiny_model
+
+STEPS = 40
+SITES = ("site_a", "site_b")
+
+
+def _config(**finetune_overrides) -> MeduetConfig:
+    return MeduetConfig.model_validate({
+        "harmonize": {"datasets": [{"name": s, "root": f"raw/{s}", "domain": s} for s in SITES],
+                      "target_spacing": [2.0, 2.0, 2.0], "min_size": [16, 16, 16], "divisible_by": 16, "workers": 1},
+        "encode_latents": {"workers": 1},
+        "finetune": {"steps": STEPS, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
+                     "label_names": ["background", "body", "liver"], "features": 8, "image_features": 4,
+                     **finetune_overrides},
+        "ray": {"checkpoint_every": 20, "local_num_cpus": 2, "max_failures": 0},
+    })
+
+
+def _project(root: Path, cfg: MeduetConfig) -> Paths:
+    """Per site 3 phantoms harmonized to 2 mm (32^3), a random tiny VAE holding out the last, its latents."""
+    for index, site in enumerate(SITES):
+        write_msd(root / "raw" / site, {f"{site}_{i}": phantom(seed=10 * index + i) for i in range(3)})
+    paths = Paths.resolve(cfg, root)
+    harmonize.run(cfg.harmonize, paths)
+    torch.manual_seed(0)
+    save_vae(paths.models / "vae" / "vae.pt", state=build_vae(VAE_PRESETS["tiny"]).state_dict(),
+             architecture=VAE_PRESETS["tiny"], config={}, train_cases=[],
+             held_out_cases=[f"{site}__{site}_2" for site in SITES])
+    encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    _save_tiny_model(paths, list(SITES), read_scale(paths.latents))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    cfg = _config()
+    paths = _project(tmp_path_factory.mktemp("finetune_project"), cfg)
+    return cfg, paths, finetune.run(cfg.finetune, paths, ray=cfg.ray, harmonize=cfg.harmonize)
+
+
+def test_training_scores_held_out_sites_and_saves_a_model_predict_can_load(trained) -> None:
+    cfg, paths, result = trained
+    metrics = result.metrics
+    assert metrics["steps"] == STEPS and metrics["labelled_cases"] == 4 and metrics["held_out_cases"] == 2
+    assert metrics["labelled_fraction"] == {"site_a": 1.0, "site_b": 1.0}
+    for score in ("dice", "hd95", "surface_dice"):
+        assert set(metrics[score]["by_site"]) == set(SITES) and set(metrics[score]["by_organ"]) == {"body", "liver"}
+    # the body is the phantom's bright ellipsoid: found on the held-out cases of both sites
+    assert min(metrics["dice"]["by_site"][s]["body"] for s in SITES) > 0.8, metrics["dice"]
+    assert metrics["final"]["total"] < metrics["first"]["total"]
+    rows = list(csv.DictReader(open(paths.reports / "finetune" / "scores.csv")))
+    assert sorted((r["case"], r["organ"]) for r in rows) == [
+        (f"{s}__{s}_2", organ) for s in SITES for organ in ("body", "liver")]
+    history = (paths.reports / "finetune" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,total") and len(history) == 1 + STEPS // 5
+    assert (paths.reports / "finetune" / "loss.png").stat().st_size > 2000
+
+    model, vae, meta = load_segmenter(paths.models / "finetune")
+    assert model.config.decoder == "refine" and model.config.num_classes == 3
+    assert meta["harmonize"] == cfg.harmonize.model_dump(mode="json") and meta["labels"] == ["background", "body",
+                                                                                               "liver"]
+    assert meta["labelled_cases"] == [f"{s}__{s}_{i}" for s in SITES for i in (0, 1)]
+    assert meta["scale_factor"] == read_scale(paths.latents) and meta["steps"] == STEPS
+    assert isinstance(vae, torch.nn.Module)
+
+
+def test_labels_per_site_keeps_the_first_cases_of_each_site() -> None:
+    records = [LatentRecord(key=f"{site}__c{i}", dataset=site, case_id=f"c{i}", domain=site, domain_index=0,
+                            body_part="x", split="train", latent="", latent_shape=[], affine=[], orig_spacing=[],
+                            image_sha256="", vae_sha256="") for site in ("b", "a") for i in (2, 0, 1)]
+    assert [r.key for r in finetune.labelled_cases(records, 1)] == ["a__c0", "b__c0"]
+    assert [r.key for r in finetune.labelled_cases(records, 2)] == ["a__c0", "a__c1", "b__c0", "b__c1"]
+    assert len(finetune.labelled_cases(records, "all")) == len(finetune.labelled_cases(records, 4)) == 6
+
+
+def test_windows_align_latent_image_and_label_and_depend_on_the_step_alone() -> None:
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(4, 6, 10, 12)).astype(np.float32)  # d smaller than the window: padded
+    image = np.kron(latent[0], np.ones((4, 4, 4), dtype=np.float32))  # each latent voxel's 4^3 image block
+    label = (image > 1.0).astype(np.uint8)
+    sampler = SegmentationCropSampler([(latent, image, label)], (8, 8, 8), 4, seed=3, foreground_fraction=0.5)
+    x, im, lab = sampler.batch(7, 6)
+    assert x.shape == (6, 4, 8, 8, 8) and im.shape == lab.shape == (6, 1, 32, 32, 32)
+    # the image window repeats its latent window's first channel 4x along every axis: the same voxels
+    assert torch.equal(im[:, 0], x[:, 0].repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3))
+    assert torch.equal(lab[:, 0], (im[:, 0] > 1.0).long())
+    again = sampler.batch(7, 6)
+    assert all(torch.equal(a, b) for a, b in zip((x, im, lab), again))
+    assert not torch.equal(sampler.batch(8, 6)[0], x)
+    padded, big, _, before = pad_case(latent, image, label, (8, 8, 8), 4)
+    assert padded.shape == (4, 8, 10, 12) and big.shape == (32, 40, 48) and list(before) == [1, 0, 0]
+
+
+def test_harmonization_settings_other_than_the_datas_are_refused(trained, tmp_path: Path) -> None:
+    cfg, paths, _ = trained
+    other = cfg.harmonize.model_copy(update={"target_spacing": (1.5, 1.5, 1.5)})
+    with pytest.raises(StageError, match="harmonized with other settings"):
+        finetune.run(cfg.finetune, paths, ray=cfg.ray, harmonize=other)
+    empty = Paths.resolve(cfg, tmp_path)
+    with pytest.raises(StageError, match="run the encode-latents stage first"):
+        finetune.run(cfg.finetune, empty, ray=cfg.ray, harmonize=cfg.harmonize)
+
+
+def test_the_saved_model_segments_a_held_out_case_as_the_stage_scored_it(trained) -> None:
+    _, paths, result = trained
+    model, _, meta = load_segmenter(paths.models / "finetune")
+    record = next(r for r in read_manifest(paths.latents) if r.split == "held_out")
+    files = CaseFiles(str(paths.latents / record.latent),
+                      str(paths.harmonized / f"{record.dataset}/imagesTr/{record.case_id}.nii.gz"),
+                      str(paths.harmonized / f"{record.dataset}/labelsTr/{record.case_id}.nii.gz"))
+    latent, image, label = read_case(files, meta["scale_factor"])
+    pred = segment_volume(model, latent, image, overlap=meta["config"]["overlap"], batch_size=4)
+    assert pred.shape == label.shape == sitk.GetArrayViewFromImage(sitk.ReadImage(files.image)).shape
+    body = pred == 1
+    dice = 2 * (body & (label == 1)).sum() / (body.sum() + (label == 1).sum())
+    assert dice == pytest.approx(result.metrics["dice"]["by_site"][record.domain]["body"], abs=1e-3)
