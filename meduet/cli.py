@@ -26,6 +26,7 @@ from meduet.stages import STAGES, StageError, StageTiming, report_dir_name
 # Loaded by name, as the stage modules are: running a stage never executes the report, so
 # the report's code is no dependency of any stage (tests/test_dvc_deps.py reads static imports).
 REPORT_MODULE = "meduet.report"
+PREDICT_MODULE = "meduet.predict"  # not a stage: loaded by name too, so no stage depends on it
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(remote_sub.add_parser("configure", help=text, description=text))
     text = "write the results report (reports/index.html) from what the stages wrote"
     _add_config_args(sub.add_parser("report", help=text, description=text))
+    text = "segment scans with a fine-tuned segmenter; masks in each input's own geometry, organ volumes"
+    predict = sub.add_parser("predict", help=text, description=text)
+    predict.add_argument("--model", required=True, type=Path, help="segmenter file or finetune model folder")
+    predict.add_argument("--input", required=True, type=Path,
+                         help="an image file (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of those")
+    predict.add_argument("--output", required=True, type=Path, help="folder for the masks and summary.json/.csv")
     return parser
 
 
@@ -107,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_remote_configure(args.params, args.overrides)
         if args.command == "report":
             return run_report(args.params, args.overrides)
+        if args.command == "predict":
+            results = importlib.import_module(PREDICT_MODULE).predict(args.model, args.input, args.output)
+            print(json.dumps([{"case": r.case, "status": r.status, "reason": r.reason, "mask": r.mask,
+                               "volumes_ml": r.volumes_ml} for r in results], indent=2))
+            return 0  # quarantined cases are reported, as harmonize does; none segmented raised above
         return run_stage(args.command, args.params, args.overrides)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -119,3 +119,13 @@ def resample(image: sitk.Image, grid: Grid, interpolator: int, default_value: fl
         pixel_type,
         True,  # useNearestNeighborExtrapolator
     )
+
+
+def to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A label map sampled nearest-neighbour on ``reference``'s grid (0 where it has no voxel).
+
+    Both images live in the same world, so one resampling undoes everything harmonization did
+    to the reference (reorientation, resampling, crop and padding): the result has the
+    reference's orientation, spacing, extent and origin.
+    """
+    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
