@@ -510,9 +510,9 @@ class FinetuneConfig(StrictModel):
     image_features: Annotated[int, Field(ge=1)] = Field(
         default=8, description="channels of the image-resolution refinement (refine only)"
     )
-    batch_size: Annotated[int, Field(ge=1)] = Field(default=2, description="windows per worker and micro-step")
-    steps: Annotated[int, Field(ge=1)] = 400
-    lr: PositiveFloat = 3e-3
+    batch_size: Annotated[int, Field(ge=1)] = Field(default=4, description="windows per worker and micro-step")
+    steps: Annotated[int, Field(ge=1)] = 300
+    lr: PositiveFloat = 1e-2
     weight_decay: Annotated[float, Field(ge=0)] = 1e-2
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     grad_clip: PositiveFloat = 1.0

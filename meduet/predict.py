@@ -28,7 +28,7 @@ import torch
 from meduet.artifacts.segmenter import load_segmenter
 from meduet.config import HarmonizeConfig
 from meduet.engine.segmentation import segment_volume
-from meduet.harmonize.case import CaseProblem, check_image, harmonize_volume, to_image
+from meduet.harmonize.case import CaseProblem, CaseSettings, check_image, harmonize_volume, to_image
 from meduet.harmonize.datasets import IMAGE_SUFFIXES, case_id_from_path
 from meduet.harmonize.geometry import to_reference
 from meduet.harmonize.settings import case_settings
@@ -77,10 +77,14 @@ def _mask_name(source: Path) -> str:
 
 
 def predict_case(source: Path, output: Path, *, model: torch.nn.Module, vae: torch.nn.Module, meta: dict,
-                 overlap: float, window_batch: int) -> CaseResult:
-    """Segment one input and write its mask in the input's geometry; bad input is quarantined, never raised."""
+                 settings: CaseSettings, overlap: float, window_batch: int) -> CaseResult:
+    """Segment one input and write its mask in the input's geometry; bad input is quarantined, never raised.
+
+    Args:
+        model, vae, meta: what ``load_segmenter`` returns.
+        settings: the training run's harmonization (``case_settings`` of ``meta["harmonize"]``).
+    """
     result = CaseResult(case=case_id_from_path(str(source)), source=str(source))
-    settings = case_settings(HarmonizeConfig.model_validate(meta["harmonize"]))
     started = time.perf_counter()
     try:
         image = read_image(source)
@@ -126,9 +130,9 @@ def predict(model_path: Path, inputs: Path, output: Path) -> list[CaseResult]:
     model, vae, meta = load_segmenter(model_path)
     cases = list_inputs(inputs)
     output.mkdir(parents=True, exist_ok=True)
-    cfg = meta["config"]
-    results = [predict_case(source, output, model=model, vae=vae, meta=meta, overlap=cfg["overlap"],
-                            window_batch=cfg["window_batch"]) for source in cases]
+    cfg, settings = meta["config"], case_settings(HarmonizeConfig.model_validate(meta["harmonize"]))
+    results = [predict_case(source, output, model=model, vae=vae, meta=meta, settings=settings,
+                            overlap=cfg["overlap"], window_batch=cfg["window_batch"]) for source in cases]
     write_json(output / "summary.json", [vars(r) for r in results])
     names = list(meta["labels"][1:])
     header = ["case", "status", "reason", "source", "mask", *(f"{n}_ml" for n in names)]

@@ -22,7 +22,7 @@ from meduet.stages import StageError, encode_latents, finetune, harmonize
 from tests.harmonize.synth import phantom, write_msd
 from tests.stages.test_factors import _save_tiny_model
 
-STEPS = 40
+STEPS = 20
 SITES = ("site_a", "site_b")
 
 
@@ -34,7 +34,7 @@ def _config(**finetune_overrides) -> MeduetConfig:
         "finetune": {"steps": STEPS, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
                      "label_names": ["background", "body", "liver"], "features": 8, "image_features": 4,
                      **finetune_overrides},
-        "ray": {"checkpoint_every": 20, "local_num_cpus": 2, "max_failures": 0},
+        "ray": {"checkpoint_every": 10, "local_num_cpus": 2, "max_failures": 0},
     })
 
 
