@@ -1,8 +1,10 @@
-"""finetune: a tiny segmenter trained through the stage (real Ray) on harmonized phantoms encoded by a tiny VAE."""
+"""finetune: a tiny segmenter trained through the stage (real Ray) on harmonized phantoms encoded by a tiny VAE
+(the session's uninterrupted run of tests/stages/trainers.py, shared with the kill/resume test)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,58 +13,28 @@ import SimpleITK as sitk
 import torch
 
 from meduet.artifacts.segmenter import load_segmenter
-from meduet.artifacts.vae import save_vae
-from meduet.config import MeduetConfig, Paths
+from meduet.config import Paths, load_config
 from meduet.data.latents import LatentRecord, read_manifest, read_scale
 from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
 from meduet.engine.segmentation import pad_case, segment_volume
-from meduet.models.architectures import VAE_PRESETS
-from meduet.models.vae import build_vae
-from meduet.stages import StageError, encode_latents, finetune, harmonize
-from tests.harmonize.synth import phantom, write_msd
-from tests.stages.test_factors import _save_tiny_model
+from meduet.stages import StageError, finetune
+from tests.stages.trainers import FINETUNE_SITES, TRAINERS
 
-STEPS = 20
-SITES = ("site_a", "site_b")
-
-
-def _config(**finetune_overrides) -> MeduetConfig:
-    return MeduetConfig.model_validate({
-        "harmonize": {"datasets": [{"name": s, "root": f"raw/{s}", "domain": s} for s in SITES],
-                      "target_spacing": [2.0, 2.0, 2.0], "min_size": [16, 16, 16], "divisible_by": 16, "workers": 1},
-        "encode_latents": {"workers": 1},
-        "finetune": {"steps": STEPS, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
-                     "label_names": ["background", "body", "liver"], "features": 8, "image_features": 4,
-                     **finetune_overrides},
-        "ray": {"checkpoint_every": 10, "local_num_cpus": 2, "max_failures": 0},
-    })
-
-
-def _project(root: Path, cfg: MeduetConfig) -> Paths:
-    """Per site 3 phantoms harmonized to 2 mm (32^3), a random tiny VAE holding out the last, its latents."""
-    for index, site in enumerate(SITES):
-        write_msd(root / "raw" / site, {f"{site}_{i}": phantom(seed=10 * index + i) for i in range(3)})
-    paths = Paths.resolve(cfg, root)
-    harmonize.run(cfg.harmonize, paths)
-    torch.manual_seed(0)
-    save_vae(paths.models / "vae" / "vae.pt", state=build_vae(VAE_PRESETS["tiny"]).state_dict(),
-             architecture=VAE_PRESETS["tiny"], config={}, train_cases=[],
-             held_out_cases=[f"{site}__{site}_2" for site in SITES])
-    encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
-    _save_tiny_model(paths, list(SITES), read_scale(paths.latents))
-    return paths
+FINETUNE = TRAINERS["finetune"]
+STEPS = FINETUNE.steps
+SITES = FINETUNE_SITES
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
-    cfg = _config()
-    paths = _project(tmp_path_factory.mktemp("finetune_project"), cfg)
-    return cfg, paths, finetune.run(cfg.finetune, paths, ray=cfg.ray, harmonize=cfg.harmonize)
+def trained(uninterrupted_run):
+    """The session's uninterrupted finetune run (tests/stages/trainers.py): config, paths, metrics."""
+    root = uninterrupted_run("finetune")
+    cfg = load_config(root / "params.yaml")
+    return cfg, Paths.resolve(cfg, root), json.loads((root / "reports" / "finetune" / "metrics.json").read_text())
 
 
 def test_training_scores_held_out_sites_and_saves_a_model_predict_can_load(trained) -> None:
-    cfg, paths, result = trained
-    metrics = result.metrics
+    cfg, paths, metrics = trained
     assert metrics["steps"] == STEPS and metrics["labelled_cases"] == 4 and metrics["held_out_cases"] == 2
     assert metrics["labelled_fraction"] == {"site_a": 1.0, "site_b": 1.0}
     for score in ("dice", "hd95", "surface_dice"):
@@ -74,7 +46,7 @@ def test_training_scores_held_out_sites_and_saves_a_model_predict_can_load(train
     assert sorted((r["case"], r["organ"]) for r in rows) == [
         (f"{s}__{s}_2", organ) for s in SITES for organ in ("body", "liver")]
     history = (paths.reports / "finetune" / "history.csv").read_text().splitlines()
-    assert history[0].startswith("step,total") and len(history) == 1 + STEPS // 5
+    assert history[0].startswith("step,total") and len(history) == 1 + STEPS
     assert (paths.reports / "finetune" / "loss.png").stat().st_size > 2000
 
     model, vae, meta = load_segmenter(paths.models / "finetune")
@@ -124,7 +96,7 @@ def test_harmonization_settings_other_than_the_datas_are_refused(trained, tmp_pa
 
 
 def test_the_saved_model_segments_a_held_out_case_as_the_stage_scored_it(trained) -> None:
-    _, paths, result = trained
+    _, paths, metrics = trained
     model, _, meta = load_segmenter(paths.models / "finetune")
     record = next(r for r in read_manifest(paths.latents) if r.split == "held_out")
     files = CaseFiles(str(paths.latents / record.latent),
@@ -135,4 +107,4 @@ def test_the_saved_model_segments_a_held_out_case_as_the_stage_scored_it(trained
     assert pred.shape == label.shape == sitk.GetArrayViewFromImage(sitk.ReadImage(files.image)).shape
     body = pred == 1
     dice = 2 * (body & (label == 1)).sum() / (body.sum() + (label == 1).sum())
-    assert dice == pytest.approx(result.metrics["dice"]["by_site"][record.domain]["body"], abs=1e-3)
+    assert dice == pytest.approx(metrics["dice"]["by_site"][record.domain]["body"], abs=1e-3)

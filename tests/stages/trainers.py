@@ -18,15 +18,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from meduet.artifacts.vae import save_vae
 from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import read_scale
-from meduet.stages import harmonize
+from meduet.models.architectures import VAE_PRESETS
+from meduet.models.vae import build_vae
+from meduet.stages import encode_latents, harmonize
 from tests.harmonize.synth import phantom, write_msd
 from tests.stages.test_factors import _save_tiny_model
 from tests.stages.test_pretrain import _write_cache
@@ -52,6 +56,28 @@ def _latents_and_meduet(root: Path) -> None:
     _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
 
 
+FINETUNE_SITES = ("site_a", "site_b")
+FINETUNE_PARAMS = {"harmonize": {**HARMONIZE, "datasets": [{"name": s, "root": f"raw/{s}", "domain": s}
+                                                           for s in FINETUNE_SITES]},
+                   "encode_latents": {"workers": 1}}
+
+
+def _segmentation_inputs(root: Path) -> None:
+    """Per site 3 labelled phantoms harmonized to 2 mm (32^3), a random tiny VAE holding out the last of
+    each site, its latents, and a tiny saved MeDUET."""
+    for index, site in enumerate(FINETUNE_SITES):
+        write_msd(root / "raw" / site, {f"{site}_{i}": phantom(seed=10 * index + i) for i in range(3)})
+    cfg = MeduetConfig.model_validate(FINETUNE_PARAMS)
+    paths = Paths.resolve(cfg, root)
+    harmonize.run(cfg.harmonize, paths)
+    torch.manual_seed(0)
+    save_vae(paths.models / "vae" / "vae.pt", state=build_vae(VAE_PRESETS["tiny"]).state_dict(),
+             architecture=VAE_PRESETS["tiny"], config={}, train_cases=[],
+             held_out_cases=[f"{site}__{site}_2" for site in FINETUNE_SITES])
+    encode_latents.run(cfg.encode_latents, paths, ray=cfg.ray)
+    _save_tiny_model(paths, list(FINETUNE_SITES), read_scale(paths.latents))
+
+
 @dataclass(frozen=True)
 class Trainer:
     """One training stage as the tests drive it."""
@@ -65,6 +91,7 @@ class Trainer:
     model_file: str
     weights: tuple[str, ...]  # entries of the model file holding state dicts
     term: str  # the backpropagated loss column of history.csv
+    extra: dict[str, Any] = field(default_factory=dict)  # other params sections the stage reads
 
     @property
     def steps(self) -> int:
@@ -73,7 +100,7 @@ class Trainer:
     @property
     def params(self) -> dict[str, Any]:
         """params.yaml of a run on this machine's local Ray."""
-        return {self.section: dict(self.settings),
+        return {**self.extra, self.section: dict(self.settings),
                 "ray": {"checkpoint_every": self.every, "keep_checkpoints": self.steps // self.every,
                         "local_num_cpus": 2, "max_failures": 0}}
 
@@ -103,6 +130,13 @@ TRAINERS = {
         settings={"steps": 30, "batch_size": 4, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
                   "init": "meduet_repa", "ema_decay": 0.9, "val_crops": 8, "val_every": 10},
         prepare=_latents_and_meduet, model_file="models/diffusion/dit.pt", weights=("model", "ema"), term="total"),
+    # The refining decoder (the default): the image-resolution path must resume too.
+    "finetune": Trainer(
+        cli="finetune", stage="finetune", section="finetune", every=10,
+        settings={"steps": 20, "batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                  "label_names": ["background", "body", "liver"], "features": 8, "image_features": 4},
+        prepare=_segmentation_inputs, model_file="models/finetune/segmenter.pt", weights=("model",), term="total",
+        extra=FINETUNE_PARAMS),
 }
 
 
