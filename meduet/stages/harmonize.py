@@ -28,9 +28,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from meduet import distributed as dist
 from meduet.config import HarmonizeConfig, Paths, RayConfig
-from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize import qa
 from meduet.harmonize.case import CaseSettings, harmonize_case, input_hash
 from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
@@ -139,6 +137,11 @@ def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: 
              ray: RayConfig, paths: Paths) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
     """Like :func:`_run_pool` on Ray: a task that fails (its process died: Ray retries such a
     task, then gives up) yields ``None`` for its case; the other cases go on."""
+    # Ray (and torch, for the run spec) only when a cluster is used: seconds of imports otherwise,
+    # which a one-machine run should not pay before it takes its output lock.
+    from meduet import distributed as dist
+    from meduet.engine.runs import RunSpec, Scaling
+
     items = [(spec, settings, out_dir, digest) for spec, digest in jobs]
     specs = {spec.key: spec for spec, _ in jobs}
     run = RunSpec.from_config(ray, paths, "harmonize", settings.settings_hash)

@@ -148,7 +148,8 @@ def test_a_dataset_that_cannot_be_listed_keeps_its_earlier_outputs(tmp_path, out
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes_intact(tmp_path):
-    site = _msd_site(tmp_path / "raw", 8, size=(96, 96, 48))
+    # Enough work that the first run still holds its lock when the second has started up.
+    site = _msd_site(tmp_path / "raw", 16, size=(96, 96, 48))
     params = tmp_path / "params.yaml"
     section = {**HARMONIZE, "workers": 1, "datasets": [_ds("a", site, "site_a")]}
     params.write_text(yaml.safe_dump({"harmonize": section}))
@@ -166,9 +167,9 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes_int
     assert "data/harmonized: another run is writing here" in second.stderr and f'"pid": {first.pid}' in second.stderr
     assert first.returncode == 0, err[-3000:]
     records = read_manifest(tmp_path / "data" / "harmonized" / "manifest.csv")
-    assert len(records) == 8 and all(r.status == "ok" and (tmp_path / "data" / "harmonized" / r.image).is_file()
-                                     for r in records)
-    assert json.loads(out)["metrics"]["processed"] == 8
+    assert len(records) == 16 and all(r.status == "ok" and (tmp_path / "data" / "harmonized" / r.image).is_file()
+                                      for r in records)
+    assert json.loads(out)["metrics"]["processed"] == 16
 
 
 def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
