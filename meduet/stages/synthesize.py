@@ -191,10 +191,6 @@ def _reusable(store: Path, run_key: str) -> dict[str, SynthesisRecord]:
     return done
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --------------------------------------------------------------------------- the stage
 def run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     """Translate held-out scans and generate crops; one run at a time per store."""
@@ -226,9 +222,10 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
         raise StageError(f"{STAGE}: nothing to make (translations and samples_per_site are 0, or one site only)")
 
     store = paths.synthesis
+    dit_sha, vae_sha = sha256_file(dit_file), sha256_file(vae_file)  # each file read once
     run_key = config_hash(cfg.model_copy(update={"workers": 1}))[:8] + hashlib.sha256(
-        "".join([dit_meta["meduet_sha256"], _sha(dit_file), _sha(vae_file), _sha(paths.factors / FACTORS),
-                 _sha(paths.latents / MANIFEST), _sha(paths.latents / SCALE)]).encode()).hexdigest()[:8]
+        "".join([dit_meta["meduet_sha256"], dit_sha, vae_sha, sha256_file(paths.factors / FACTORS),
+                 sha256_file(paths.latents / MANIFEST), sha256_file(paths.latents / SCALE)]).encode()).hexdigest()[:8]
     done = _reusable(store, run_key)
     by_key = {r.key: r for r in latents}
     spacing = list(harmonized[latents[0].key].out_spacing) if latents and latents[0].key in harmonized else [1.0] * 3
@@ -250,8 +247,6 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
                      "source_latent": str(paths.latents / source.latent) if source else None,
                      "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
                      "spacing": spacing})
-    for record in planned:
-        record.pop("donor_row", None)
     log.info("%s: %d image(s) planned, %d reused, %d to make on %d worker(s) (%s, %d steps)", STAGE, len(planned),
              len(planned) - len(jobs), len(jobs), cfg.workers, dit_meta["config"]["objective"], cfg.sampling_steps)
 
@@ -268,8 +263,8 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     wanted = {r["key"] for r in planned}
     records = sorted((r for r in records if r.key in wanted), key=lambda r: r.key)
 
-    meta = {"run_key": run_key, "dit": str(dit_file), "dit_sha256": _sha(dit_file), "meduet_sha256": teacher_sha,
-            "vae_sha256": _sha(vae_file), "objective": dit_meta["config"]["objective"],
+    meta = {"run_key": run_key, "dit": str(dit_file), "dit_sha256": dit_sha, "meduet_sha256": teacher_sha,
+            "vae_sha256": vae_sha, "objective": dit_meta["config"]["objective"],
             "weights": cfg.weights, "settings": cfg.model_dump(mode="json"), "scale_factor": scale, "sites": sites,
             "site_styles": {site: style.tolist() for site, style in styles.items()}}
     keep = {store / p for r in records for p in (r.image, r.latent)}
