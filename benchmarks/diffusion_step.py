@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from machine import peaks_line  # benchmarks/machine.py (this script's folder)
+from machine import precision_rows  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import TrainDiffusionConfig
@@ -39,7 +39,6 @@ from meduet.diffusion.repa import RepaProjector
 from meduet.engine.diffusion_training import DiffusionObjective, build_dit, diffusion_trainer
 from meduet.engine.ema import build_teacher
 from meduet.engine.loop import optimizer_step
-from meduet.engine.precision import native_bf16
 from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
 from meduet.models.meduet import MeduetModel
 
@@ -123,11 +122,8 @@ def main() -> None:
                                  args.warmup)))
         return
 
-    cpu_bf16 = native_bf16(torch.device("cpu"))
-    peaks, line = peaks_line(cpu_bf16)
+    peaks, line, rows = precision_rows()
     print(line)
-    rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
-    rows += [("cuda", True)] if torch.cuda.is_available() else []
     print(f"\n{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'params M':>10}{'s/step':>9}{'CPU s/step':>11}"
           f"{'peak GiB':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'max loss diff':>15}")
     for item in args.presets:

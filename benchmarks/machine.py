@@ -62,3 +62,15 @@ def peaks_line(bf16: bool) -> tuple[dict[bool, float], str]:
     line = (f"machine: {describe()}; matmul peak (2048², best of 5): fp32 {peaks[False]:.0f} GFLOP/s"
             + (f", bf16 {peaks[True]:.0f} GFLOP/s" if bf16 else ", no native bf16"))
     return peaks, line
+
+
+def precision_rows() -> tuple[dict[bool, float], str, list[tuple[str, bool]]]:
+    """What a step benchmark measures here: CPU fp32, CPU bf16 where the CPU has it natively, GPU
+    bf16 where there is one (``(device, bf16)`` rows, fp32 first), with :func:`peaks_line`'s peaks and line."""
+    from meduet.engine.precision import native_bf16
+
+    cpu_bf16 = native_bf16(torch.device("cpu"))
+    peaks, line = peaks_line(cpu_bf16)
+    rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
+    rows += [("cuda", True)] if torch.cuda.is_available() else []
+    return peaks, line, rows

@@ -32,13 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from machine import peaks_line  # benchmarks/machine.py (this script's folder)
+from machine import precision_rows  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import PretrainConfig
 from meduet.engine.ema import build_teacher
 from meduet.engine.loop import optimizer_step
-from meduet.engine.precision import native_bf16
 from meduet.engine.pretrain_training import PretrainObjective, pretrain_trainer
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
@@ -131,11 +130,8 @@ def main() -> None:
         print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1")))
         return
 
-    cpu_bf16 = native_bf16(torch.device("cpu"))
-    peaks, line = peaks_line(cpu_bf16)
+    peaks, line, rows = precision_rows()
     print(line)
-    rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
-    rows += [("cuda", True)] if torch.cuda.is_available() else []
     print(f"\n{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
           f"{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
     for item in args.presets:
