@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 from machine import precision_rows  # benchmarks/machine.py (this script's folder)
+from step_profile import print_profile, profile_step
+from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import PretrainConfig
@@ -47,8 +49,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: bool) -> dict:
-    """One row: build the models, run a counted warm-up step, then time ``steps`` steps."""
+# The step's passes as the code marks them (record_function), in the order they run.
+PASSES = ("forward", "teacher: encode mixed", "teacher: decode swapped", "teacher: encode clean + swapped",
+          "student: encode mixed", "student: decode dual", "student: re-encode", "backward", "clip + optimizer",
+          "ema update")
+
+
+def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: bool, profiled: bool = False) -> dict:
+    """One row: build the models, run a counted warm-up step, then time ``steps`` steps (and, with
+    ``profiled``, one more under the profiler, split by pass)."""
     torch.manual_seed(0)
     config = dataclasses.replace(PRESETS[preset], num_domains=4)
     student = MeduetModel(config).to(device)
@@ -66,7 +75,8 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
 
     def step() -> dict[str, torch.Tensor]:
         losses = optimizer_step(trainer, trainer.batches(1))
-        trainer.after_step(1)  # the EMA update
+        with record_function("ema update"):
+            trainer.after_step(1)
         return losses
 
     with FlopCounterMode(display=False) as counter:  # one counted step (also the warm-up)
@@ -83,12 +93,13 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
     return {"seconds": seconds, "peak_gib": peak, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
-            "losses": first}
+            "losses": first, "passes": profile_step(step, PASSES) if profiled else None}
 
 
-def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool) -> dict:
+def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profiled: bool = False) -> dict:
     """``measure`` in a fresh interpreter (clean peak RSS), parsed from its JSON line."""
-    command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}", "--steps", str(steps)]
+    command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}", "--steps", str(steps),
+               *(["--profile"] if profiled else [])]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -123,25 +134,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row (median and range printed)")
     parser.add_argument("--reference", type=Path, default=None, help="setup_ref.sh's folder: run the authors' step")
     parser.add_argument("--harness", type=Path, default=Path("../shared/bench/ref_step.py"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per row and print where its time and FLOPs go, pass by pass")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = parser.parse_args()
     if args.row:
         preset, batch, device, bf16 = args.row.split(":")
-        print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1")))
+        print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1", args.profile)))
         return
 
     peaks, line, rows = precision_rows()
     print(line)
     print(f"\n{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
           f"{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
+    profiles = []
     for item in args.presets:
         preset, batch = item.split(":")
         reference = None
         for device, bf16 in rows:
             side_by_side = args.reference is not None and preset == "base" and device == "cpu"
             ours, theirs = [], []
-            for _ in range(args.repeats):
-                ours.append(run_row(preset, int(batch), args.steps, device, bf16))
+            for repeat in range(args.repeats):
+                ours.append(run_row(preset, int(batch), args.steps, device, bf16, args.profile and repeat == 0))
                 if side_by_side:
                     theirs.append(run_reference(args.harness, args.reference, int(batch), args.steps, bf16))
             r = ours[0]
@@ -162,10 +176,15 @@ def main() -> None:
                       f"{_spread([t['seconds'] for t in theirs]):>20}{_median([t['peak_gib'] for t in theirs]):>10.2f}"
                       f"{theirs[0]['gflop']:>9.1f}{theirs[0]['gflop'] / t_seconds:>9.1f}"
                       f"{theirs[0]['gflop'] / t_seconds / peak:>6.0%}{'1.00x':>12}{'1.00x':>11}{'':>15}")
+            if r["passes"]:
+                profiles.append((r["passes"], peak, f"{preset} batch {batch}, {device} {'bf16' if bf16 else 'fp32'}: "
+                                 "one profiled step, pass by pass"))
     print("\ns/step: median (range) over the repeats, each row in its own process. Peak memory: the process's peak "
           "RSS on CPU, max allocated on GPU. MFU: achieved GFLOP/s over this machine's matmul peak in the row's "
           "precision. Ratios: project / authors, measured alternately in this run. Max loss diff: largest relative "
           "difference of a first-step loss term from the fp32 CPU row.")
+    for rows, peak, title in profiles:
+        print_profile(rows, peak, title)
 
 
 if __name__ == "__main__":

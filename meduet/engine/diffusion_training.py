@@ -32,6 +32,7 @@ from meduet.diffusion.guidance import condition_drops
 from meduet.diffusion.repa import RepaProjector, repa_loss
 from meduet.engine.ema import build_teacher, ema_update
 from meduet.engine.loop import Trainer
+from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.models.architectures import DiTArchitecture
@@ -104,7 +105,7 @@ def diffusion_trainer(*, cfg: TrainDiffusionConfig, objective: nn.Module, teache
     added to the history as ``val_loss`` every ``cfg.val_every`` steps (the convergence curve).
     """
     inner = dist.unwrap(objective)
-    optimizer = torch.optim.AdamW(inner.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+    optimizer = adamw(inner.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
 

@@ -19,6 +19,7 @@ from meduet.config import TrainEvaluatorConfig
 from meduet.data.labelled import load_labelled
 from meduet.data.volumes import CropSampler
 from meduet.engine.loop import Trainer
+from meduet.engine.optim import adamw
 from meduet.engine.schedules import warmup_cosine
 from meduet.models.architectures import EvaluatorArchitecture
 from meduet.models.evaluator import EvaluatorNet
@@ -36,7 +37,7 @@ def build_trainer(*, cfg: TrainEvaluatorConfig, architecture: EvaluatorArchitect
     """
     device = dist.device()
     model = dist.prepare_model(EvaluatorNet(architecture))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     sites = sorted({site for _, _, site in volumes})
     samplers = [CropSampler([load_labelled(Path(i), Path(la), label_ids) for i, la, s in volumes if s == site],

@@ -25,6 +25,7 @@ from meduet.artifacts.pretrained import load_meduet
 from meduet.config import FinetuneConfig
 from meduet.data.latent_crops import step_generator
 from meduet.engine.loop import Trainer
+from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.engine.segmentation import pad_case
@@ -137,7 +138,7 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     wrapped = dist.prepare_model(model.to(device))
     inner = dist.unwrap(wrapped)
     trained = [p for p in inner.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], inner.window, head.downsample, cfg.seed,
                                       cfg.foreground_fraction)

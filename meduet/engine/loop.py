@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch.profiler import record_function
 
 from meduet import distributed as dist
 from meduet.engine.history import IntervalMeans
@@ -107,16 +108,19 @@ def optimizer_step(trainer: Trainer, micro_batches: Iterable[Any]) -> dict[str, 
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in micro_batches:
-        with autocast(trainer.device, trainer.amp_dtype):
+        # Named ranges: a profiler (benchmarks/pretrain_step.py --profile) splits the step by them.
+        with record_function("forward"), autocast(trainer.device, trainer.amp_dtype):
             losses = trainer.loss(batch)
-        (losses[trainer.total].float() / trainer.accumulation).backward()
+        with record_function("backward"):
+            (losses[trainer.total].float() / trainer.accumulation).backward()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() / trainer.accumulation
         count += 1
     if count != trainer.accumulation:
         raise ValueError(f"expected {trainer.accumulation} micro-batches, got {count}")
-    torch.nn.utils.clip_grad_norm_(trainer._params, trainer.grad_clip)
-    trainer.optimizer.step()
+    with record_function("clip + optimizer"):
+        torch.nn.utils.clip_grad_norm_(trainer._params, trainer.grad_clip)
+        trainer.optimizer.step()
     return sums
 
 

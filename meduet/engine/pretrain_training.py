@@ -25,6 +25,7 @@ from meduet.config import PretrainConfig
 from meduet.data.latent_crops import GroupedCropSampler, step_generator
 from meduet.engine.ema import build_teacher, cosine_momentum, ema_update
 from meduet.engine.loop import Trainer
+from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.losses import LossWeights, pretrain_losses
@@ -125,7 +126,7 @@ def pretrain_trainer(*, cfg: PretrainConfig, objective: nn.Module, teacher: Medu
     """
     student = dist.unwrap(objective).student
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(student, cfg.weight_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     mftd_start = round(cfg.mftd_start_fraction * cfg.steps)
 

@@ -18,6 +18,7 @@ from meduet import distributed as dist
 from meduet.config import VAEConfig
 from meduet.data.volumes import CropSampler, load_volume
 from meduet.engine.loop import Trainer
+from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype, autocast
 from meduet.engine.schedules import warmup_cosine
 from meduet.models.vae import PRESETS, build_vae
@@ -39,7 +40,7 @@ def build_trainer(*, cfg: VAEConfig, volumes: list[str]) -> Trainer:
     """The VAE's parts, trained on random crops of the harmonized ``volumes`` (``.nii.gz`` paths)."""
     device = dist.device()
     model = dist.prepare_model(build_vae(PRESETS[cfg.preset]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     precision = amp_dtype(device, amp=cfg.amp)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
@@ -51,7 +52,7 @@ def build_trainer(*, cfg: VAEConfig, volumes: list[str]) -> Trainer:
     if adversarial:
         disc = dist.prepare_model(PatchDiscriminator(spatial_dims=3, channels=cfg.disc_channels, in_channels=1,
                                                      num_layers_d=3, norm="INSTANCE"))
-        optimizer_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        optimizer_d = adamw(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
         checkpointed |= {"discriminator": disc, "optimizer_d": optimizer_d}
     last: dict[str, torch.Tensor] = {}  # the step's input and reconstruction, for the discriminator step

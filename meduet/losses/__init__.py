@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange
+from torch.profiler import record_function
 
 from meduet.losses.domain import domain_losses
 from meduet.losses.mftd import mftd_loss
@@ -112,14 +113,16 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
             teacher_out = _teacher_targets(teacher, x, mask, use_mftd=use_mftd, use_siqc=use_siqc)
 
     # Steps 1-2: mix, encode, demix into factors.
-    demixed = encode_demix(student, x, mask)
-    fused = [fuse(student, demixed, mask)]  # (B, N, E) factual remix
-    if use_siqc:
-        fused.append(fuse(student, demixed, mask, swap_style=True))  # views (c1, s2) and (c2, s1)
+    with record_function("student: encode mixed"):
+        demixed = encode_demix(student, x, mask)
+        fused = [fuse(student, demixed, mask)]  # (B, N, E) factual remix
+        if use_siqc:
+            fused.append(fuse(student, demixed, mask, swap_style=True))  # views (c1, s2) and (c2, s1)
 
     # Step 3: every decoder pass of this step in ONE call: (views * 2 passes * B) sequences.
     views = len(fused)
-    pred = student.decode_dual(torch.cat(fused), demixed.cls.repeat(views, 1, 1), mask.repeat(views, 1))
+    with record_function("student: decode dual"):
+        pred = student.decode_dual(torch.cat(fused), demixed.cls.repeat(views, 1, 1), mask.repeat(views, 1))
     pred = rearrange(pred, "(two v b) n p -> v (two b) n p", two=2, v=views)  # v=0 factual, v=1 swapped
     losses = {"rec": reconstruction_loss(pred[0], x, mask, patch_size=cfg.patch_size, norm_pix=cfg.norm_pix_loss)}
 
@@ -134,7 +137,8 @@ def pretrain_losses(student: MeduetModel, teacher: MeduetModel, x: torch.Tensor,
     to_encode += [student.unpatchify(pred[0])] if use_mftd else []
     to_encode += [student.unpatchify(pred[1])] if use_siqc else []
     if to_encode:
-        encoded_content, encoded_style, _ = student.encode_full(torch.cat(to_encode))
+        with record_function("student: re-encode"):
+            encoded_content, encoded_style, _ = student.encode_full(torch.cat(to_encode))
         if clean:
             clean_content, clean_style = encoded_content[:batch], encoded_style[:batch]  # (B, N, E), (B, N, S)
             encoded_content, encoded_style = encoded_content[batch:], encoded_style[batch:]
@@ -190,10 +194,14 @@ def _teacher_targets(teacher: MeduetModel, x: torch.Tensor, mask: torch.Tensor, 
     to_encode = [x] if use_mftd else []
     if use_siqc:
         complement = ~mask
-        demixed = encode_demix(teacher, x, complement)
-        swapped = teacher.decode_dual(fuse(teacher, demixed, complement, swap_style=True), demixed.cls, complement)
+        with record_function("teacher: encode mixed"):
+            demixed = encode_demix(teacher, x, complement)
+        with record_function("teacher: decode swapped"):
+            swapped = teacher.decode_dual(fuse(teacher, demixed, complement, swap_style=True), demixed.cls,
+                                          complement)
         to_encode.append(teacher.unpatchify(swapped))  # (2B, C, d, h, w): views (c1,s2), (c2,s1)
-    content, style, _ = teacher.encode_full(torch.cat(to_encode))
+    with record_function("teacher: encode clean + swapped"):
+        content, style, _ = teacher.encode_full(torch.cat(to_encode))
     out: dict[str, torch.Tensor] = {}
     if use_mftd:
         out["content"], out["style"] = content[:batch], style[:batch]  # (B, N, E), (B, N, S)
