@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
-from machine import precision_rows  # benchmarks/machine.py (this script's folder)
+from machine import peak_rss_gib, precision_rows  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import TrainDiffusionConfig
@@ -41,10 +40,6 @@ from meduet.engine.ema import build_teacher
 from meduet.engine.loop import optimizer_step
 from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
 from meduet.models.meduet import MeduetModel
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: bool, init: str, warmup: int) -> dict:

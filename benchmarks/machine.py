@@ -7,6 +7,8 @@ threads and the precision it was measured with, and next to this machine's own m
 from __future__ import annotations
 
 import platform
+import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -74,3 +76,31 @@ def precision_rows() -> tuple[dict[bool, float], str, list[tuple[str, bool]]]:
     rows = [("cpu", False)] + ([("cpu", True)] if cpu_bf16 else [])
     rows += [("cuda", True)] if torch.cuda.is_available() else []
     return peaks, line, rows
+
+
+def conv3d_peak(repeats: int = 5) -> float:
+    """Best GFLOP/s of a 64 -> 64 channel 3x3x3 convolution forward on a (2, 64, 32, 32, 32) channels-last
+    input (this process's threads): the reference for convolution networks' MFU."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 64, 32, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * x.numel() * 64 * 27
+    best = float("inf")
+    with torch.no_grad():
+        conv(x)  # warm-up: oneDNN picks and caches its kernel
+        for _ in range(repeats):
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def spread(values: list[float]) -> str:
+    """``median (min-max)`` of repeated measurements."""
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"

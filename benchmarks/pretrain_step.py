@@ -25,14 +25,14 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
-from machine import precision_rows  # benchmarks/machine.py (this script's folder)
+from machine import peak_rss_gib, precision_rows, spread  # benchmarks/machine.py (this script's folder)
 from step_profile import print_profile, profile_step
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -43,11 +43,6 @@ from meduet.engine.loop import optimizer_step
 from meduet.engine.pretrain_training import PretrainObjective, pretrain_trainer
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
 
 # The step's passes as the code marks them (record_function), in the order they run.
 PASSES = ("forward", "teacher: encode mixed", "teacher: decode swapped", "teacher: encode clean + swapped",
@@ -114,19 +109,6 @@ def run_reference(harness: Path, reference: Path, batch: int, steps: int, bf16: 
     return {"seconds": row["s_step_median"], "peak_gib": row["peak_rss_gib"], "gflop": row["gflop"]}
 
 
-def _spread(values: list[float]) -> str:
-    """``median (min-max)`` of repeated measurements."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{_median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -161,19 +143,19 @@ def main() -> None:
             r = ours[0]
             reference = reference or r["losses"]  # the fp32 CPU row comes first
             diff = max(abs(r["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
-            seconds = _median([o["seconds"] for o in ours])
+            seconds = median([o["seconds"] for o in ours])
             peak = peaks[bf16] if device == "cpu" else float("nan")
-            t_ratio = f"{seconds / _median([t['seconds'] for t in theirs]):.2f}x" if theirs else "-"
-            m_ratio = f"{_median([o['peak_gib'] for o in ours]) / _median([t['peak_gib'] for t in theirs]):.2f}x" \
+            t_ratio = f"{seconds / median([t['seconds'] for t in theirs]):.2f}x" if theirs else "-"
+            m_ratio = f"{median([o['peak_gib'] for o in ours]) / median([t['peak_gib'] for t in theirs]):.2f}x" \
                 if theirs else "-"
             print(f"{'project':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
-                  f"{_spread([o['seconds'] for o in ours]):>20}{_median([o['peak_gib'] for o in ours]):>10.2f}"
+                  f"{spread([o['seconds'] for o in ours]):>20}{median([o['peak_gib'] for o in ours]):>10.2f}"
                   f"{r['gflop']:>9.1f}{r['gflop'] / seconds:>9.1f}{r['gflop'] / seconds / peak:>6.0%}"
                   f"{t_ratio:>12}{m_ratio:>11}{diff:>14.2%}")
             if theirs:
-                t_seconds = _median([t["seconds"] for t in theirs])
+                t_seconds = median([t["seconds"] for t in theirs])
                 print(f"{'authors':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
-                      f"{_spread([t['seconds'] for t in theirs]):>20}{_median([t['peak_gib'] for t in theirs]):>10.2f}"
+                      f"{spread([t['seconds'] for t in theirs]):>20}{median([t['peak_gib'] for t in theirs]):>10.2f}"
                       f"{theirs[0]['gflop']:>9.1f}{theirs[0]['gflop'] / t_seconds:>9.1f}"
                       f"{theirs[0]['gflop'] / t_seconds / peak:>6.0%}{'1.00x':>12}{'1.00x':>11}{'':>15}")
             if r["passes"]:

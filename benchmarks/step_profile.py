@@ -104,14 +104,17 @@ def print_profile(rows: list[dict], peak_gflops: float, title: str) -> None:
     for row in rows:
         if row["ms"] <= 0.5 and row["gflop"] == 0:
             continue
-        rate = row["gflop"] / row["ms"] * 1e3 if row["ms"] > 0 else float("nan")
-        gemm_rate = row["gflop"] / row["gemm_ms"] * 1e3 if row["gemm_ms"] > 0 else float("nan")
-        gemm_share = row["gemm_ms"] / row["ms"] if row["ms"] > 0 else float("nan")
-        print(f"{row['pass']:<34}{row['ms']:>9.0f}{row['ms'] / total_ms:>7.0%}{row['gflop']:>9.1f}{rate:>9.1f}"
-              f"{rate / peak_gflops:>6.0%}{gemm_share:>11.0%}{gemm_rate:>14.1f}")
+        gemm_share = f"{row['gemm_ms'] / row['ms']:.0%}" if row["ms"] > 0 else "-"
+        flops = "".join(f"{'-':>{width}}" for width in (9, 9, 6, 14))
+        if row["gflop"] > 0:
+            rate = row["gflop"] / row["ms"] * 1e3
+            gemm_rate = row["gflop"] / row["gemm_ms"] * 1e3 if row["gemm_ms"] > 0 else float("nan")
+            flops = f"{row['gflop']:>9.1f}{rate:>9.1f}{rate / peak_gflops:>6.0%}{gemm_rate:>14.1f}"
+        print(f"{row['pass']:<34}{row['ms']:>9.0f}{row['ms'] / total_ms:>7.0%}{flops[:24]}{gemm_share:>11}{flops[24:]}")
     print("GEMM time: share of the pass's time inside matrix products, convolutions and attention; GEMM GFLOP/s: "
-          "the pass's FLOPs over that time (how close the products themselves run to the peak). Profiler "
-          "overhead makes these times a few % longer than the unprofiled step.")
+          "the pass's FLOPs over that time (how close the products themselves run to the peak); '-': the profiler "
+          "counts no FLOPs for these operators (3-D convolutions). Profiler overhead makes these times a few % "
+          "longer than the unprofiled step.")
 
 
 __all__ = ["profile_step", "print_profile"]

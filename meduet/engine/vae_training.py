@@ -8,11 +8,13 @@ Batches come from ``CropSampler`` indexed by step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
+from torch import nn
 
 from meduet import distributed as dist
 from meduet.config import VAEConfig
@@ -39,13 +41,32 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def build_trainer(*, cfg: VAEConfig, volumes: list[str]) -> Trainer:
     """The VAE's parts, trained on random crops of the harmonized ``volumes`` (``.nii.gz`` paths)."""
     device = dist.device()
-    model = dist.prepare_model(build_vae(PRESETS[cfg.preset]))
+    sampler = CropSampler([load_volume(Path(p)) for p in volumes], tuple(cfg.crop_size), cfg.seed)
+    rank = dist.world_rank()
+
+    def batches(step: int):
+        crops = sampler.batch(step, cfg.batch_size, rank)  # (B, 1, D, H, W)
+        yield step, crops.to(device, memory_format=torch.channels_last_3d)
+
+    model = build_vae(PRESETS[cfg.preset]).to(memory_format=torch.channels_last_3d)
+    return vae_trainer(cfg=cfg, model=model, batches=batches, device=device)
+
+
+def vae_trainer(*, cfg: VAEConfig, model: nn.Module, batches: Callable[[int], Iterable[tuple[int, torch.Tensor]]],
+                device: torch.device) -> Trainer:
+    """The optimizers and losses around a built VAE and ``batches`` (``(step, crops (B, 1, D, H, W))``).
+
+    Shared by :func:`build_trainer` and ``benchmarks/vae_step.py``, so the benchmark times the
+    step the pipeline runs. The pipeline's network and crops are channels-last
+    (``channels_last_3d``): oneDNN's 3-D convolutions, above all their backward, run about
+    twice as fast on CPU in that layout (``benchmarks/vae_step.py``); results differ from the
+    default layout only by floating-point rounding.
+    """
+    model = dist.prepare_model(model)
     optimizer = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     precision = amp_dtype(device, amp=cfg.amp)
     checkpointed = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    sampler = CropSampler([load_volume(Path(p)) for p in volumes], tuple(cfg.crop_size), cfg.seed)
-    rank = dist.world_rank()
     zero = torch.zeros((), device=device)
 
     adversarial = cfg.adv_weight > 0
@@ -56,9 +77,6 @@ def build_trainer(*, cfg: VAEConfig, volumes: list[str]) -> Trainer:
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
         checkpointed |= {"discriminator": disc, "optimizer_d": optimizer_d}
     last: dict[str, torch.Tensor] = {}  # the step's input and reconstruction, for the discriminator step
-
-    def batches(step: int):
-        yield step, sampler.batch(step, cfg.batch_size, rank).to(device)  # (B, 1, D, H, W)
 
     def loss(batch: tuple[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         step, x = batch

@@ -2,9 +2,13 @@
 
 Built on MONAI's MAISI autoencoder (``AutoencoderKlMaisi``): three resolution levels, i.e.
 4× compression per axis, so a ``(B, 1, D, H, W)`` volume becomes ``(B, 4, D/4, H/4, W/4)``.
-MAISI's tensor splitting (``num_splits``) runs convolutions and group norms chunk by chunk
-with exact whole-volume statistics, which bounds memory without changing the result; the
-encoding stage picks the split count from the volume size.
+MAISI's tensor splitting (``num_splits``) runs convolutions chunk by chunk, which bounds
+memory without changing the result; the encoding stage picks the split count from the volume
+size. MAISI's group norm (a Python loop of ~10 small operations per group, built to convert
+each group to fp16 on a GPU) is replaced by PyTorch's one-kernel ``nn.GroupNorm``: same
+parameters and state dict, same statistics (fp32, biased variance), half its peak memory (no
+per-group copies to concatenate), and the VAE's training step runs 1.4x faster on CPU
+(``benchmarks/vae_step.py``).
 """
 
 from __future__ import annotations
@@ -12,16 +16,42 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
+from torch import nn
 
 from meduet.models.architectures import VAE_PRESETS as PRESETS
 from meduet.models.architectures import VAEArchitecture
 
-__all__ = ["PRESETS", "CheckpointMismatchError", "VAEArchitecture", "build_vae", "decode_latent", "encode_volume",
-           "load_weights"]
+__all__ = ["PRESETS", "CheckpointMismatchError", "MeduetVAE", "VAEArchitecture", "build_vae", "decode_latent",
+           "encode_volume", "load_weights"]
 
 
-def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> AutoencoderKlMaisi:
+class MeduetVAE(AutoencoderKlMaisi):
+    """MAISI's autoencoder with PyTorch's ``nn.GroupNorm`` and layout-independent posterior samples.
+
+    Same constructor, parameters and state dict as ``AutoencoderKlMaisi``. Two differences:
+    every ``MaisiGroupNorm3D`` is swapped for an ``nn.GroupNorm`` holding the same parameters
+    (see the module docstring), and ``sampling`` draws its noise in logical (contiguous) order,
+    so a seeded sample is the same whether the network runs channels-last or not (MONAI's
+    ``randn_like`` fills memory in the tensor's own layout).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name, module in list(self.named_modules()):
+            if isinstance(module, MaisiGroupNorm3D):
+                native = nn.GroupNorm(module.num_groups, module.num_channels, eps=module.eps, affine=module.affine)
+                native.load_state_dict(module.state_dict())
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent_name), child, native)
+
+    def sampling(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+        """A posterior sample ``mu + eps * sigma``; ``eps ~ N(0, I)`` of ``(B, 4, d, h, w)`` in logical order."""
+        eps = torch.randn(z_sigma.shape, dtype=z_sigma.dtype, device=z_sigma.device)
+        return z_mu + eps * z_sigma
+
+
+def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> MeduetVAE:
     """A MAISI-style KL autoencoder for single-channel 3-D volumes.
 
     Args:
@@ -29,7 +59,7 @@ def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> AutoencoderKlMaisi:
         num_splits: chunks for MAISI tensor splitting (1 = none); only changes memory use.
     """
     n = len(arch.num_channels)
-    return AutoencoderKlMaisi(
+    return MeduetVAE(
         spatial_dims=3, in_channels=1, out_channels=1,
         num_res_blocks=arch.num_res_blocks, num_channels=arch.num_channels,
         attention_levels=(False,) * n, latent_channels=arch.latent_channels,
@@ -94,7 +124,8 @@ def set_num_splits(model: torch.nn.Module, num_splits: int) -> None:
 
 
 @torch.no_grad()
-def encode_volume(model: AutoencoderKlMaisi, volume: torch.Tensor, max_voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_volume(model: AutoencoderKlMaisi, volume: torch.Tensor,
+                  max_voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of a whole volume with bounded memory.
 
     Args:

@@ -68,3 +68,39 @@ def test_mismatched_weights_name_the_keys(tmp_path):
 def test_architecture_validation():
     with pytest.raises(ValueError, match="divide by norm_num_groups"):
         VAEArchitecture((8, 12, 16), (1, 1, 1), 4, 8)
+
+
+def test_native_group_norm_matches_maisi_as_shipped_forward_and_backward():
+    """``build_vae`` swaps MAISI's per-group Python norm for ``nn.GroupNorm``: same state dict, same
+    outputs and gradients (to rounding), also channels-last as ``train-vae`` runs it."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
+
+    torch.manual_seed(0)
+    arch = PRESETS["tiny"]
+    stock = AutoencoderKlMaisi(
+        spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=arch.num_res_blocks,
+        num_channels=arch.num_channels, attention_levels=(False,) * 3, latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_num_groups, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+        include_fc=False, use_checkpointing=False, use_convtranspose=False, num_splits=1, dim_split=1,
+        norm_float16=False, print_info=False, save_mem=False)
+    for module in stock.modules():  # non-trivial affine parameters, so a lost parameter would show
+        if isinstance(module, MaisiGroupNorm3D):
+            torch.nn.init.normal_(module.weight, 1.0, 0.2)
+            torch.nn.init.normal_(module.bias, 0.0, 0.2)
+    ours = build_vae(arch)
+    assert not any(isinstance(m, MaisiGroupNorm3D) for m in ours.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in ours.modules()) == 14
+    ours.load_state_dict(stock.state_dict())  # strict: same keys and shapes
+    ours = ours.to(memory_format=torch.channels_last_3d)
+    x = torch.rand(2, 1, 16, 16, 16)
+    outputs = []
+    for model, crops in ((stock, x), (ours, x.contiguous(memory_format=torch.channels_last_3d))):
+        torch.manual_seed(1)  # the same posterior sample in both, whatever the layout
+        recon, mu, _ = model(crops)
+        (recon.abs().mean() + mu.pow(2).mean()).backward()
+        outputs.append((recon, mu, [p.grad for p in model.parameters()]))
+    (recon_a, mu_a, grads_a), (recon_b, mu_b, grads_b) = outputs
+    torch.testing.assert_close(recon_b, recon_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mu_b, mu_a, atol=1e-5, rtol=1e-4)
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(grad_b, grad_a, atol=1e-5, rtol=1e-3)

@@ -1,0 +1,159 @@
+"""One VAE training step: time, peak memory, FLOPs and MFU, the pipeline's step beside MONAI's MAISI as shipped.
+
+Times the real optimizer step of ``train-vae`` (``meduet.engine.loop.optimizer_step`` over
+``meduet.engine.vae_training.vae_trainer``: L1 + KL, gradient clipping, AdamW) on random
+crops, for each ``PRESET:BATCH`` (default: the demo's ``tiny`` at batch 2 and ``small``), in
+two variants measured alternately, each row in its own process (clean peak memory):
+
+- ``maisi``: MONAI's ``AutoencoderKlMaisi`` as shipped (its per-group Python group norm),
+  default NCDHW layout, PyTorch's default (for-loop) AdamW: the step as ``train-vae`` ran it
+  before this benchmark existed;
+- ``project``: the pipeline's (``build_vae``: native ``nn.GroupNorm``; channels-last 3-D
+  network and crops; fused AdamW).
+
+fp32, plus bf16 autocast where the CPU has native bf16. Printed with the machine, its matmul
+and 3-D convolution peaks (MFU against each), and the largest relative difference of a
+first-step loss term from the ``maisi`` fp32 row. ``--profile`` adds where one step's time
+goes (forward, backward, optimizer; the ten most expensive operators).
+
+    python benchmarks/vae_step.py [--presets tiny:2 small:2] [--crop 32] [--steps 10] [--repeats 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from statistics import median
+
+import torch
+from machine import conv3d_peak, peak_rss_gib, precision_rows, spread  # benchmarks/machine.py (this folder)
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from step_profile import print_profile, profile_step
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from meduet.config import VAEConfig
+from meduet.engine.loop import optimizer_step
+from meduet.engine.vae_training import vae_trainer
+from meduet.models.vae import PRESETS, build_vae
+
+VARIANTS = ("maisi", "project")
+PASSES = ("forward", "backward", "clip + optimizer")
+
+
+def stock_maisi(preset: str) -> AutoencoderKlMaisi:
+    """MONAI's MAISI autoencoder exactly as ``build_vae`` configures it, but with MAISI's own group norm."""
+    arch = PRESETS[preset]
+    n = len(arch.num_channels)
+    return AutoencoderKlMaisi(
+        spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=arch.num_res_blocks,
+        num_channels=arch.num_channels, attention_levels=(False,) * n, latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_num_groups, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+        include_fc=False, use_checkpointing=False, use_convtranspose=False, num_splits=1, dim_split=1,
+        norm_float16=False, print_info=False, save_mem=False)
+
+
+def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: bool, profiled: bool) -> dict:
+    """One row: the step of ``variant``; a FLOP-counted warm-up step, then ``steps`` timed steps."""
+    torch.manual_seed(0)
+    cfg = VAEConfig(preset=preset, crop_size=(crop,) * 3, batch_size=batch, steps=10, amp=bf16)
+    layout = torch.channels_last_3d if variant == "project" else torch.contiguous_format
+    model = (build_vae(PRESETS[preset]) if variant == "project" else stock_maisi(preset)).to(memory_format=layout)
+    x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=layout)
+    trainer = vae_trainer(cfg=cfg, model=model, batches=lambda step: [(step, x)], device=torch.device("cpu"))
+    if bf16:
+        trainer.amp_dtype = torch.bfloat16  # CPU autocast (the stage uses it on GPU only)
+    if variant == "maisi":  # the for-loop AdamW the stage used before (same options)
+        group = trainer.optimizer.param_groups[0]
+        options = {k: group[k] for k in ("lr", "betas", "weight_decay", "eps")}
+        trainer.optimizer = torch.optim.AdamW(trainer._params, foreach=False, **options)
+
+    def step() -> dict[str, torch.Tensor]:
+        return optimizer_step(trainer, trainer.batches(0))
+
+    with FlopCounterMode(display=False) as counter:
+        first = {term: value.item() for term, value in step().items()}
+    step()  # a second warm-up: oneDNN caches its kernels per shape and layout
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    row = {"seconds": seconds, "peak_gib": peak_rss_gib(), "gflop": counter.get_total_flops() / 1e9,
+           "losses": first, "passes": None, "ops": None}
+    if profiled:
+        row["passes"] = profile_step(step, PASSES)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+        row["ops"] = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in top]
+    return row
+
+
+def run_row(variant: str, preset: str, batch: int, args: argparse.Namespace, bf16: bool, profiled: bool) -> dict:
+    """``measure`` in a fresh interpreter, parsed from its JSON line."""
+    command = [sys.executable, __file__, "--row", f"{variant}:{preset}:{batch}:{int(bf16)}", "--crop", str(args.crop),
+               "--steps", str(args.steps), *(["--profile"] if profiled else [])]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny:2", "small:2"], metavar="PRESET:BATCH")
+    parser.add_argument("--crop", type=int, default=32, help="crop edge (train-vae's crop_size)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each row, alternating the variants")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each row's first run")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
+    args = parser.parse_args()
+    if args.row:
+        variant, preset, batch, bf16 = args.row.split(":")
+        print(json.dumps(measure(variant, preset, int(batch), args.crop, args.steps, bf16 == "1", args.profile)))
+        return
+
+    peaks, line, rows = precision_rows()
+    conv_peak = conv3d_peak()
+    print(f"{line}; 3-D convolution peak (64->64, 3^3, 32^3 channels-last): {conv_peak:.0f} GFLOP/s")
+    print(f"\n{'variant':<9}{'dtype':<6}{'preset':<8}{'batch':>6}{'crop':>5}{'s/step':>24}{'steps/s':>9}"
+          f"{'peak GiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU mm':>8}{'MFU conv':>9}{'speed-up':>10}{'loss diff':>11}")
+    profiles = []
+    for item in args.presets:
+        preset, batch = item.split(":")
+        reference = None
+        for device, bf16 in rows:
+            if device != "cpu":
+                continue
+            runs = {variant: [] for variant in VARIANTS}
+            for repeat in range(args.repeats):
+                for variant in VARIANTS:
+                    runs[variant].append(run_row(variant, preset, int(batch), args, bf16, args.profile and repeat == 0))
+            base_seconds = median(r["seconds"] for r in runs["maisi"])
+            for variant in VARIANTS:
+                first = runs[variant][0]
+                reference = reference or first["losses"]  # the maisi fp32 row comes first
+                diff = max(abs(first["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
+                seconds = median(r["seconds"] for r in runs[variant])
+                rate = first["gflop"] / seconds
+                print(f"{variant:<9}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
+                      f"{spread([r['seconds'] for r in runs[variant]]):>24}{1 / seconds:>9.2f}"
+                      f"{median(r['peak_gib'] for r in runs[variant]):>10.2f}{first['gflop']:>8.1f}{rate:>9.1f}"
+                      f"{rate / peaks[bf16]:>8.1%}{rate / conv_peak:>9.1%}{base_seconds / seconds:>9.2f}x{diff:>11.1e}")
+                if first["passes"]:
+                    profiles.append((first, peaks[bf16], f"{variant} {preset} batch {batch}, "
+                                     f"{'bf16' if bf16 else 'fp32'}: one profiled step"))
+    print("\ns/step: median (range) over the repeats, the variants alternating, each run in its own process. "
+          "Speed-up: the maisi row's median time over this row's. MFU: achieved GFLOP/s over this machine's "
+          "matmul peak in the row's precision (mm) and fp32 3-D convolution peak (conv). Loss diff: largest relative difference of a "
+          "first-step loss term from the maisi fp32 row (same weights, same crops).")
+    for row, peak, title in profiles:
+        print_profile(row["passes"], peak, title)
+        ops = "; ".join(f"{name} x{count} {ms:.1f} ms" for name, count, ms in row["ops"])
+        print(f"top operators (self time): {ops}")
+
+
+if __name__ == "__main__":
+    main()
