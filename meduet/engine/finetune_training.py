@@ -11,7 +11,7 @@ uninterrupted one. The loss is MONAI's ``DiceCELoss`` at image resolution.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,24 +135,35 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     """
     device = dist.device()
     model = build_segmenter(backbone=backbone, head=head, init=cfg.init, meduet_file=meduet_file)
-    wrapped = dist.prepare_model(model.to(device))
-    inner = dist.unwrap(wrapped)
-    trained = [p for p in inner.parameters() if p.requires_grad]
-    optimizer = adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], inner.window, head.downsample, cfg.seed,
+    sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], model.window, head.downsample, cfg.seed,
                                       cfg.foreground_fraction)
-    criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     rank = dist.world_rank()
-
-    def loss(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
-        latent, image, label = batch
-        return {"total": criterion(wrapped(latent, image).float(), label)}
 
     def batches(step: int) -> Iterable[SegmentationBatch]:
         for micro in range(cfg.grad_accumulation):
             index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
             yield tuple(v.to(device) for v in sampler.batch(index, cfg.batch_size, rank))
+
+    return finetune_trainer(cfg=cfg, model=model, batches=batches, device=device)
+
+
+def finetune_trainer(*, cfg: FinetuneConfig, model: LatentSegmenter,
+                     batches: Callable[[int], Iterable[SegmentationBatch]], device: torch.device) -> Trainer:
+    """The optimizer, schedule and DiceCE loss around a built segmenter and its ``batches``.
+
+    Shared by :func:`build_trainer` and ``benchmarks/finetune.py``, so the benchmark times the
+    step the pipeline runs.
+    """
+    wrapped = dist.prepare_model(model.to(device))
+    inner = dist.unwrap(wrapped)
+    trained = [p for p in inner.parameters() if p.requires_grad]
+    optimizer = adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def loss(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
+        latent, image, label = batch
+        return {"total": criterion(wrapped(latent, image).float(), label)}
 
     return Trainer(checkpointed={"model": inner, "optimizer": optimizer, "scheduler": scheduler}, optimizer=optimizer,
                    scheduler=scheduler, loss=loss, batches=batches, terms=TERMS, device=device,
