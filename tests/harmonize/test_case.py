@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from meduet.config import HarmonizeConfig
-from meduet.harmonize.case import CaseProblem, harmonize_case, harmonize_volume
+from meduet.harmonize.case import CaseProblem, harmonize_case, harmonize_volume, present_values
 from meduet.harmonize.datasets import CaseSpec
 from meduet.stages.harmonize import case_settings
 from tests.harmonize.synth import phantom
@@ -157,3 +157,31 @@ def test_settings_hash_ignores_workers_and_dataset_list():
                    {"crop_foreground": False}, {"divisible_by": 8}, {"min_size": (32, 32, 32)},
                    {"intensity": base.intensity.model_copy(update={"a_max": 300.0})}):
         assert case_settings(base.model_copy(update=update)).settings_hash != case_settings(base).settings_hash, update
+
+
+@pytest.mark.parametrize("values,expected", [
+    (np.array([[0, 3], [3, 7]], dtype=np.uint8), [0, 3, 7]),
+    (np.array([5, 2, 2], dtype=np.int16), [2, 5]),
+    (np.array([-1, 4], dtype=np.int32), [-1, 4]),  # negative: the np.unique path
+    (np.array([1.0, 0.0, 1.0], dtype=np.float32), [0, 1]),
+    (np.zeros((0,), dtype=np.uint8), []),
+])
+def test_present_values_lists_each_label_once_in_order(values, expected):
+    assert present_values(values) == expected
+
+
+def test_the_label_written_beside_the_image_matches_its_record(tmp_path):
+    """Image and label are written concurrently; both files exist, hash as recorded and hold the volume."""
+    import hashlib
+
+    image, label = phantom()
+    sitk.WriteImage(image, str(tmp_path / "img.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "lab.nii.gz"))
+    spec = CaseSpec(dataset="d", case_id="c0", domain="d", body_part="abdomen", split="train",
+                    image=tmp_path / "img.nii.gz", label=tmp_path / "lab.nii.gz")
+    record = harmonize_case(spec, settings(), tmp_path / "out")
+    assert record.status == "ok", record.reason
+    for rel, digest in ((record.image, record.image_sha256), (record.label, record.label_sha256)):
+        assert hashlib.sha256((tmp_path / "out" / rel).read_bytes()).hexdigest() == digest
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / record.label)))
+    assert record.labels_present == sorted(int(v) for v in np.unique(written)) and len(record.labels_present) > 1
