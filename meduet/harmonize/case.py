@@ -7,7 +7,6 @@ and the manifest record, and turns every input problem into a quarantined record
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,21 +247,13 @@ def harmonize_case(spec: CaseSpec, settings: CaseSettings, out_dir: Path, input_
 
     folder = "imagesTr" if spec.split == "train" else "imagesTs"
     image_rel = f"{spec.dataset}/{folder}/{spec.case_id}.nii.gz"
-    label_rel = f"{spec.dataset}/labelsTr/{spec.case_id}.nii.gz"
-
-    def write_label() -> str:
+    write_image(to_image(volume.image, volume.grid), out_dir / image_rel, settings.compression_level)
+    record.image, record.image_sha256 = image_rel, sha256_path(out_dir / image_rel)
+    if volume.label is not None:
+        label_rel = f"{spec.dataset}/labelsTr/{spec.case_id}.nii.gz"
         write_image(to_image(volume.label, volume.grid), out_dir / label_rel, settings.compression_level)
-        return sha256_path(out_dir / label_rel)
-
-    # The label is compressed on a second thread while the image is (zlib releases the GIL):
-    # writing is most of a case's time (benchmarks/harmonize.py).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        label_written = pool.submit(write_label) if volume.label is not None else None
-        write_image(to_image(volume.image, volume.grid), out_dir / image_rel, settings.compression_level)
-        record.image, record.image_sha256 = image_rel, sha256_path(out_dir / image_rel)
-        if label_written is not None:
-            record.label, record.label_sha256 = label_rel, label_written.result()
-            record.labels_present = present_values(volume.label)
+        record.label, record.label_sha256 = label_rel, sha256_path(out_dir / label_rel)
+        record.labels_present = present_values(volume.label)
 
     record.status = "ok"
     record.orig_size = list(image.GetSize())

@@ -171,7 +171,7 @@ def test_present_values_lists_each_label_once_in_order(values, expected):
 
 
 def test_the_label_written_beside_the_image_matches_its_record(tmp_path):
-    """Image and label are written concurrently; both files exist, hash as recorded and hold the volume."""
+    """Both files exist, hash as recorded, and the recorded labels are those of the written label file."""
     import hashlib
 
     image, label = phantom()
