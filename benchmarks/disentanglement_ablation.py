@@ -60,7 +60,7 @@ def run_variant(params: Path, overrides: list[str], variant: str, seed: int) -> 
     start = time.perf_counter()
     trained = pretrain.run(cfg.pretrain, paths, ray=cfg.ray)
     seconds = time.perf_counter() - start
-    extract_factors.run(cfg.extract_factors, paths)
+    extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     metrics = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths).metrics
     counterfactual = metrics.get("counterfactual", {})
     return {"run": name, "variant": variant, "seed": seed, "seconds": seconds, "rec": trained.metrics["final"]["rec"],

@@ -428,6 +428,8 @@ class ExtractFactorsConfig(StrictModel):
             raise ValueError(f"weights must not repeat, got {value}")
         return value
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
+    workers: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="volume chunks encoded in parallel as Ray tasks (1: in this process)")
 
 
 def _subject_pattern(value: str) -> str:

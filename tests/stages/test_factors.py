@@ -103,7 +103,7 @@ def test_small_latents_are_zero_padded_to_one_window() -> None:
 # --------------------------------------------------------------------------- stages
 def test_extract_factors_averages_window_factors(project) -> None:
     cfg, paths, model = project
-    result = extract_factors.run(cfg.extract_factors, paths)
+    result = extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     arrays, records, _ = load_factors(paths.factors)
     assert arrays["content"].shape == (6, 32) and arrays["style"].shape == (6, 8)  # E = 32, S = 0.25 E
     assert list(arrays["domain_index"]) == [0, 0, 0, 1, 1, 1]
@@ -133,10 +133,24 @@ def test_extract_factors_averages_window_factors(project) -> None:
     np.testing.assert_allclose(arrays["window_box_mm"][2], [[-0.5, 3.5, -0.5], [7.5, 11.5, 7.5]])
 
 
+def test_ray_tasks_give_the_factors_of_one_process(project) -> None:
+    """Chunks of volumes encoded as Ray tasks on a local Ray (2 in flight) equal the in-process run."""
+    cfg, paths, _ = project
+    extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
+    one, records_one, _ = load_factors(paths.factors)
+    parallel = cfg.extract_factors.model_copy(update={"workers": 2})
+    result = extract_factors.run(parallel, paths, ray=cfg.ray.model_copy(update={"cpus_per_worker": 1}))
+    two, records_two, _ = load_factors(paths.factors)
+    assert result.metrics["volumes"] == 6 and [r.key for r in records_two] == [r.key for r in records_one]
+    for name in ("teacher_window_content", "student_window_style", "content", "style", "window_box_mm"):
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(two["window_volume"], one["window_volume"])
+
+
 def test_evaluate_writes_metrics_and_figure(project) -> None:
     cfg, paths, _ = project
     if not (paths.factors / "factors.npz").is_file():
-        extract_factors.run(cfg.extract_factors, paths)
+        extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
     reports = paths.reports / "evaluate_disentanglement"
     metrics = json.loads((reports / "metrics.json").read_text())
@@ -191,7 +205,7 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
     cfg = MeduetConfig()
     paths = Paths.resolve(cfg, tmp_path)
     with pytest.raises(StageError, match="encode-latents"):
-        extract_factors.run(cfg.extract_factors, paths)
+        extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     with pytest.raises(StageError, match="extract-factors"):
         evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
 
@@ -232,7 +246,7 @@ def test_too_few_volumes_per_site_skip_the_probes_but_write_every_output(tmp_pat
     paths = Paths.resolve(cfg, tmp_path)
     _write_cache(paths.latents, per_domain=1)  # one volume per site: no cross-validation possible
     _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
-    extract_factors.run(cfg.extract_factors, paths)
+    extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
     assert "2 volumes of every site" in result.metrics["skipped"] and result.metrics["content_accuracy"] is None
     assert result.metrics["goals"]["style_accuracy_at_least_0.95"]["met"] is None

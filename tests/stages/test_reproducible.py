@@ -29,7 +29,7 @@ def _run(root) -> Paths:
     paths = Paths.resolve(cfg, root)
     _write_cache(paths.latents, per_domain=3)
     pretrain.run(cfg.pretrain, paths, ray=cfg.ray)
-    extract_factors.run(cfg.extract_factors, paths)
+    extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
     return paths
 

@@ -58,7 +58,7 @@ def _project(root: Path, cfg: MeduetConfig) -> Paths:
     paths = Paths.resolve(cfg, root)
     _write_cache(paths.latents, per_domain=3)  # per site: 2 train, 1 held-out (4, 12, 12, 12) latent
     _save_tiny_model(paths, ["site_a", "site_b"], read_scale(paths.latents))
-    extract_factors.run(cfg.extract_factors, paths)
+    extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     _harmonized(paths)
     torch.manual_seed(0)
     arch = dataclasses.replace(DIT_PRESETS["tiny"], content_dim=32, style_dim=8)
