@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peaks, line = peaks_line(native_bf16())  # fp32 rows only; the line names the machine's bf16 too
+    peaks, line = peaks_line(native_bf16(torch.device("cpu")))  # fp32 rows only; the line names the machine's bf16 too
     print(line)
     dit, teacher = models(args.preset)
     shape = tuple(args.shape)
