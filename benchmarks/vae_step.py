@@ -22,6 +22,7 @@ goes (forward, backward, optimizer; the ten most expensive operators).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,7 +30,13 @@ import time
 from statistics import median
 
 import torch
-from machine import conv3d_peak, peak_rss_gib, precision_rows, spread  # benchmarks/machine.py (this folder)
+from machine import (  # benchmarks/machine.py (this folder)
+    conv3d_peak,
+    max_relative_difference,
+    peak_rss_gib,
+    precision_rows,
+    spread,
+)
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from step_profile import print_profile, profile_step
 from torch.profiler import ProfilerActivity, profile
@@ -38,22 +45,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from meduet.config import VAEConfig
 from meduet.engine.loop import optimizer_step
 from meduet.engine.vae_training import vae_trainer
-from meduet.models.vae import PRESETS, build_vae
+from meduet.models.vae import PRESETS, build_vae, maisi_options
 
 VARIANTS = ("maisi", "project")
 PASSES = ("forward", "backward", "clip + optimizer")
 
 
 def stock_maisi(preset: str) -> AutoencoderKlMaisi:
-    """MONAI's MAISI autoencoder exactly as ``build_vae`` configures it, but with MAISI's own group norm."""
-    arch = PRESETS[preset]
-    n = len(arch.num_channels)
-    return AutoencoderKlMaisi(
-        spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=arch.num_res_blocks,
-        num_channels=arch.num_channels, attention_levels=(False,) * n, latent_channels=arch.latent_channels,
-        norm_num_groups=arch.norm_num_groups, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
-        include_fc=False, use_checkpointing=False, use_convtranspose=False, num_splits=1, dim_split=1,
-        norm_float16=False, print_info=False, save_mem=False)
+    """MONAI's MAISI autoencoder as shipped (its own group norm), shaped as ``build_vae`` shapes ``preset``."""
+    return AutoencoderKlMaisi(**maisi_options(PRESETS[preset]))
 
 
 def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: bool, profiled: bool) -> dict:
@@ -65,12 +65,12 @@ def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: 
     x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=layout)
     trainer = vae_trainer(cfg=cfg, model=model, batches=lambda step: [(step, x)], device=torch.device("cpu"))
-    if bf16:
-        trainer.amp_dtype = torch.bfloat16  # CPU autocast (the stage uses it on GPU only)
-    if variant == "maisi":  # the for-loop AdamW the stage used before (same options)
-        group = trainer.optimizer.param_groups[0]
-        options = {k: group[k] for k in ("lr", "betas", "weight_decay", "eps")}
-        trainer.optimizer = torch.optim.AdamW(trainer._params, foreach=False, **options)
+    # bf16 rows: CPU autocast (the stage autocasts on GPU only); maisi rows: the for-loop AdamW the
+    # stage used before, same options.
+    group = trainer.optimizer.param_groups[0]
+    optimizer = trainer.optimizer if variant == "project" else torch.optim.AdamW(
+        group["params"], foreach=False, **{k: group[k] for k in ("lr", "betas", "weight_decay", "eps")})
+    trainer = dataclasses.replace(trainer, optimizer=optimizer, amp_dtype=torch.bfloat16 if bf16 else None)
 
     def step() -> dict[str, torch.Tensor]:
         return optimizer_step(trainer, trainer.batches(0))
@@ -135,7 +135,7 @@ def main() -> None:
             for variant in VARIANTS:
                 first = runs[variant][0]
                 reference = reference or first["losses"]  # the maisi fp32 row comes first
-                diff = max(abs(first["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
+                diff = max_relative_difference(first["losses"], reference)
                 seconds = median(r["seconds"] for r in runs[variant])
                 rate = first["gflop"] / seconds
                 print(f"{variant:<9}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
@@ -147,8 +147,8 @@ def main() -> None:
                                      f"{'bf16' if bf16 else 'fp32'}: one profiled step"))
     print("\ns/step: median (range) over the repeats, the variants alternating, each run in its own process. "
           "Speed-up: the maisi row's median time over this row's. MFU: achieved GFLOP/s over this machine's "
-          "matmul peak in the row's precision (mm) and fp32 3-D convolution peak (conv). Loss diff: largest relative difference of a "
-          "first-step loss term from the maisi fp32 row (same weights, same crops).")
+          "matmul peak in the row's precision (mm) and fp32 3-D convolution peak (conv). Loss diff: largest "
+          "relative difference of a first-step loss term from the maisi fp32 row (same weights, same crops).")
     for row, peak, title in profiles:
         print_profile(row["passes"], peak, title)
         ops = "; ".join(f"{name} x{count} {ms:.1f} ms" for name, count, ms in row["ops"])

@@ -23,7 +23,7 @@ from meduet.models.architectures import VAE_PRESETS as PRESETS
 from meduet.models.architectures import VAEArchitecture
 
 __all__ = ["PRESETS", "CheckpointMismatchError", "MeduetVAE", "VAEArchitecture", "build_vae", "decode_latent",
-           "encode_volume", "load_weights"]
+           "encode_volume", "load_weights", "maisi_options"]
 
 
 class MeduetVAE(AutoencoderKlMaisi):
@@ -51,15 +51,14 @@ class MeduetVAE(AutoencoderKlMaisi):
         return z_mu + eps * z_sigma
 
 
-def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> MeduetVAE:
-    """A MAISI-style KL autoencoder for single-channel 3-D volumes.
+def maisi_options(arch: VAEArchitecture, num_splits: int = 1) -> dict:
+    """``AutoencoderKlMaisi``'s keyword arguments for ``arch`` (single-channel 3-D, no attention).
 
-    Args:
-        arch: network shape (a preset from ``PRESETS`` or custom).
-        num_splits: chunks for MAISI tensor splitting (1 = none); only changes memory use.
+    ``build_vae`` builds :class:`MeduetVAE` from them; ``AutoencoderKlMaisi(**maisi_options(arch))``
+    is MONAI's network as shipped with the same parameters (the benchmarks' baseline).
     """
     n = len(arch.num_channels)
-    return MeduetVAE(
+    return dict(
         spatial_dims=3, in_channels=1, out_channels=1,
         num_res_blocks=arch.num_res_blocks, num_channels=arch.num_channels,
         attention_levels=(False,) * n, latent_channels=arch.latent_channels,
@@ -68,6 +67,16 @@ def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> MeduetVAE:
         use_convtranspose=False, num_splits=num_splits, dim_split=1, norm_float16=False,
         print_info=False, save_mem=False,
     )
+
+
+def build_vae(arch: VAEArchitecture, num_splits: int = 1) -> MeduetVAE:
+    """A MAISI-style KL autoencoder for single-channel 3-D volumes.
+
+    Args:
+        arch: network shape (a preset from ``PRESETS`` or custom).
+        num_splits: chunks for MAISI tensor splitting (1 = none); only changes memory use.
+    """
+    return MeduetVAE(**maisi_options(arch, num_splits))
 
 
 class CheckpointMismatchError(ValueError):

@@ -3,7 +3,7 @@ import torch
 
 from meduet.models.vae import (
     PRESETS, CheckpointMismatchError, VAEArchitecture, build_vae, decode_latent, encode_volume, load_weights,
-    num_splits_for,
+    maisi_options, num_splits_for,
 )
 
 
@@ -77,12 +77,7 @@ def test_native_group_norm_matches_maisi_as_shipped_forward_and_backward():
 
     torch.manual_seed(0)
     arch = PRESETS["tiny"]
-    stock = AutoencoderKlMaisi(
-        spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=arch.num_res_blocks,
-        num_channels=arch.num_channels, attention_levels=(False,) * 3, latent_channels=arch.latent_channels,
-        norm_num_groups=arch.norm_num_groups, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
-        include_fc=False, use_checkpointing=False, use_convtranspose=False, num_splits=1, dim_split=1,
-        norm_float16=False, print_info=False, save_mem=False)
+    stock = AutoencoderKlMaisi(**maisi_options(arch))
     for module in stock.modules():  # non-trivial affine parameters, so a lost parameter would show
         if isinstance(module, MaisiGroupNorm3D):
             torch.nn.init.normal_(module.weight, 1.0, 0.2)
