@@ -28,7 +28,7 @@ import sys
 import time
 
 import torch
-from machine import peak_rss_gib, precision_rows  # benchmarks/machine.py (this script's folder)
+from machine import max_relative_difference, peak_rss_gib, precision_rows
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import TrainDiffusionConfig
@@ -127,7 +127,7 @@ def main() -> None:
         for device, bf16 in rows:
             r = run_row(preset, int(batch), args.steps, device, bf16, args.init, args.warmup, args.threads)
             reference = reference or r["losses"]  # the fp32 CPU row comes first
-            diff = max(abs(r["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
+            diff = max_relative_difference(r["losses"], reference)
             mfu = f"{r['gflops_per_s'] / peaks[bf16]:.0%}" if device == "cpu" else "-"
             print(f"{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{r['params_m']:>10.3g}"
                   f"{r['seconds']:>9.3f}{r['cpu_seconds']:>11.3f}{r['peak_gib']:>10.2f}{r['gflop']:>9.1f}"

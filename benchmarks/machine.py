@@ -104,3 +104,8 @@ def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3g}"
     return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
+def max_relative_difference(losses: dict[str, float], reference: dict[str, float]) -> float:
+    """Largest relative difference of a loss term from the same term of a reference row."""
+    return max(abs(losses[term] - reference[term]) / max(abs(reference[term]), 1e-8) for term in reference)

@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from machine import peak_rss_gib, precision_rows, spread  # benchmarks/machine.py (this script's folder)
+from machine import max_relative_difference, peak_rss_gib, precision_rows, spread
 from step_profile import print_profile, profile_step
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -142,7 +142,7 @@ def main() -> None:
                     theirs.append(run_reference(args.harness, args.reference, int(batch), args.steps, bf16))
             r = ours[0]
             reference = reference or r["losses"]  # the fp32 CPU row comes first
-            diff = max(abs(r["losses"][t] - reference[t]) / max(abs(reference[t]), 1e-8) for t in reference)
+            diff = max_relative_difference(r["losses"], reference)
             seconds = median([o["seconds"] for o in ours])
             peak = peaks[bf16] if device == "cpu" else float("nan")
             t_ratio = f"{seconds / median([t['seconds'] for t in theirs]):.2f}x" if theirs else "-"

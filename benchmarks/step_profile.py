@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 # Operators doing the matrix work (their FLOPs are what a step's GFLOP count holds).
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
             "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
-            "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::mkldnn_rnn_layer")
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu": 4,  # QK^T and PV: 2 products
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward": 8}  # 4 products (with recompute)
 OTHER = "(outside the marked passes)"
@@ -105,12 +105,13 @@ def print_profile(rows: list[dict], peak_gflops: float, title: str) -> None:
         if row["ms"] <= 0.5 and row["gflop"] == 0:
             continue
         gemm_share = f"{row['gemm_ms'] / row['ms']:.0%}" if row["ms"] > 0 else "-"
-        flops = "".join(f"{'-':>{width}}" for width in (9, 9, 6, 14))
-        if row["gflop"] > 0:
-            rate = row["gflop"] / row["ms"] * 1e3
-            gemm_rate = row["gflop"] / row["gemm_ms"] * 1e3 if row["gemm_ms"] > 0 else float("nan")
-            flops = f"{row['gflop']:>9.1f}{rate:>9.1f}{rate / peak_gflops:>6.0%}{gemm_rate:>14.1f}"
-        print(f"{row['pass']:<34}{row['ms']:>9.0f}{row['ms'] / total_ms:>7.0%}{flops[:24]}{gemm_share:>11}{flops[24:]}")
+        gflop, rate, mfu, gemm_rate = "-", "-", "-", "-"
+        if row["gflop"] > 0:  # the profiler counts no FLOPs for some operators (3-D convolutions)
+            per_second = row["gflop"] / row["ms"] * 1e3
+            gflop, rate, mfu = f"{row['gflop']:.1f}", f"{per_second:.1f}", f"{per_second / peak_gflops:.0%}"
+            gemm_rate = f"{row['gflop'] / row['gemm_ms'] * 1e3:.1f}" if row["gemm_ms"] > 0 else "-"
+        print(f"{row['pass']:<34}{row['ms']:>9.0f}{row['ms'] / total_ms:>7.0%}{gflop:>9}{rate:>9}{mfu:>6}"
+              f"{gemm_share:>11}{gemm_rate:>14}")
     print("GEMM time: share of the pass's time inside matrix products, convolutions and attention; GEMM GFLOP/s: "
           "the pass's FLOPs over that time (how close the products themselves run to the peak); '-': the profiler "
           "counts no FLOPs for these operators (3-D convolutions). Profiler overhead makes these times a few % "
