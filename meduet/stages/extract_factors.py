@@ -23,7 +23,6 @@ Outputs: the factor store ``paths.factors/`` (``factors.npz``, ``manifest.csv``,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -40,6 +39,7 @@ from meduet.data.windows import sliding_windows, window_origins, world_boxes
 from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.io.atomic import write_json
+from meduet.io.images import sha256_file
 from meduet.models.meduet import MeduetModel
 from meduet.stages import StageError, StageResult
 
@@ -112,7 +112,7 @@ def run(cfg: ExtractFactorsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     primary = cfg.weights[0]
     ckpt = meduet_path(paths)
     model, meta = load_meduet(ckpt, primary)  # fail early, in the driver, on a missing or broken file
-    model_sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    model_sha = sha256_file(ckpt)
     architecture = model.config
     latents = sorted(read_manifest(paths.latents), key=lambda r: r.key)
     if not latents:
