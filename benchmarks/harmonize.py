@@ -4,7 +4,10 @@ Both read the same input files, reorient to RAS,
 resample to the target spacing, window intensities, crop the foreground, pad, and write
 ``.nii.gz``. Prints volumes/s for each, their ratio, and how far the outputs differ.
 
-    python benchmarks/harmonize.py [--params params.yaml] [--cases 8] [--repeats 1]
+    python benchmarks/harmonize.py [--params params.yaml] [--cases 8] [--profile]
+
+``--profile`` runs this stage's pass under ``cProfile`` and splits its time into reading,
+resampling, writing (``.nii.gz`` compression) and everything else.
 
 Inputs are the configured datasets' cases, round-robin over sites, first copied to NIfTI
 with their original geometry (orientation, spacing) kept: MONAI reads NRRD, MetaImage and
@@ -15,7 +18,9 @@ The demo datasets are generated first if missing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import tempfile
 import time
 from dataclasses import replace
@@ -96,6 +101,20 @@ def run_monai(specs: list[CaseSpec], cfg: HarmonizeConfig, out_dir: Path) -> tup
     return time.perf_counter() - start, outputs
 
 
+# SimpleITK's native calls, by what they do (cProfile's names of the wrapped C++ methods).
+PHASES = {"read": "ImageFileReader_Execute", "resample": "ResampleImageFilter_Execute",
+          "write (.nii.gz)": "ImageFileWriter_Execute"}
+
+
+def phase_seconds(profiler: cProfile.Profile) -> dict[str, float]:
+    """Own time of SimpleITK's read, resample and write calls, and of everything else."""
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own, cumulative, callers)}
+    total = sum(own for _, _, own, _, _ in stats.values())
+    phases = {phase: sum(own for (_, _, name), (_, _, own, _, _) in stats.items() if method in name)
+              for phase, method in PHASES.items()}
+    return {**phases, "everything else": total - sum(phases.values()), "total": total}
+
+
 def compare(ours: Path, theirs: Path) -> tuple[bool, bool, float, float]:
     """Shape and affine equality, max |difference| and the fraction of voxels differing > 1e-4."""
     a, b = nib.load(ours), nib.load(theirs)
@@ -112,6 +131,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--cases", type=int, default=8, help="cases to run (spread over all datasets)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for ITK and torch")
+    parser.add_argument("--profile", action="store_true", help="split this stage's time into read/resample/write")
     args = parser.parse_args()
 
     cfg = load_config(args.params)
@@ -136,6 +156,10 @@ def main() -> None:
         t_monai, out_monai = run_monai(chosen, cfg.harmonize, tmp / "monai")
         t_ours, out_ours = run_ours(chosen, cfg.harmonize, tmp / "ours")
         rows = [(key, *compare(out_ours[key], out_monai[key])) for key in out_ours]
+        if args.profile:  # a separate pass, so the timed one above carries no profiler overhead
+            profiler = cProfile.Profile()
+            profiler.runcall(run_ours, chosen, cfg.harmonize, tmp / "profiled")
+            phases = phase_seconds(profiler)
 
     n = len(chosen)
     print(f"\nharmonization of {n} demo volumes ({', '.join(sorted(by_dataset))}), "
@@ -146,6 +170,10 @@ def main() -> None:
     print(f"\n{'case':<28}{'same shape':>11}{'same affine':>12}{'max |diff|':>12}{'voxels > 1e-4':>15}")
     for key, same_shape, same_affine, diff, fraction in rows:
         print(f"{key:<28}{str(same_shape):>11}{str(same_affine):>12}{diff:>12.2e}{fraction:>14.4%}")
+    if args.profile:
+        print(f"\n{'this stage, profiled pass':<28}{'seconds':>10}{'share':>8}")
+        for phase, seconds in phases.items():
+            print(f"{phase:<28}{seconds:>10.2f}{seconds / phases['total']:>8.0%}")
     worst = max(r[3] for r in rows)
     print(f"\nspeed-up {t_monai / t_ours:.2f}x; worst max |diff| {worst:.2e} (intensities scaled to "
           f"[{cfg.harmonize.intensity.b_min}, {cfg.harmonize.intensity.b_max}])")

@@ -1,9 +1,9 @@
 """AdamW as every trainer builds it: PyTorch's fused kernel where the parameters' device has one.
 
 The default (for-loop) AdamW runs about ten elementwise kernels per parameter tensor; the
-fused one updates each tensor in one pass. Measured for MeDUET ``base`` (100 M parameters,
-2 CPU threads): clip + step 312 ms -> 124 ms (``benchmarks/pretrain_step.py --profile``
-shows the optimizer's share of a step). Same update rule; results differ from the for-loop
+fused one updates each tensor in one pass. Measured for MeDUET ``base`` (105 M parameters,
+2 CPU threads) by ``benchmarks/pretrain_step.py --profile``: clip + optimizer 380 ms -> 124 ms
+of a profiled step. Same update rule; results differ from the for-loop
 version only by floating-point rounding, and a fused run is bit-identical to itself.
 """
 
