@@ -376,6 +376,10 @@ class PretrainConfig(StrictModel):
         "classifier still trains but sends no gradient into the encoder (a detach)"
     )
     method: PretrainMethod = Field(default_factory=PretrainMethod)
+    objective: Literal["meduet", "mae"] = Field(
+        default="meduet", description="meduet = the method; mae = the masked-autoencoder baseline of the same "
+        "network (mixing, site heads, MFTD and SiQC off: the hidden tokens are dropped), section pretrain_mae"
+    )
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
 
@@ -397,7 +401,7 @@ class PretrainConfig(StrictModel):
                              f"{preset.input_size} (fixed sin-cos positions)")
         if self.ema_start > self.ema_end:
             raise ValueError(f"ema_start ({self.ema_start}) must not exceed ema_end ({self.ema_end})")
-        if self.use_siqc and self.mask_ratio != 0.5:
+        if self.use_siqc and self.objective == "meduet" and self.mask_ratio != 0.5:
             raise ValueError(f"use_siqc needs mask_ratio 0.5 (equal token groups), got {self.mask_ratio}")
         if self.learnable_logit_scale and not self.use_siqc:
             raise ValueError("learnable_logit_scale needs use_siqc (the scales are SiQC's temperatures)")
@@ -492,9 +496,9 @@ DEMO_LABELS = ["background", "skin", "fat", "muscle", "liver", "spleen", "kidney
 class FinetuneConfig(StrictModel):
     """Segmentation fine-tuning of the MeDUET encoder on the latent cache (stage ``finetune``)."""
 
-    init: Literal["scratch", "meduet"] = Field(
-        default="meduet", description="scratch = random encoder of the pretrained shape; meduet = the pretrained "
-        "MeDUET encoder (EMA teacher weights)"
+    init: Literal["scratch", "mae", "meduet"] = Field(
+        default="meduet", description="scratch = random encoder of the pretrained shape; mae = the masked-autoencoder "
+        "baseline's encoder (stage pretrain-mae); meduet = the pretrained MeDUET encoder (EMA teacher weights each)"
     )
     decoder: Literal["upsample", "refine"] = Field(
         default="refine", description="upsample = the authors' latent logits upsampled 4x trilinearly; refine = "
@@ -531,6 +535,40 @@ class FinetuneConfig(StrictModel):
     surface_tolerance_mm: PositiveFloat = Field(default=2.0, description="tolerance of the surface Dice (mm)")
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
+
+
+FULL_SWEEP: dict[str, Any] = {"inits": ["scratch", "mae", "meduet"], "labels_per_site": [1, 2, 4, "all"],
+                              "seeds": [0, 1, 2], "leave_one_site_out": True}
+
+
+class FinetuneSweepConfig(StrictModel):
+    """Label-efficiency and leave-one-site-out fine-tuning over initialisations and seeds (stage ``finetune-sweep``).
+
+    Every cell is the ``finetune`` section with its ``init``, ``labels_per_site`` and ``seed``
+    replaced (the same recipe for every initialisation).
+    """
+
+    inits: list[Literal["scratch", "mae", "meduet"]] = Field(default=["scratch", "mae", "meduet"], min_length=1)
+    labels_per_site: list[Annotated[int, Field(ge=1)] | Literal["all"]] = Field(
+        default=[1], min_length=1, description="label-efficiency points: labelled training subjects per site"
+    )
+    seeds: list[int] = Field(default=[0], min_length=1, description="fine-tuning seeds of every cell")
+    leave_one_site_out: bool = Field(
+        default=False, description="also train on every site but one (all their labels) and score the left-out "
+        "site's held-out subjects, each site in turn"
+    )
+    full: bool = Field(default=False, description=f"the whole protocol, whatever the lists say: {FULL_SWEEP}")
+
+    @model_validator(mode="after")
+    def _full(self) -> FinetuneSweepConfig:
+        if self.full:
+            for name, value in FULL_SWEEP.items():
+                object.__setattr__(self, name, value)
+        for name in ("inits", "labels_per_site", "seeds"):
+            values = getattr(self, name)
+            if len(set(map(str, values))) != len(values):
+                raise ValueError(f"{name} must not repeat, got {values}")
+        return self
 
 
 # --------------------------------------------------------------------------- latent diffusion
@@ -780,15 +818,49 @@ class MeduetConfig(StrictModel):
     vae: VAEConfig = Field(default_factory=VAEConfig)
     encode_latents: EncodeLatentsConfig = Field(default_factory=EncodeLatentsConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    pretrain_mae: PretrainConfig = Field(
+        default_factory=lambda: PretrainConfig(objective="mae"),
+        description="the masked-autoencoder baseline (stage pretrain-mae): the pretrain section with these keys "
+        "changed and objective mae, so both pretrainings differ only in what the baseline switches off"
+    )
     extract_factors: ExtractFactorsConfig = Field(default_factory=ExtractFactorsConfig)
     evaluate_disentanglement: EvaluateDisentanglementConfig = Field(default_factory=EvaluateDisentanglementConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune_sweep: FinetuneSweepConfig = Field(default_factory=FinetuneSweepConfig)
     train_diffusion: TrainDiffusionConfig = Field(default_factory=TrainDiffusionConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
     train_evaluator: TrainEvaluatorConfig = Field(default_factory=TrainEvaluatorConfig)
     evaluate_synthesis: EvaluateSynthesisConfig = Field(default_factory=EvaluateSynthesisConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mae_inherits_pretrain(cls, data: Any) -> Any:
+        """``pretrain_mae`` = ``pretrain`` updated by ``pretrain_mae``'s own keys (nested sections merged)."""
+        if not isinstance(data, dict):
+            return data
+        base, own = data.get("pretrain") or {}, data.get("pretrain_mae") or {}
+        if not isinstance(base, dict) or not isinstance(own, dict):
+            return data  # field validation names the problem
+        return {**data, "pretrain_mae": {**_merged(base, own), "objective": own.get("objective", "mae")}}
+
+    @model_validator(mode="after")
+    def _objectives(self) -> MeduetConfig:
+        if self.pretrain.objective != "meduet":
+            raise ValueError("pretrain.objective must be meduet (the stages after pretrain read MeDUET); the "
+                             "masked-autoencoder baseline is section pretrain_mae")
+        if self.pretrain_mae.objective != "mae":
+            raise ValueError("pretrain_mae.objective must be mae")
+        return self
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update``'s keys, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # --------------------------------------------------------------------------- resolved paths

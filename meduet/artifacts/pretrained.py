@@ -1,5 +1,7 @@
 """The pretrained MeDUET file ``models/pretrain/meduet.pt`` (written by ``pretrain``, read by the stages after it).
 
+``pretrain-mae`` writes the same format to ``models/pretrain_mae/meduet.pt`` (``config.objective: mae``).
+
 A dict saved with ``torch.save`` and read with ``torch.load(weights_only=True)``: student and
 EMA-teacher weights, the network's shape (``architecture``, ``MeduetArchitecture.to_dict()``),
 the ``pretrain`` section (``config``), the site names by ``domain_index``, the latent scale
@@ -22,8 +24,9 @@ from meduet.stages import StageError
 MEDUET_KEYS = ("student", "teacher", "architecture", "domains", "scale_factor")
 
 
-def meduet_path(paths: Paths) -> Path:
-    return paths.models / "pretrain" / "meduet.pt"
+def meduet_path(paths: Paths, stage: Literal["pretrain", "pretrain_mae"] = "pretrain") -> Path:
+    """The file of ``pretrain`` (MeDUET) or of ``pretrain_mae`` (its masked-autoencoder baseline)."""
+    return paths.models / stage / "meduet.pt"
 
 
 def save_meduet(target: Path, *, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],

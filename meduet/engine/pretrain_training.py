@@ -29,6 +29,7 @@ from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.losses import LossWeights, pretrain_losses
+from meduet.losses.mae import mae_loss
 from meduet.losses.mixing import random_mix_mask
 from meduet.losses.site_free import SiteMeanQueue
 from meduet.models.meduet import MeduetArchitecture, MeduetModel
@@ -54,19 +55,28 @@ class PretrainObjective(nn.Module):
         student: the trained ``MeduetModel``.
         queue_size: crops in the site-alignment queue (0: no queue).
         same_site_negatives: SiQC content negatives from the query's site only.
+        objective: ``meduet`` (``pretrain_losses``) or ``mae``, the masked-autoencoder baseline
+            (``meduet.losses.mae``: the mask hides tokens instead of mixing in the partner's).
     """
 
-    def __init__(self, student: MeduetModel, *, queue_size: int = 0, same_site_negatives: bool = False) -> None:
+    def __init__(self, student: MeduetModel, *, queue_size: int = 0, same_site_negatives: bool = False,
+                 objective: str = "meduet") -> None:
         super().__init__()
+        if objective not in ("meduet", "mae"):
+            raise ValueError(f"objective must be 'meduet' or 'mae', got {objective!r}")
         self.student = student
         self.site_queue = SiteMeanQueue(queue_size, student.config.embed_dim) if queue_size else None
         self.same_site_negatives = same_site_negatives
+        self.objective = objective
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
                 canonical: torch.Tensor, teacher: MeduetModel, *, weights: LossWeights, use_mftd: bool,
                 use_siqc: bool) -> dict[str, torch.Tensor]:
         """Loss terms of ``pretrain_losses`` for latents ``x (B, C, d, h, w)``, sites ``(B,)``, mask ``(B, N)``,
         volume slots ``groups (B,)`` and the unaugmented crops ``canonical (B, C, d, h, w)``."""
+        if self.objective == "mae":
+            rec = mae_loss(self.student, x, mask)
+            return {**{term: rec.new_zeros(()) for term in TERMS}, "rec": rec, "total": rec}
         return pretrain_losses(self.student, teacher, x, domain, mask=mask, weights=weights, use_mftd=use_mftd,
                                use_siqc=use_siqc, groups=groups, site_queue=self.site_queue,
                                same_site_negatives=self.same_site_negatives, clean_crops=canonical)
@@ -165,7 +175,7 @@ def build_trainer(*, cfg: PretrainConfig, architecture: MeduetArchitecture, late
     method = cfg.method
     objective = dist.prepare_model(PretrainObjective(
         student, queue_size=method.queue_size if method.site_alignment > 0 else 0,
-        same_site_negatives=method.same_site_negatives))
+        same_site_negatives=method.same_site_negatives, objective=cfg.objective))
     sampler = GroupedCropSampler([Path(p) for p in latents], domains, architecture.input_size[0], scale, cfg.seed,
                                  crops_per_volume=method.crops_per_volume,
                                  cross_site_partners=method.cross_site_partners, epoch_sampling=method.epoch_sampling)

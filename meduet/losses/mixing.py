@@ -169,8 +169,17 @@ def reconstruction_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     """
     target = patchify(x, patch_size)  # (B, N, p^3 C)
     target = torch.cat([target, target.flip(0)])  # (2B, N, p^3 C): source predicted by each pass
+    return hidden_patch_mse(pred, target, torch.cat([mask, ~mask]), norm_pix=norm_pix)  # hidden: the other source
+
+
+def hidden_patch_mse(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, *,
+                     norm_pix: bool = False) -> torch.Tensor:
+    """Mean squared error of predicted patches ``(B, N, P)`` against ``target`` on the ``hidden (B, N)`` positions.
+
+    With ``norm_pix`` each target patch is normalised to zero mean, unit variance (MAE's option).
+    """
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    hidden = torch.cat([mask, ~mask]).to(pred.dtype)  # (2B, N): positions the other source covered
-    per_token = F.mse_loss(pred, target, reduction="none").mean(-1)  # (2B, N)
-    return (per_token * hidden).sum() / hidden.sum()
+    weight = hidden.to(pred.dtype)
+    per_token = F.mse_loss(pred, target, reduction="none").mean(-1)  # (B, N)
+    return (per_token * weight).sum() / weight.sum()

@@ -92,6 +92,9 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec("meduet.stages.pretrain", "pretrain",
                           "MeDUET disentangled self-supervised pretraining on the latent cache (Ray Train)",
                           extra=("ray",)),
+    "pretrain-mae": StageSpec("meduet.stages.pretrain", "pretrain_mae",
+                              "the masked-autoencoder baseline of the same network (Ray Train): the pretrain section "
+                              "with mixing, site heads, MFTD and SiQC off", extra=("ray",)),
     "extract-factors": StageSpec("meduet.stages.extract_factors", "extract_factors",
                                  "whole-volume content and style vectors from the pretrained model (Ray tasks)",
                                  extra=("ray",)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,14 @@ from meduet.config import FinetuneConfig, HarmonizeConfig, Paths, RayConfig
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale
 from meduet.engine.finetune_training import TERMS, CaseFiles, build_trainer, read_case
 from meduet.engine.segmentation import organ_metrics, segment_volume
-from meduet.engine.training_stage import finish_training_stage, fit_trainer
+from meduet.engine.training_stage import TrainedRun, finish_training_stage, fit_trainer
 from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.harmonize.settings import case_settings
 from meduet.io.atomic import write_json, write_text
 from meduet.io.images import sha256_file
-from meduet.models.architectures import SegmenterArchitecture, VAEArchitecture
+from meduet.models.architectures import MeduetArchitecture, SegmenterArchitecture, VAEArchitecture
+from meduet.models.meduet import MeduetModel
 from meduet.models.segmenter import LatentSegmenter
 from meduet.stages import StageError, StageResult
 
@@ -54,8 +56,31 @@ def labelled_cases(records: list[LatentRecord], per_site: int | str) -> list[Lat
     return [r for site in sorted(by_site) for r in (by_site[site] if per_site == "all" else by_site[site][:per_site])]
 
 
-def _cases(paths: Paths, harmonize: HarmonizeConfig) -> tuple[list[LatentRecord], dict[str, CaseRecord]]:
-    """Latent records with a label map, and their harmonized records, checked against the settings."""
+@dataclass(frozen=True)
+class SegmentationData:
+    """The labelled cases of the latent cache with their harmonized files, checked against the settings."""
+
+    records: list[LatentRecord]  # latent records whose harmonized case has a label map
+    harmonized: dict[str, CaseRecord]
+    scale: float  # the latent cache's scale factor
+    input_hashes: dict[str, str]  # what a run's key covers besides its section
+
+    def files(self, paths: Paths, record: LatentRecord) -> CaseFiles:
+        case = self.harmonized[record.key]
+        return CaseFiles(latent=str(paths.latents / record.latent), image=str(paths.harmonized / case.image),
+                         label=str(paths.harmonized / case.label))
+
+    def split(self, name: str) -> list[LatentRecord]:
+        return sorted((r for r in self.records if r.split == name), key=lambda r: r.key)
+
+
+def segmentation_data(paths: Paths, harmonize: HarmonizeConfig, label_names: list[str]) -> SegmentationData:
+    """The latent records with a label map and their harmonized records.
+
+    Raises:
+        StageError: a missing cache or dataset, cases harmonized with other settings, label values
+            past ``label_names``, or latents encoded with another VAE than the saved one.
+    """
     manifest = paths.latents / MANIFEST
     if not manifest.is_file():
         raise StageError(f"{manifest}: no latent cache; run the encode-latents stage first")
@@ -70,12 +95,78 @@ def _cases(paths: Paths, harmonize: HarmonizeConfig) -> tuple[list[LatentRecord]
                          f"settings than params' harmonize section (settings hash {expected}); the segmenter would "
                          f"store settings its training data never saw: rerun the harmonize stage")
     records = [r for r in read_manifest(paths.latents) if r.key in harmonized and harmonized[r.key].label]
-    return records, harmonized
+    too_high = {r.key: max(harmonized[r.key].labels_present) for r in records
+                if max(harmonized[r.key].labels_present, default=0) >= len(label_names)}
+    if too_high:
+        raise StageError(f"{harmonized_manifest}: label values past finetune.label_names ({len(label_names)} names): "
+                         f"{too_high}")
+    vae_sha = sha256_file(vae_path(paths))
+    other_vae = sorted(r.key for r in records if r.vae_sha256 != vae_sha)
+    if other_vae:
+        raise StageError(f"{manifest}: latents of {other_vae[:3]} were encoded with another VAE than "
+                         f"{vae_path(paths)}: rerun encode-latents")
+    return SegmentationData(records=records, harmonized=harmonized, scale=read_scale(paths.latents), input_hashes={
+        "latents": sha256_file(manifest), "scale": sha256_file(paths.latents / SCALE),
+        "harmonized": sha256_file(harmonized_manifest), "settings": expected, "vae": vae_sha})
 
 
-def _files(paths: Paths, record: LatentRecord, harmonized: CaseRecord) -> CaseFiles:
-    return CaseFiles(latent=str(paths.latents / record.latent), image=str(paths.harmonized / harmonized.image),
-                     label=str(paths.harmonized / harmonized.label))
+PRETRAINED_STAGES = {"meduet": "pretrain", "mae": "pretrain_mae"}  # by init: the stage whose file initialises
+
+
+def backbone_source(paths: Paths, init: str, held_out: list[LatentRecord]) -> tuple[MeduetModel, Path]:
+    """The pretrained network whose shape (and, unless ``init`` is scratch, EMA weights) the encoder takes.
+
+    Scratch takes MeDUET's shape, so every initialisation trains the same network.
+
+    Raises:
+        StageError: the file's pretraining saw a held-out case.
+    """
+    source = meduet_path(paths, PRETRAINED_STAGES.get(init, "pretrain"))
+    pretrained, meta = load_meduet(source, "teacher")
+    seen = sorted(set(meta.get("train_latents", [])) & {r.key for r in held_out})
+    if seen:
+        raise StageError(f"{source}: pretraining saw held-out case(s) {seen}; they cannot measure fine-tuning")
+    return pretrained, source
+
+
+def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
+    return SegmenterArchitecture(num_classes=len(cfg.label_names), decoder=cfg.decoder, features=cfg.features,
+                                 image_features=cfg.image_features)
+
+
+def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,
+                  train: list[LatentRecord], held_out: list[LatentRecord], run_name: str) -> tuple[TrainedRun, dict]:
+    """Fine-tune one segmenter on ``train``'s labels (resuming the run of the same key).
+
+    Returns:
+        the trained run and what it was built from: ``backbone`` (its shape), ``source`` (the
+        pretrained file), ``source_sha256`` (None for scratch).
+    """
+    if not train:
+        raise StageError(f"{paths.latents / MANIFEST}: no labelled case of the train split")
+    pretrained, source = backbone_source(paths, cfg.init, held_out)
+    init_file = None if cfg.init == "scratch" else str(source)
+    source_sha = None if init_file is None else sha256_file(source)
+    # The run key covers the section, the code and this listing: other latents, labels, harmonization
+    # settings or pretrained weights are another run.
+    inputs = write_json(paths.work / "inputs" / stage / f"{run_name}.json",
+                        {**data.input_hashes, "pretrained": source_sha, "labelled": [r.key for r in train]})
+    log.info("%s: %s: %d labelled training case(s) (%s per site), %d held-out, init %s, decoder %s", stage, run_name,
+             len(train), cfg.labels_per_site, len(held_out), cfg.init, cfg.decoder)
+    trained = fit_trainer(stage=stage, cfg=cfg, build=build_trainer, inputs={
+        "backbone": pretrained.config, "head": head_architecture(cfg), "meduet_file": init_file,
+        "cases": [data.files(paths, r) for r in train], "scale": data.scale},
+        input_manifest=inputs, paths=paths, ray=ray)
+    return trained, {"backbone": pretrained.config, "source": source, "source_sha256": source_sha}
+
+
+def score_segmenter(trained: TrainedRun, backbone: MeduetArchitecture, cfg: FinetuneConfig, *, paths: Paths,
+                    data: SegmentationData, cases: list[LatentRecord]) -> tuple[LatentSegmenter, list[dict]]:
+    """The trained segmenter (eval mode) and its score rows on ``cases`` (see :func:`evaluate`)."""
+    model = LatentSegmenter(backbone, head_architecture(cfg))
+    model.load_state_dict(trained.state["model"])
+    model.eval()
+    return model, evaluate(model, [(r, data.files(paths, r)) for r in cases], scale=data.scale, cfg=cfg)
 
 
 def evaluate(model: LatentSegmenter, cases: list[tuple[LatentRecord, CaseFiles]], *, scale: float,
@@ -117,79 +208,44 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def _write_scores(target: Path, rows: list[dict]) -> Path:
-    header = ["case", "site", "organ", *SCORES]
+def write_scores(target: Path, rows: list[dict]) -> Path:
+    """One CSV line per row (its keys, in order; empty where None)."""
+    header = list(rows[0]) if rows else ["case", "site", "organ", *SCORES]
     lines = [",".join(header)] + [",".join("" if row[k] is None else str(row[k]) for k in header) for row in rows]
     return write_text(target, "\n".join(lines) + "\n")
 
 
 def run(cfg: FinetuneConfig, paths: Paths, ray: RayConfig, harmonize: HarmonizeConfig) -> StageResult:
     """Fine-tune the segmenter, score it on the held-out cases and save it for ``meduet predict``."""
-    records, harmonized = _cases(paths, harmonize)
-    train = labelled_cases([r for r in records if r.split == "train"], cfg.labels_per_site)
-    held_out = sorted((r for r in records if r.split == "held_out"), key=lambda r: r.key)
-    if not train:
-        raise StageError(f"{paths.latents / MANIFEST}: no labelled case of the train split")
-    too_high = {r.key: max(harmonized[r.key].labels_present) for r in records
-                if max(harmonized[r.key].labels_present, default=0) >= len(cfg.label_names)}
-    if too_high:
-        raise StageError(f"{paths.harmonized / 'manifest.csv'}: label values past finetune.label_names "
-                         f"({len(cfg.label_names)} names): {too_high}")
-    teacher_file = meduet_path(paths)
-    pretrained, meta = load_meduet(teacher_file, "teacher")
-    seen = sorted(set(meta.get("train_latents", [])) & {r.key for r in held_out})
-    if seen:
-        raise StageError(f"{teacher_file}: pretraining saw held-out case(s) {seen}; they cannot measure fine-tuning")
-    vae_file = vae_path(paths)
-    vae, vae_meta = load_vae(vae_file)
-    vae_sha = sha256_file(vae_file)
-    other_vae = sorted(r.key for r in records if r.vae_sha256 != vae_sha)
-    if other_vae:
-        raise StageError(f"{paths.latents / MANIFEST}: latents of {other_vae[:3]} were encoded with another VAE than "
-                         f"{vae_file}: rerun encode-latents")
-    scale = read_scale(paths.latents)
-    head = SegmenterArchitecture(num_classes=len(cfg.label_names), decoder=cfg.decoder, features=cfg.features,
-                                 image_features=cfg.image_features)
-    meduet_sha = sha256_file(teacher_file)
-    settings_hash = case_settings(harmonize).settings_hash
-    # The run key covers the section, the code and this listing: other latents, labels, harmonization
-    # settings or pretrained weights are another run.
-    inputs = write_json(paths.work / "inputs" / f"{STAGE}.json", {
-        "latents": sha256_file(paths.latents / MANIFEST), "scale": sha256_file(paths.latents / SCALE),
-        "harmonized": sha256_file(paths.harmonized / "manifest.csv"), "settings": settings_hash,
-        "meduet": meduet_sha, "labelled": [r.key for r in train]})
-    log.info("%s: %d labelled training case(s) (%s per site), %d held-out, init %s, decoder %s", STAGE, len(train),
-             cfg.labels_per_site, len(held_out), cfg.init, cfg.decoder)
-
-    init_file = None if cfg.init == "scratch" else str(teacher_file)
-    trained = fit_trainer(stage=STAGE, cfg=cfg, build=build_trainer, inputs={
-        "backbone": pretrained.config, "head": head, "meduet_file": init_file,
-        "cases": [_files(paths, r, harmonized[r.key]) for r in train], "scale": scale},
-        input_manifest=inputs, paths=paths, ray=ray)
+    data = segmentation_data(paths, harmonize, cfg.label_names)
+    train = labelled_cases(data.split("train"), cfg.labels_per_site)
+    held_out = data.split("held_out")
+    trained, built = fit_segmenter(cfg, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
+                                   held_out=held_out, run_name=STAGE)
+    model, rows = score_segmenter(trained, built["backbone"], cfg, paths=paths, data=data, cases=held_out)
     state, history = trained.state, trained.history
-
-    model = LatentSegmenter(pretrained.config, head)
-    model.load_state_dict(state["model"])
-    rows = evaluate(model.eval(), [(r, _files(paths, r, harmonized[r.key])) for r in held_out], scale=scale, cfg=cfg)
     steps = int(state["step"])
+    vae, vae_meta = load_vae(vae_path(paths))
     target = save_segmenter(
-        segmenter_path(paths), model=state["model"], architecture=head, backbone=pretrained.config,
+        segmenter_path(paths), model=state["model"], architecture=head_architecture(cfg), backbone=built["backbone"],
         config=cfg.model_dump(mode="json"), harmonize=harmonize.model_dump(mode="json"), labels=list(cfg.label_names),
-        scale_factor=scale, vae_state=vae.state_dict(),
-        vae_architecture=VAEArchitecture.from_dict(vae_meta["architecture"]), vae_sha256=vae_sha,
-        meduet_sha256=None if init_file is None else meduet_sha,
-        labelled_cases=[r.key for r in train], steps=steps)
-    sites = sorted({r.domain for r in records if r.split == "train"})
+        scale_factor=data.scale, vae_state=vae.state_dict(),
+        vae_architecture=VAEArchitecture.from_dict(vae_meta["architecture"]), vae_sha256=data.input_hashes["vae"],
+        meduet_sha256=built["source_sha256"], labelled_cases=[r.key for r in train], steps=steps)
+    sites = sorted({r.domain for r in data.split("train")})
     metrics = {"steps": steps, "init": cfg.init, "decoder": cfg.decoder, "labels_per_site": cfg.labels_per_site,
-               "labelled_cases": len(train), "labelled_fraction": {
-                   s: round(sum(r.domain == s for r in train) / sum(r.domain == s and r.split == "train"
-                                                                    for r in records), 4) for s in sites},
+               "labelled_cases": len(train), "labelled_fraction": labelled_fraction(train, data.split("train"), sites),
                "held_out_cases": len(held_out), **summarize(rows),
                "first": {t: history[0][t] for t in TERMS} if history else {},
                "final": {t: history[-1][t] for t in TERMS} if history else {}}
     if not held_out:
         log.warning("%s: no held-out labelled case; nothing scored", STAGE)
-    outputs = {"model": target, "scores": _write_scores(paths.reports / STAGE / "scores.csv", rows)}
+    outputs = {"model": target, "scores": write_scores(paths.reports / STAGE / "scores.csv", rows)}
     return finish_training_stage(STAGE, paths=paths, outputs=outputs, metrics=metrics, run=trained, terms=TERMS,
                                  title=f"Segmentation fine-tuning ({cfg.init}, {cfg.decoder})")
 
+
+def labelled_fraction(labelled: list[LatentRecord], train: list[LatentRecord], sites: list[str]) -> dict[str, float]:
+    """Per site, the share of its training subjects whose labels were used."""
+    return {s: round(sum(r.domain == s for r in labelled) / max(1, sum(r.domain == s for r in train)), 4)
+            for s in sites}

@@ -6,6 +6,9 @@ Outputs: ``paths.models/pretrain/meduet.pt`` (student and EMA-teacher weights, n
 architecture, the ``pretrain`` section, the site list; see ``meduet.artifacts.pretrained``) and
 ``paths.reports/pretrain/``: ``metrics.json`` (first and final loss terms), ``history.csv``
 (mean losses since the previous row) and ``loss.png``.
+
+The same ``run`` is stage ``pretrain-mae`` for the section ``pretrain_mae`` (``objective: mae``,
+the masked-autoencoder baseline of the same network): it writes under ``pretrain_mae``.
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ def _terms(row: dict) -> dict[str, float]:
     return {term: row[term] for term in TERMS if term in row}
 
 
+STAGES = {"meduet": "pretrain", "mae": "pretrain_mae"}  # by objective: the stage's name and output folders
+
+
 def run(cfg: PretrainConfig, paths: Paths, ray: RayConfig) -> StageResult:
-    """Pretrain MeDUET on the latent cache and save the student and its EMA teacher."""
+    """Pretrain MeDUET (or, with ``objective: mae``, its baseline) on the latent cache; save student and EMA teacher."""
+    stage = STAGES[cfg.objective]
     manifest = paths.latents / MANIFEST
     if not manifest.is_file():
         raise StageError(f"{manifest}: no latent cache; run the encode-latents stage first")
@@ -57,15 +64,16 @@ def run(cfg: PretrainConfig, paths: Paths, ray: RayConfig) -> StageResult:
     arch = architecture(cfg, len(domains))
     scale = read_scale(paths.latents)
 
-    trained = fit_trainer(stage="pretrain", cfg=cfg, build=build_trainer,
+    trained = fit_trainer(stage=stage, cfg=cfg, build=build_trainer,
                           inputs={"architecture": arch, "latents": [str(paths.latents / r.latent) for r in train],
                                   "domains": [r.domain_index for r in train], "scale": scale},
                           input_manifest=manifest, paths=paths, ray=ray)
     state, history = trained.state, trained.history
-    target = save_meduet(meduet_path(paths), student=state["student"], teacher=state["teacher"], architecture=arch,
-                         config=cfg.model_dump(mode="json"), domains=domains, scale_factor=scale,
+    target = save_meduet(meduet_path(paths, stage), student=state["student"], teacher=state["teacher"],
+                         architecture=arch, config=cfg.model_dump(mode="json"), domains=domains, scale_factor=scale,
                          train_latents=[r.key for r in train], steps=int(state["step"]))
     metrics = {"steps": int(state["step"]), "domains": domains, "train_latents": len(train),
                "first": _terms(history[0]) if history else {}, "final": _terms(history[-1]) if history else {}}
-    return finish_training_stage("pretrain", paths=paths, outputs={"model": target}, metrics=metrics, run=trained,
-                                 terms=TERMS, title="MeDUET pretraining")
+    title = "MeDUET pretraining" if cfg.objective == "meduet" else "Masked-autoencoder baseline pretraining"
+    return finish_training_stage(stage, paths=paths, outputs={"model": target}, metrics=metrics, run=trained,
+                                 terms=("rec", "total") if cfg.objective == "mae" else TERMS, title=title)

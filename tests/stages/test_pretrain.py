@@ -179,3 +179,35 @@ def test_run_key_changes_with_config_data_scaling_and_code(tmp_path, monkeypatch
     assert len(keys) == 4
     assert runs.run_key("cfg1", manifest, runs.Scaling(num_workers=1, cpus_per_worker=2.0)) == \
         runs.run_key("cfg1", manifest, one)  # resources per worker do not change what is computed
+
+
+def test_mae_section_is_pretrain_with_its_own_keys_changed():
+    cfg = config_from_dict({"pretrain": {"steps": 7, "lr": 2e-3, "method": {"recipe": "faithful"}},
+                            "pretrain_mae": {"lr": 5e-4, "method": {"crops_per_volume": 2}}})
+    mae = cfg.pretrain_mae
+    assert (mae.objective, mae.steps, mae.lr) == ("mae", 7, 5e-4)
+    assert (mae.method.recipe, mae.method.crops_per_volume) == ("faithful", 2)  # nested keys merged one by one
+    assert cfg.pretrain.objective == "meduet" and cfg.pretrain.lr == 2e-3
+    assert config_from_dict({}).pretrain_mae.objective == "mae"
+    with pytest.raises(ConfigError, match="pretrain.objective must be meduet"):
+        config_from_dict({"pretrain": {"objective": "mae"}})
+    with pytest.raises(ConfigError, match="pretrain_mae.objective must be mae"):
+        config_from_dict({"pretrain_mae": {"objective": "meduet"}})
+
+
+def test_mae_baseline_stage_trains_the_same_network_into_its_own_folder(tmp_path):
+    cfg = _config()
+    paths = Paths.resolve(cfg, tmp_path)
+    _write_cache(paths.latents, per_domain=3)
+    result = pretrain.run(cfg.pretrain_mae, paths, ray=cfg.ray)
+    assert not (paths.models / "pretrain").exists() and not (paths.reports / "pretrain").exists()
+    history = (paths.reports / "pretrain_mae" / "history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    rec = [float(row.split(",")[header.index("rec")]) for row in history[1:]]
+    assert len(rec) == STEPS and np.mean(rec[-5:]) < np.mean(rec[:5])
+    for term in ("domain_content", "domain_style", "mftd", "siqc", "clean_content"):
+        assert result.metrics["final"][term] == 0.0
+    saved = torch.load(paths.models / "pretrain_mae" / "meduet.pt", weights_only=True)
+    assert saved["config"]["objective"] == "mae"
+    meduet = MeduetModel(MeduetArchitecture.from_dict(saved["architecture"]))
+    meduet.load_state_dict(saved["teacher"])  # the same network: a fine-tuning init like MeDUET's
