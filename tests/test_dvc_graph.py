@@ -19,7 +19,7 @@ def _dvc_yaml(**stages: dict) -> str:
 def test_repo_pipeline_order_and_artifacts() -> None:
     stages = {s.name: s for s in load_stages(REPO_ROOT)}
     assert list(stages) == ["demo_data", "harmonize", "train_vae", "encode_latents", "pretrain",
-                            "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae",
+                            "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae", "finetune_sweep",
                             "train_diffusion", "synthesize", "train_evaluator", "evaluate_synthesis"]
     assert "data/latents/manifest.csv" in stages["train_evaluator"].deps  # the split, inside an out folder
     assert stages["demo_data"].metrics == ("reports/demo_data/metrics.json",)
@@ -55,8 +55,9 @@ def test_stage_added_to_dvc_yaml_joins_the_flow(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     stages = load_stages(tmp_path)
     assert [s.name for s in stages] == ["demo_data", "harmonize", "train_vae", "encode_latents", "pretrain",
-                                     "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae", "train_diffusion",
-                                     "synthesize", "train_evaluator", "evaluate_synthesis", "probe"]
+                                     "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae",
+                                     "finetune_sweep", "train_diffusion", "synthesize", "train_evaluator",
+                                     "evaluate_synthesis", "probe"]
     assert stages[-1].plots == ("reports/probe/umap.png",)
 
 

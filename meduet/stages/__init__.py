@@ -103,6 +103,9 @@ STAGES: dict[str, StageSpec] = {
     "finetune": StageSpec("meduet.stages.finetune", "finetune",
                           "organ segmentation on the MeDUET encoder over latents, scored on held-out sites (Ray Train)",
                           extra=("ray", "harmonize")),
+    "finetune-sweep": StageSpec("meduet.stages.finetune_sweep", "finetune_sweep",
+                                "label efficiency and leave-one-site-out fine-tuning per init (scratch, mae, meduet) "
+                                "and seed (Ray Train)", extra=("ray", "finetune", "harmonize")),
     "train-diffusion": StageSpec("meduet.stages.train_diffusion", "train_diffusion",
                                  "latent DiT conditioned on MeDUET content and style (Ray Train)", extra=("ray",)),
     "synthesize": StageSpec("meduet.stages.synthesize", "synthesize",

@@ -1,0 +1,105 @@
+"""finetune-sweep: label efficiency and leave-one-site-out cells on the finetune test project (real local Ray)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from meduet.artifacts.pretrained import meduet_path
+from meduet.config import Paths, load_config
+from meduet.data.latents import read_manifest
+from meduet.stages import finetune_sweep
+from meduet.stages.finetune import backbone_source
+from tests.stages.trainers import FINETUNE_SITES, checkpoints
+
+# Two inits keep the six cells (one per init, then one per init and left-out site) near 80 s: each cell is a Ray
+# Train run (~12 s of start-up for 4 steps). The mae init differs only in the file it reads: test below.
+SWEEP = {"inits": ["scratch", "meduet"], "labels_per_site": [1], "seeds": [0], "leave_one_site_out": True}
+
+
+@pytest.fixture(scope="module")
+def swept(uninterrupted_run, tmp_path_factory: pytest.TempPathFactory):
+    """The finetune test project, swept once."""
+    root = Path(shutil.copytree(uninterrupted_run("finetune"), tmp_path_factory.mktemp("sweep") / "project",
+                                symlinks=True))
+    cfg = load_config(root / "params.yaml", [f"finetune_sweep.{k}={json.dumps(v)}" for k, v in SWEEP.items()])
+    paths = Paths.resolve(cfg, root)
+    result = finetune_sweep.run(cfg.finetune_sweep, paths, ray=cfg.ray, finetune=cfg.finetune,
+                                harmonize=cfg.harmonize)
+    return cfg, paths, result
+
+
+def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
+    cfg, paths, result = swept
+    metrics = result.metrics
+    assert metrics["cells"] == 2 + 2 * len(FINETUNE_SITES)
+    rows = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "scores.csv")))
+    organs = ("body", "liver")
+    for cell in metrics["per_cell"]:
+        mine = [r for r in rows if (r["protocol"], r["init"], r["left_out"]) ==
+                (cell["protocol"], cell["init"], cell["left_out"])]
+        expected_sites = list(FINETUNE_SITES) if cell["protocol"] == "label_efficiency" else [cell["left_out"]]
+        assert sorted((r["site"], r["organ"]) for r in mine) == [(s, o) for s in expected_sites for o in organs]
+        # one labelled subject per site; without a site: both training subjects of the other
+        assert cell["labelled_cases"] == 2 and cell["steps"] == cfg.finetune.steps
+    dice = {c["init"]: c["dice"] for c in metrics["per_cell"] if c["protocol"] == "label_efficiency"}
+    assert dice["scratch"] != dice["meduet"], dice  # two initialisations, two different models
+
+    efficiency = metrics["label_efficiency"]["1"]
+    assert efficiency["meduet"]["dice"]["mean"] == pytest.approx(dice["meduet"], abs=1e-3)
+    paired = efficiency["meduet_minus"]
+    assert set(paired) == {"scratch"} and paired["scratch"]["n"] == len(FINETUNE_SITES) * len(organs)
+    assert paired["scratch"]["mean"] == pytest.approx(dice["meduet"] - dice["scratch"], abs=2e-3)
+    assert set(metrics["leave_one_site_out"]) == set(FINETUNE_SITES)
+    goals = metrics["goals"]
+    assert set(goals) == {"one_label_meduet_minus_scratch_at_least_0.05", "one_label_meduet_minus_mae_at_least_0.02",
+                          "loso_meduet_beats_scratch_on_every_site"}
+    assert goals["one_label_meduet_minus_scratch_at_least_0.05"]["met"] == (paired["scratch"]["mean"] >= 0.05)
+    assert goals["one_label_meduet_minus_mae_at_least_0.02"] == "not measured"
+    assert len({p.parent.parent for p in checkpoints(paths.root, "finetune_sweep")}) == metrics["cells"]  # a run each
+    assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
+    table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
+    assert [r["init"] for r in table] == SWEEP["inits"]
+
+
+def test_each_init_reads_its_own_pretrained_file(swept, tmp_path: Path) -> None:
+    _, paths, _ = swept
+    held_out = [r for r in read_manifest(paths.latents) if r.split == "held_out"]
+    saved = torch.load(meduet_path(paths), weights_only=True)
+    saved["teacher"] = {k: v + 1.0 if v.is_floating_point() else v for k, v in saved["teacher"].items()}
+    mae_file = meduet_path(paths, "pretrain_mae")
+    mae_file.parent.mkdir(parents=True)
+    torch.save(saved, mae_file)
+    try:
+        meduet, meduet_source = backbone_source(paths, "meduet", held_out)
+        mae, mae_source = backbone_source(paths, "mae", held_out)
+        _, scratch_source = backbone_source(paths, "scratch", held_out)  # MeDUET's shape, no weights
+    finally:
+        shutil.rmtree(mae_file.parent)
+    assert (meduet_source, mae_source, scratch_source) == (meduet_path(paths), mae_file, meduet_path(paths))
+    name = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(mae.state_dict()[name], meduet.state_dict()[name] + 1.0)
+
+
+def test_paired_difference_matches_cases_and_seeds() -> None:
+    rows = [{"init": init, "seed": seed, "case": case, "organ": "liver", "dice": dice}
+            for init, seed, case, dice in [("meduet", 0, "a", 0.8), ("meduet", 0, "b", 0.6), ("meduet", 1, "a", 0.7),
+                                           ("scratch", 0, "a", 0.5), ("scratch", 0, "b", 0.5), ("scratch", 1, "a", 0.6),
+                                           ("scratch", 1, "b", 0.9)]]  # (scratch, 1, b) has no MeDUET partner
+    diff = finetune_sweep.paired_difference(rows, init="meduet", baseline="scratch")
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.3 + 0.1 + 0.1) / 3, abs=1e-4)
+    assert diff["seed_means"] == [pytest.approx(0.2), pytest.approx(0.1)]
+    assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert finetune_sweep.paired_difference(rows, init="meduet", baseline="mae") is None
+
+
+def test_full_switch_plans_the_whole_protocol() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml", ["finetune_sweep.full=true"])
+    cells = finetune_sweep.plan(cfg.finetune_sweep, ["a", "b", "c", "d"])
+    assert len(cells) == 4 * 3 * 3 + 4 * 3 * 3  # labels x inits x seeds, then sites x inits x seeds
+    assert len({c.name for c in cells}) == len(cells)
