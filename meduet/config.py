@@ -528,6 +528,15 @@ class FinetuneConfig(StrictModel):
     foreground_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.67, description="share of training windows centred on a voxel of a random class present in the case"
     )
+    style_augmentation: bool = Field(
+        default=False, description="style-bank augmentation: some training windows' encoder tokens moved towards "
+        "the running mean style (domain generalisation; meduet.models.segmenter.StyleBank)"
+    )
+    style_alpha: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default=(0.2, 0.5), description="range of the style mixing weight"
+    )
+    style_probability: Annotated[float, Field(ge=0, le=1)] = Field(default=0.3, description="windows augmented")
+    style_momentum: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9, description="EMA of the style bank")
     overlap: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.25, description="overlap of the sliding windows that segment a whole volume (Gaussian-blended)"
     )
@@ -556,6 +565,10 @@ class FinetuneSweepConfig(StrictModel):
     leave_one_site_out: bool = Field(
         default=False, description="also train on every site but one (all their labels) and score the left-out "
         "site's held-out subjects, each site in turn"
+    )
+    style_arm: bool = Field(
+        default=True, description="leave one site out also fine-tunes MeDUET with style-bank augmentation (arm "
+        "meduet+style: finetune.style_augmentation on), the domain-generalisation recipe"
     )
     full: bool = Field(default=False, description=f"the whole protocol, whatever the lists say: {FULL_SWEEP}")
 

@@ -30,7 +30,7 @@ from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
 from meduet.engine.segmentation import pad_case
 from meduet.models.architectures import MeduetArchitecture, SegmenterArchitecture
-from meduet.models.segmenter import LatentSegmenter
+from meduet.models.segmenter import LatentSegmenter, StyleBank
 
 TERMS = ("total",)
 _SAMPLES_PER_CLASS = 2000  # voxel positions kept per class and case to centre windows on
@@ -160,12 +160,18 @@ def finetune_trainer(*, cfg: FinetuneConfig, model: LatentSegmenter,
     optimizer = adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    checkpointed = {"model": inner, "optimizer": optimizer, "scheduler": scheduler}
+    bank = None
+    if cfg.style_augmentation:  # each worker keeps its own bank, checkpointed with the model
+        bank = StyleBank(inner.encoder.config.style_dim, momentum=cfg.style_momentum, alpha=tuple(cfg.style_alpha),
+                         probability=cfg.style_probability).to(device)
+        checkpointed["style_bank"] = bank
 
     def loss(batch: SegmentationBatch) -> dict[str, torch.Tensor]:
         latent, image, label = batch
-        return {"total": criterion(wrapped(latent, image).float(), label)}
+        return {"total": criterion(wrapped(latent, image, style_bank=bank).float(), label)}
 
-    return Trainer(checkpointed={"model": inner, "optimizer": optimizer, "scheduler": scheduler}, optimizer=optimizer,
+    return Trainer(checkpointed=checkpointed, optimizer=optimizer,
                    scheduler=scheduler, loss=loss, batches=batches, terms=TERMS, device=device,
                    accumulation=cfg.grad_accumulation, grad_clip=cfg.grad_clip,
                    amp_dtype=amp_dtype(device, amp=cfg.amp, cpu_bf16=cfg.cpu_bf16))

@@ -72,18 +72,23 @@ class LatentSegmenter(nn.Module):
         """The matching image window ``(4d, 4h, 4w)``."""
         return tuple(n * self.config.downsample for n in self.window)  # type: ignore[return-value]
 
-    def forward(self, latent: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, image: torch.Tensor | None = None, *,
+                style_bank: StyleBank | None = None) -> torch.Tensor:
         """Logits at image resolution.
 
         Args:
             latent: ``(B, C, d, h, w)`` scaled latents (the encoder's input size).
             image: ``(B, 1, 4d, 4h, 4w)`` harmonized image window over the same voxels; needed
                 by ``refine``, ignored by ``upsample``.
+            style_bank: in training, shifts the encoder tokens of some windows towards the
+                bank's style (domain generalisation; see :class:`StyleBank`).
 
         Returns:
             ``(B, K, 4d, 4h, 4w)`` logits.
         """
         _, tokens = self.encoder.encode_tokens(self.encoder.embed(latent))  # (B, N, E)
+        if style_bank is not None and self.training:
+            tokens = style_bank(self.encoder, tokens)
         gd, gh, gw = self.encoder.config.grid
         grid = rearrange(tokens, "b (d h w) e -> b e d h w", d=gd, h=gh, w=gw)  # (B, E, d/p, h/p, w/p)
         features = self.up_tokens(grid, self.latent_stem(latent))  # (B, F, d, h, w)
@@ -96,3 +101,48 @@ class LatentSegmenter(nn.Module):
                              f"{None if image is None else tuple(image.shape)}")
         fine = self.refine(torch.cat([self.image_stem(image), coarse], dim=1))  # (B, Fi, 4d, 4h, 4w)
         return coarse + self.refine_out(fine)  # (B, K, 4d, 4h, 4w)
+
+
+class StyleBank(nn.Module):
+    """Style-bank augmentation: encoder tokens shifted towards the running mean style of training windows.
+
+    The bank is an exponential moving average (``momentum``) of the mean style factor of each
+    training batch (windows of several volumes and sites), read with the encoder's own frozen
+    MeDUET factor heads. Each window, with probability ``probability``, has its tokens moved by
+    what replacing its style ``s`` with ``(1 - a) s + a s_bank`` changes in the entangled tokens,
+    ``a ~ U(alpha)``: ``z + entangle(c, s') - entangle(c, s)``, so ``a = 0`` leaves ``z`` as it
+    was and the anatomy (content) is kept. Random draws use the global generator, which the
+    training loop checkpoints, so a resumed run draws what an uninterrupted one would.
+
+    Args:
+        style_dim: ``S``, the width of the style factor.
+        momentum: weight of the old bank in each update.
+        alpha: ``(low, high)`` range of the mixing weight.
+        probability: share of windows augmented.
+    """
+
+    def __init__(self, style_dim: int, *, momentum: float = 0.9, alpha: tuple[float, float] = (0.2, 0.5),
+                 probability: float = 0.3) -> None:
+        super().__init__()
+        self.momentum, self.alpha, self.probability = momentum, alpha, probability
+        self.register_buffer("mean", torch.zeros(style_dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, encoder: MeduetModel, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens (B, N, E)`` with some windows' style moved towards the bank; the bank then takes this batch."""
+        content, style = encoder.factorize(tokens)  # (B, N, E), (B, N, S)
+        batch_style = style.detach().float().mean(dim=(0, 1))  # (S,)
+        augmented = tokens
+        if int(self.updates) > 0:
+            batch = tokens.shape[0]
+            chosen = (torch.rand(batch) < self.probability).to(tokens.device)
+            low, high = self.alpha
+            a = (low + (high - low) * torch.rand(batch)).to(tokens.device, tokens.dtype)  # (B,)
+            mixed = style + a[:, None, None] * (self.mean.to(style.dtype) - style)  # (B, N, S)
+            shift = encoder.entangle(content, mixed) - encoder.entangle(content, style)  # (B, N, E)
+            augmented = tokens + shift * chosen[:, None, None]  # exactly the tokens where not chosen
+        with torch.no_grad():
+            self.mean.copy_(batch_style if int(self.updates) == 0
+                            else self.momentum * self.mean + (1 - self.momentum) * batch_style)
+            self.updates += 1
+        return augmented

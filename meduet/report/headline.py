@@ -19,6 +19,7 @@ MISSING_TEXT = "—"
 GOAL_SOURCES = {
     "README": "README.md, 'Disentanglement on the demo data'",
     "issue": "the disentanglement issue's targets",
+    "analysis": "the analysis issue's goals (one labelled subject per site)",
 }
 
 
@@ -82,6 +83,7 @@ class Headline:
 
 
 EVAL = "evaluate_disentanglement"
+SWEEP = "finetune_sweep"
 HEADLINES: tuple[Headline, ...] = (
     Headline("train_vae", "overall.psnr", "VAE reconstruction PSNR (dB)", digits=1),
     Headline("train_vae", "overall.ssim", "VAE reconstruction SSIM", digits=2),
@@ -107,6 +109,12 @@ HEADLINES: tuple[Headline, ...] = (
              "counterfactual: swap nearer B's scan than A's own decoder round trip"),
     Headline(EVAL, "latent_statistics_accuracy", "site from latent mean/std (input baseline)"),
     Headline(EVAL, "chance", "chance (1 / sites)"),
+    Headline("finetune", "dice.mean", "segmentation: held-out mean Dice (all labels, MeDUET init)"),
+    Headline("finetune", "hd95.mean", "segmentation: held-out mean HD95 (mm)", digits=1),
+    Headline(SWEEP, "label_efficiency.1.meduet_minus.scratch.mean", "1 label per site: Dice MeDUET - scratch",
+             Goal(">=", 0.05, source="analysis"), interval="label_efficiency.1.meduet_minus.scratch.ci95"),
+    Headline(SWEEP, "label_efficiency.1.meduet_minus.mae.mean", "1 label per site: Dice MeDUET - MAE",
+             Goal(">=", 0.02, source="analysis"), interval="label_efficiency.1.meduet_minus.mae.ci95"),
 )
 
 

@@ -60,11 +60,23 @@ class Cell:
     labels_per_site: int | str
     left_out: str | None  # the unseen site (leave one site out)
     seed: int
+    style: bool = False  # style-bank augmentation
+
+    @property
+    def arm(self) -> str:
+        """The initialisation, with ``+style`` under style-bank augmentation."""
+        return f"{self.init}+style" if self.style else self.init
 
     @property
     def name(self) -> str:
         point = f"labels{self.labels_per_site}" if self.left_out is None else f"without-{self.left_out}"
-        return f"{self.init}-{point}-seed{self.seed}"
+        return f"{self.arm}-{point}-seed{self.seed}"
+
+
+def loso_arms(cfg: FinetuneSweepConfig) -> list[tuple[str, bool]]:
+    """Leave-one-site-out arms: ``(init, style)``; MeDUET also with style-bank augmentation (``style_arm``)."""
+    arms = [(init, False) for init in cfg.inits]
+    return arms + [("meduet", True)] if cfg.style_arm and "meduet" in cfg.inits else arms
 
 
 def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:
@@ -72,8 +84,8 @@ def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:
     cells = [Cell("label_efficiency", init, labels, None, seed)
              for labels in cfg.labels_per_site for init in cfg.inits for seed in cfg.seeds]
     if cfg.leave_one_site_out:
-        cells += [Cell("leave_one_site_out", init, "all", site, seed)
-                  for site in sites for init in cfg.inits for seed in cfg.seeds]
+        cells += [Cell("leave_one_site_out", init, "all", site, seed, style)
+                  for site in sites for init, style in loso_arms(cfg) for seed in cfg.seeds]
     return cells
 
 
@@ -86,16 +98,16 @@ def _sd(values: list[float]) -> float | None:
     return round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None
 
 
-def paired_difference(rows: list[dict], *, init: str, baseline: str, seed: int = 0) -> dict | None:
-    """Dice of ``init`` minus ``baseline`` over the (seed, case, organ) both scored: mean, sd, n, 95 % interval.
+def paired_difference(rows: list[dict], *, arm: str, baseline: str, seed: int = 0) -> dict | None:
+    """Dice of ``arm`` minus ``baseline`` over the (seed, case, organ) both scored: mean, sd, n, 95 % interval.
 
     The interval is a percentile bootstrap of the mean over those pairs (scipy). Organs a
     model never predicted count with Dice 0, as in the means. None when no pair exists.
     """
     def by_key(name: str) -> dict[tuple, float]:
-        return {(r["seed"], r["case"], r["organ"]): r["dice"] for r in rows if r["init"] == name}
+        return {(r["seed"], r["case"], r["organ"]): r["dice"] for r in rows if r["arm"] == name}
 
-    ours, theirs = by_key(init), by_key(baseline)
+    ours, theirs = by_key(arm), by_key(baseline)
     keys = sorted(set(ours) & set(theirs))
     if not keys:
         return None
@@ -111,24 +123,23 @@ def paired_difference(rows: list[dict], *, init: str, baseline: str, seed: int =
     return out
 
 
-def summarize_protocol(rows: list[dict], points: list, point_key: str, inits: list[str]) -> dict:
-    """Per point (label count or left-out site) and init: scores' means (over seeds: mean and sd), and the
-    paired differences of MeDUET against each baseline."""
+def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: list[str]) -> dict:
+    """Per point (label count or left-out site) and arm: scores' means (over seeds: mean and sd), and the
+    paired differences of each MeDUET arm against each baseline (``<arm>_minus``)."""
     out: dict = {}
     for point in points:
         at = [r for r in rows if r[point_key] == point]
         entry: dict = {}
-        for init in inits:
-            mine = [r for r in at if r["init"] == init]
+        for arm in arms:
+            mine = [r for r in at if r["arm"] == arm]
             seeds = sorted({r["seed"] for r in mine})
-            entry[init] = {}
+            entry[arm] = {}
             for score in SCORES:
                 per_seed = [_mean([r[score] for r in mine if r["seed"] == s]) for s in seeds]
                 per_seed = [v for v in per_seed if v is not None]
-                entry[init][score] = {"mean": _mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
-        if "meduet" in inits:
-            entry["meduet_minus"] = {b: paired_difference(at, init="meduet", baseline=b) for b in BASELINES
-                                     if b in inits}
+                entry[arm][score] = {"mean": _mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
+        for arm in (a for a in arms if a.startswith("meduet")):
+            entry[f"{arm}_minus"] = {b: paired_difference(at, arm=arm, baseline=b) for b in BASELINES if b in arms}
         out[str(point)] = entry
     return out
 
@@ -142,13 +153,15 @@ def goals(label_efficiency: dict, loso: dict | None) -> dict:
         out[f"one_label_meduet_minus_{baseline}_at_least_{margin}"] = (
             "not measured" if diff is None else {"value": diff["mean"], "met": diff["mean"] >= margin})
     if loso:
-        beats = {site: entry["meduet_minus"]["scratch"]["mean"] > 0 for site, entry in loso.items()
-                 if entry.get("meduet_minus", {}).get("scratch")}
-        out["loso_meduet_beats_scratch_on_every_site"] = {"sites": beats, "met": bool(beats) and all(beats.values())}
+        arm = "meduet+style" if any("meduet+style_minus" in e for e in loso.values()) else "meduet"
+        beats = {site: entry[f"{arm}_minus"]["scratch"]["mean"] > 0 for site, entry in loso.items()
+                 if entry.get(f"{arm}_minus", {}).get("scratch")}
+        out["loso_meduet_beats_scratch_on_every_site"] = {"arm": arm, "sites": beats,
+                                                          "met": bool(beats) and all(beats.values())}
     return out
 
 
-def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], target: Path) -> Path:
+def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], loso_arms: list[str], target: Path) -> Path:
     """Mean held-out Dice per init (error bars: sd over seeds): against labelled subjects per site, and, with
     leave one site out, on each unseen site."""
     fig, axes = plt.subplots(1, 1 if loso is None else 2, figsize=(5 if loso is None else 10, 3.5), squeeze=False)
@@ -163,11 +176,11 @@ def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], target: Pa
     ax.legend()
     if loso is not None:
         ax = axes[0, 1]
-        sites, width = list(loso), 0.8 / len(inits)
-        for i, init in enumerate(inits):
-            ax.bar(np.arange(len(sites)) + (i - (len(inits) - 1) / 2) * width,
-                   [loso[s][init]["dice"]["mean"] or 0.0 for s in sites], width,
-                   yerr=[loso[s][init]["dice"]["sd"] or 0.0 for s in sites], capsize=3, label=init)
+        sites, width = list(loso), 0.8 / len(loso_arms)
+        for i, arm in enumerate(loso_arms):
+            ax.bar(np.arange(len(sites)) + (i - (len(loso_arms) - 1) / 2) * width,
+                   [loso[s][arm]["dice"]["mean"] or 0.0 for s in sites], width,
+                   yerr=[loso[s][arm]["dice"]["sd"] or 0.0 for s in sites], capsize=3, label=arm)
         ax.set_xticks(range(len(sites)), sites)
         ax.set(ylabel="mean Dice on the unseen site", title="Leave one site out")
         ax.legend()
@@ -187,15 +200,15 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     for index, cell in enumerate(cells, 1):
         log.info("%s: cell %d/%d: %s (%s)", STAGE, index, len(cells), cell.name, cell.protocol)
         section = finetune.model_copy(update={"init": cell.init, "labels_per_site": cell.labels_per_site,
-                                              "seed": cell.seed})
+                                              "seed": cell.seed, "style_augmentation": cell.style})
         pool = [r for r in train_split if r.domain != cell.left_out]
         test = [r for r in held_out if cell.left_out is None or r.domain == cell.left_out]
         train = labelled_cases(pool, cell.labels_per_site)
         trained, built = fit_segmenter(section, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
                                        held_out=held_out, run_name=f"{cell.protocol}-{cell.name}")
         _, scored = score_segmenter(trained, built["backbone"], section, paths=paths, data=data, cases=test)
-        labels = {"protocol": cell.protocol, "init": cell.init, "labels_per_site": cell.labels_per_site,
-                  "left_out": cell.left_out or "", "seed": cell.seed}
+        labels = {"protocol": cell.protocol, "arm": cell.arm, "init": cell.init,
+                  "labels_per_site": cell.labels_per_site, "left_out": cell.left_out or "", "seed": cell.seed}
         rows += [{**labels, **row} for row in scored]
         cell_rows.append({**labels, "labelled_cases": len(train), "steps": int(trained.state["step"]),
                           **{score: _mean([r[score] for r in scored]) for score in SCORES}})
@@ -204,16 +217,17 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     efficiency_rows = [r for r in rows if r["protocol"] == "label_efficiency"]
     loso_rows = [r for r in rows if r["protocol"] == "leave_one_site_out"]
     efficiency = summarize_protocol(efficiency_rows, list(cfg.labels_per_site), "labels_per_site", list(cfg.inits))
-    loso = summarize_protocol(loso_rows, sites, "left_out", list(cfg.inits)) if cfg.leave_one_site_out else None
+    arms = [Cell("", init, "all", None, 0, style).arm for init, style in loso_arms(cfg)]
+    loso = summarize_protocol(loso_rows, sites, "left_out", arms) if cfg.leave_one_site_out else None
     reports = paths.reports / STAGE
     outputs = {"scores": write_scores(reports / "scores.csv", rows),
                "cells": write_scores(reports / "label_efficiency.csv",
                                      [r for r in cell_rows if r["protocol"] == "label_efficiency"]),
-               "figure": plot_sweep(efficiency, loso, list(cfg.inits), reports / "sweep.png")}
-    by_init: dict[str, int] = defaultdict(int)
+               "figure": plot_sweep(efficiency, loso, list(cfg.inits), arms, reports / "sweep.png")}
+    by_arm: dict[str, int] = defaultdict(int)
     for cell in cells:
-        by_init[cell.init] += 1
-    metrics = {"cells": len(cells), "cells_per_init": dict(by_init), "steps": finetune.steps,
+        by_arm[cell.arm] += 1
+    metrics = {"cells": len(cells), "cells_per_arm": dict(by_arm), "steps": finetune.steps,
                "held_out_cases": len(held_out), "sites": sites, "label_efficiency": efficiency,
                "leave_one_site_out": loso, "goals": goals(efficiency, loso), "per_cell": cell_rows}
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)

@@ -17,8 +17,9 @@ from meduet.stages import finetune_sweep
 from meduet.stages.finetune import backbone_source
 from tests.stages.trainers import FINETUNE_SITES, checkpoints
 
-# Two inits keep the six cells (one per init, then one per init and left-out site) near 80 s: each cell is a Ray
-# Train run (~12 s of start-up for 4 steps). The mae init differs only in the file it reads: test below.
+# Two inits keep the eight cells (one per init; then per left-out site scratch, meduet and meduet+style) near
+# 110 s: each cell is a Ray Train run (~12 s of start-up for 4 steps). The mae init differs only in the file it
+# reads: test below.
 SWEEP = {"inits": ["scratch", "meduet"], "labels_per_site": [1], "seeds": [0], "leave_one_site_out": True}
 
 
@@ -37,12 +38,13 @@ def swept(uninterrupted_run, tmp_path_factory: pytest.TempPathFactory):
 def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     cfg, paths, result = swept
     metrics = result.metrics
-    assert metrics["cells"] == 2 + 2 * len(FINETUNE_SITES)
+    assert metrics["cells"] == 2 + 3 * len(FINETUNE_SITES)
+    assert metrics["cells_per_arm"] == {"scratch": 3, "meduet": 3, "meduet+style": 2}
     rows = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "scores.csv")))
     organs = ("body", "liver")
     for cell in metrics["per_cell"]:
-        mine = [r for r in rows if (r["protocol"], r["init"], r["left_out"]) ==
-                (cell["protocol"], cell["init"], cell["left_out"])]
+        mine = [r for r in rows if (r["protocol"], r["arm"], r["left_out"]) ==
+                (cell["protocol"], cell["arm"], cell["left_out"])]
         expected_sites = list(FINETUNE_SITES) if cell["protocol"] == "label_efficiency" else [cell["left_out"]]
         assert sorted((r["site"], r["organ"]) for r in mine) == [(s, o) for s in expected_sites for o in organs]
         # one labelled subject per site; without a site: both training subjects of the other
@@ -55,12 +57,17 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     paired = efficiency["meduet_minus"]
     assert set(paired) == {"scratch"} and paired["scratch"]["n"] == len(FINETUNE_SITES) * len(organs)
     assert paired["scratch"]["mean"] == pytest.approx(dice["meduet"] - dice["scratch"], abs=2e-3)
-    assert set(metrics["leave_one_site_out"]) == set(FINETUNE_SITES)
+    loso = metrics["leave_one_site_out"]
+    assert set(loso) == set(FINETUNE_SITES)
+    for site in FINETUNE_SITES:  # the style bank changes the model: augmentation reached training
+        assert loso[site]["meduet+style"]["dice"]["mean"] != loso[site]["meduet"]["dice"]["mean"]
+        assert set(loso[site]["meduet+style_minus"]) == {"scratch"}
     goals = metrics["goals"]
     assert set(goals) == {"one_label_meduet_minus_scratch_at_least_0.05", "one_label_meduet_minus_mae_at_least_0.02",
                           "loso_meduet_beats_scratch_on_every_site"}
     assert goals["one_label_meduet_minus_scratch_at_least_0.05"]["met"] == (paired["scratch"]["mean"] >= 0.05)
     assert goals["one_label_meduet_minus_mae_at_least_0.02"] == "not measured"
+    assert goals["loso_meduet_beats_scratch_on_every_site"]["arm"] == "meduet+style"
     assert len({p.parent.parent for p in checkpoints(paths.root, "finetune_sweep")}) == metrics["cells"]  # a run each
     assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
     table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
@@ -91,15 +98,16 @@ def test_paired_difference_matches_cases_and_seeds() -> None:
             for init, seed, case, dice in [("meduet", 0, "a", 0.8), ("meduet", 0, "b", 0.6), ("meduet", 1, "a", 0.7),
                                            ("scratch", 0, "a", 0.5), ("scratch", 0, "b", 0.5), ("scratch", 1, "a", 0.6),
                                            ("scratch", 1, "b", 0.9)]]  # (scratch, 1, b) has no MeDUET partner
-    diff = finetune_sweep.paired_difference(rows, init="meduet", baseline="scratch")
+    rows = [{**r, "arm": r["init"]} for r in rows]
+    diff = finetune_sweep.paired_difference(rows, arm="meduet", baseline="scratch")
     assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.3 + 0.1 + 0.1) / 3, abs=1e-4)
     assert diff["seed_means"] == [pytest.approx(0.2), pytest.approx(0.1)]
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
-    assert finetune_sweep.paired_difference(rows, init="meduet", baseline="mae") is None
+    assert finetune_sweep.paired_difference(rows, arm="meduet", baseline="mae") is None
 
 
 def test_full_switch_plans_the_whole_protocol() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml", ["finetune_sweep.full=true"])
     cells = finetune_sweep.plan(cfg.finetune_sweep, ["a", "b", "c", "d"])
-    assert len(cells) == 4 * 3 * 3 + 4 * 3 * 3  # labels x inits x seeds, then sites x inits x seeds
+    assert len(cells) == 4 * 3 * 3 + 4 * 4 * 3  # labels x inits x seeds, then sites x (inits + meduet+style) x seeds
     assert len({c.name for c in cells}) == len(cells)
