@@ -16,203 +16,28 @@ per held-out case and organ), ``history.csv`` and ``loss.png``.
 from __future__ import annotations
 
 import logging
-import math
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
-from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.artifacts.segmenter import save_segmenter, segmenter_path
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import FinetuneConfig, HarmonizeConfig, Paths, RayConfig
-from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale
-from meduet.engine.finetune_training import TERMS, CaseFiles, build_trainer, read_case
-from meduet.engine.segmentation import organ_metrics, segment_volume
-from meduet.engine.training_stage import TrainedRun, finish_training_stage, fit_trainer
-from meduet.harmonize.manifest import CaseRecord
-from meduet.harmonize.manifest import read_manifest as read_harmonized
-from meduet.harmonize.settings import case_settings
-from meduet.io.atomic import write_json, write_text
-from meduet.io.images import sha256_file
-from meduet.models.architectures import MeduetArchitecture, SegmenterArchitecture, VAEArchitecture
-from meduet.models.meduet import MeduetModel
-from meduet.models.segmenter import LatentSegmenter
-from meduet.stages import StageError, StageResult
+from meduet.data.latents import LatentRecord
+from meduet.engine.finetune_runs import (
+    fit_segmenter,
+    head_architecture,
+    labelled_cases,
+    score_segmenter,
+    segmentation_data,
+    summarize,
+    write_scores,
+)
+from meduet.engine.finetune_training import TERMS
+from meduet.engine.training_stage import finish_training_stage
+from meduet.models.architectures import VAEArchitecture
+from meduet.stages import StageResult
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
-SCORES = ("dice", "hd95", "surface_dice")
-
-
-def labelled_cases(records: list[LatentRecord], per_site: int | str) -> list[LatentRecord]:
-    """The first ``per_site`` records of each site by key (all with ``"all"``)."""
-    by_site: dict[str, list[LatentRecord]] = defaultdict(list)
-    for record in sorted(records, key=lambda r: r.key):
-        by_site[record.domain].append(record)
-    return [r for site in sorted(by_site) for r in (by_site[site] if per_site == "all" else by_site[site][:per_site])]
-
-
-@dataclass(frozen=True)
-class SegmentationData:
-    """The labelled cases of the latent cache with their harmonized files, checked against the settings."""
-
-    records: list[LatentRecord]  # latent records whose harmonized case has a label map
-    harmonized: dict[str, CaseRecord]
-    scale: float  # the latent cache's scale factor
-    input_hashes: dict[str, str]  # what a run's key covers besides its section
-
-    def files(self, paths: Paths, record: LatentRecord) -> CaseFiles:
-        case = self.harmonized[record.key]
-        return CaseFiles(latent=str(paths.latents / record.latent), image=str(paths.harmonized / case.image),
-                         label=str(paths.harmonized / case.label))
-
-    def split(self, name: str) -> list[LatentRecord]:
-        return sorted((r for r in self.records if r.split == name), key=lambda r: r.key)
-
-
-def segmentation_data(paths: Paths, harmonize: HarmonizeConfig, label_names: list[str]) -> SegmentationData:
-    """The latent records with a label map and their harmonized records.
-
-    Raises:
-        StageError: a missing cache or dataset, cases harmonized with other settings, label values
-            past ``label_names``, or latents encoded with another VAE than the saved one.
-    """
-    manifest = paths.latents / MANIFEST
-    if not manifest.is_file():
-        raise StageError(f"{manifest}: no latent cache; run the encode-latents stage first")
-    harmonized_manifest = paths.harmonized / "manifest.csv"
-    if not harmonized_manifest.is_file():
-        raise StageError(f"{harmonized_manifest}: no harmonized dataset; run the harmonize stage first")
-    harmonized = {r.key: r for r in read_harmonized(harmonized_manifest) if r.status == "ok"}
-    expected = case_settings(harmonize).settings_hash
-    stale = sorted(k for k, r in harmonized.items() if r.settings_hash != expected)
-    if stale:
-        raise StageError(f"{harmonized_manifest}: {len(stale)} case(s) (e.g. {stale[0]}) were harmonized with other "
-                         f"settings than params' harmonize section (settings hash {expected}); the segmenter would "
-                         f"store settings its training data never saw: rerun the harmonize stage")
-    records = [r for r in read_manifest(paths.latents) if r.key in harmonized and harmonized[r.key].label]
-    too_high = {r.key: max(harmonized[r.key].labels_present) for r in records
-                if max(harmonized[r.key].labels_present, default=0) >= len(label_names)}
-    if too_high:
-        raise StageError(f"{harmonized_manifest}: label values past finetune.label_names ({len(label_names)} names): "
-                         f"{too_high}")
-    vae_sha = sha256_file(vae_path(paths))
-    other_vae = sorted(r.key for r in records if r.vae_sha256 != vae_sha)
-    if other_vae:
-        raise StageError(f"{manifest}: latents of {other_vae[:3]} were encoded with another VAE than "
-                         f"{vae_path(paths)}: rerun encode-latents")
-    return SegmentationData(records=records, harmonized=harmonized, scale=read_scale(paths.latents), input_hashes={
-        "latents": sha256_file(manifest), "scale": sha256_file(paths.latents / SCALE),
-        "harmonized": sha256_file(harmonized_manifest), "settings": expected, "vae": vae_sha})
-
-
-PRETRAINED_STAGES = {"meduet": "pretrain", "mae": "pretrain_mae"}  # by init: the stage whose file initialises
-
-
-def backbone_source(paths: Paths, init: str, held_out: list[LatentRecord]) -> tuple[MeduetModel, Path]:
-    """The pretrained network whose shape (and, unless ``init`` is scratch, EMA weights) the encoder takes.
-
-    Scratch takes MeDUET's shape, so every initialisation trains the same network.
-
-    Raises:
-        StageError: the file's pretraining saw a held-out case.
-    """
-    source = meduet_path(paths, PRETRAINED_STAGES.get(init, "pretrain"))
-    pretrained, meta = load_meduet(source, "teacher")
-    seen = sorted(set(meta.get("train_latents", [])) & {r.key for r in held_out})
-    if seen:
-        raise StageError(f"{source}: pretraining saw held-out case(s) {seen}; they cannot measure fine-tuning")
-    return pretrained, source
-
-
-def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
-    return SegmenterArchitecture(num_classes=len(cfg.label_names), decoder=cfg.decoder, features=cfg.features,
-                                 image_features=cfg.image_features)
-
-
-def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,
-                  train: list[LatentRecord], held_out: list[LatentRecord], run_name: str) -> tuple[TrainedRun, dict]:
-    """Fine-tune one segmenter on ``train``'s labels (resuming the run of the same key).
-
-    Returns:
-        the trained run and what it was built from: ``backbone`` (its shape), ``source`` (the
-        pretrained file), ``source_sha256`` (None for scratch).
-    """
-    if not train:
-        raise StageError(f"{paths.latents / MANIFEST}: no labelled case of the train split")
-    pretrained, source = backbone_source(paths, cfg.init, held_out)
-    init_file = None if cfg.init == "scratch" else str(source)
-    source_sha = None if init_file is None else sha256_file(source)
-    # The run key covers the section, the code and this listing: other latents, labels, harmonization
-    # settings or pretrained weights are another run.
-    inputs = write_json(paths.work / "inputs" / stage / f"{run_name}.json",
-                        {**data.input_hashes, "pretrained": source_sha, "labelled": [r.key for r in train]})
-    log.info("%s: %s: %d labelled training case(s) (%s per site), %d held-out, init %s, decoder %s", stage, run_name,
-             len(train), cfg.labels_per_site, len(held_out), cfg.init, cfg.decoder)
-    trained = fit_trainer(stage=stage, cfg=cfg, build=build_trainer, inputs={
-        "backbone": pretrained.config, "head": head_architecture(cfg), "meduet_file": init_file,
-        "cases": [data.files(paths, r) for r in train], "scale": data.scale},
-        input_manifest=inputs, paths=paths, ray=ray)
-    return trained, {"backbone": pretrained.config, "source": source, "source_sha256": source_sha}
-
-
-def score_segmenter(trained: TrainedRun, backbone: MeduetArchitecture, cfg: FinetuneConfig, *, paths: Paths,
-                    data: SegmentationData, cases: list[LatentRecord]) -> tuple[LatentSegmenter, list[dict]]:
-    """The trained segmenter (eval mode) and its score rows on ``cases`` (see :func:`evaluate`)."""
-    model = LatentSegmenter(backbone, head_architecture(cfg))
-    model.load_state_dict(trained.state["model"])
-    model.eval()
-    return model, evaluate(model, [(r, data.files(paths, r)) for r in cases], scale=data.scale, cfg=cfg)
-
-
-def evaluate(model: LatentSegmenter, cases: list[tuple[LatentRecord, CaseFiles]], *, scale: float,
-             cfg: FinetuneConfig) -> list[dict]:
-    """One score row per held-out case and organ present in its label map (``SCORES`` and the voxel counts)."""
-    rows = []
-    for record, files in cases:
-        latent, image, label = read_case(files, scale)
-        spacing = tuple(float(s) for s in reversed(sitk.ReadImage(files.image).GetSpacing()))  # (D, H, W) axes
-        pred = segment_volume(model, latent, image, overlap=cfg.overlap, batch_size=cfg.window_batch)
-        scores = organ_metrics(pred, label, list(range(1, len(cfg.label_names))), spacing, cfg.surface_tolerance_mm)
-        for c, values in scores.items():
-            rows.append({"case": record.key, "site": record.domain, "organ": cfg.label_names[c],
-                         **{k: (None if math.isinf(v) else round(v, 4)) for k, v in values.items()}})
-        log.info("%s: %s mean Dice %.3f over %d organs", STAGE, record.key,
-                 np.mean([v["dice"] for v in scores.values()]), len(scores))
-    return rows
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Per site and organ, per organ (mean over sites), per site (mean over organs) and overall means."""
-    def mean(values: list) -> float | None:
-        values = [v for v in values if v is not None]
-        return round(float(np.mean(values)), 4) if values else None
-
-    out: dict = {}
-    for score in SCORES:
-        by_site: dict[str, dict[str, float | None]] = defaultdict(dict)
-        for row in rows:
-            by_site[row["site"]][row["organ"]] = row[score]
-        organs = sorted({row["organ"] for row in rows})
-        out[score] = {
-            "by_site": dict(by_site),
-            "by_organ": {o: mean([row[score] for row in rows if row["organ"] == o]) for o in organs},
-            "site_mean": {s: mean(list(v.values())) for s, v in by_site.items()},
-            "mean": mean([row[score] for row in rows]),
-        }
-    out["hd95"]["missed"] = sum(row["hd95"] is None for row in rows)  # organs never predicted (HD95 undefined)
-    return out
-
-
-def write_scores(target: Path, rows: list[dict]) -> Path:
-    """One CSV line per row (its keys, in order; empty where None)."""
-    header = list(rows[0]) if rows else ["case", "site", "organ", *SCORES]
-    lines = [",".join(header)] + [",".join("" if row[k] is None else str(row[k]) for k in header) for row in rows]
-    return write_text(target, "\n".join(lines) + "\n")
 
 
 def run(cfg: FinetuneConfig, paths: Paths, ray: RayConfig, harmonize: HarmonizeConfig) -> StageResult:

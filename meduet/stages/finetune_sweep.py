@@ -30,10 +30,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from meduet.config import FinetuneConfig, FinetuneSweepConfig, HarmonizeConfig, Paths, RayConfig
-from meduet.io.atomic import write_json
-from meduet.io.figures import plt, save_figure
-from meduet.stages import StageResult
-from meduet.stages.finetune import (
+from meduet.engine.finetune_runs import (
     SCORES,
     fit_segmenter,
     labelled_cases,
@@ -41,6 +38,9 @@ from meduet.stages.finetune import (
     segmentation_data,
     write_scores,
 )
+from meduet.io.atomic import write_json
+from meduet.io.figures import plt, save_figure
+from meduet.stages import StageResult
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import torch
 from meduet.artifacts.segmenter import load_segmenter
 from meduet.config import Paths, load_config
 from meduet.data.latents import LatentRecord, read_manifest, read_scale
+from meduet.engine.finetune_runs import labelled_cases
 from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
 from meduet.engine.segmentation import pad_case, segment_volume
 from meduet.stages import StageError, finetune
@@ -62,9 +63,9 @@ def test_labels_per_site_keeps_the_first_cases_of_each_site() -> None:
     records = [LatentRecord(key=f"{site}__c{i}", dataset=site, case_id=f"c{i}", domain=site, domain_index=0,
                             body_part="x", split="train", latent="", latent_shape=[], affine=[], orig_spacing=[],
                             image_sha256="", vae_sha256="") for site in ("b", "a") for i in (2, 0, 1)]
-    assert [r.key for r in finetune.labelled_cases(records, 1)] == ["a__c0", "b__c0"]
-    assert [r.key for r in finetune.labelled_cases(records, 2)] == ["a__c0", "a__c1", "b__c0", "b__c1"]
-    assert len(finetune.labelled_cases(records, "all")) == len(finetune.labelled_cases(records, 4)) == 6
+    assert [r.key for r in labelled_cases(records, 1)] == ["a__c0", "b__c0"]
+    assert [r.key for r in labelled_cases(records, 2)] == ["a__c0", "a__c1", "b__c0", "b__c1"]
+    assert len(labelled_cases(records, "all")) == len(labelled_cases(records, 4)) == 6
 
 
 def test_windows_align_latent_image_and_label_and_depend_on_the_step_alone() -> None:

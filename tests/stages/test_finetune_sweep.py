@@ -13,8 +13,8 @@ import torch
 from meduet.artifacts.pretrained import meduet_path
 from meduet.config import Paths, load_config
 from meduet.data.latents import read_manifest
+from meduet.engine.finetune_runs import backbone_source
 from meduet.stages import finetune_sweep
-from meduet.stages.finetune import backbone_source
 from tests.stages.trainers import FINETUNE_SITES, checkpoints
 
 # Two inits keep the eight cells (one per init; then per left-out site scratch, meduet and meduet+style) near
