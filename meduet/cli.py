@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     text = "segment scans with a fine-tuned segmenter; masks in each input's own geometry, organ volumes"
     predict = sub.add_parser("predict", help=text, description=text)
     predict.add_argument("--model", required=True, type=Path, help="segmenter file or finetune model folder")
-    predict.add_argument("--input", required=True, type=Path,
-                         help="an image file (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of those")
+    predict.add_argument("--input", required=True,
+                         help="an image file (NIfTI, NRRD, MHA), a DICOM series folder, a folder of those or an MSD "
+                         "dataset.json; local or s3://bucket/... (MEDUET_S3_ENDPOINT_URL, AWS_* from the environment)")
     predict.add_argument("--output", required=True, type=Path, help="folder for the masks and summary.json/.csv")
     return parser
 

@@ -126,3 +126,51 @@ def test_predict_fails_clearly_without_a_model_or_any_usable_case(tmp_path: Path
     (tmp_path / "in" / "empty.nrrd").write_bytes(b"")
     with pytest.raises(Exception, match="no case could be segmented: .*empty.nrrd: empty file"):
         predict(model, tmp_path / "in", tmp_path / "out")
+
+
+def _dataset(root: Path) -> Path:
+    """An MSD folder: one training case with a label, one test case, one test entry whose file is missing."""
+    scan = _write(root / "imagesTr", "case_a", "nii.gz", "LPS")
+    _write(root / "imagesTs", "case_b", "mha", "RAS")
+    index = {"name": "user data", "training": [{"image": f"imagesTr/{scan.name}", "label": f"imagesTr/{scan.name}"}],
+             "test": ["imagesTs/case_b.mha", "imagesTs/gone.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(index))
+    return root / "dataset.json"
+
+
+def test_predict_reads_the_cases_a_dataset_json_lists(tmp_path: Path) -> None:
+    index = _dataset(tmp_path / "msd")
+    (tmp_path / "msd" / "imagesTs" / "unlisted.nii.gz").write_bytes(b"not listed: never read")
+    model = _segmenter_file(tmp_path / "segmenter.pt")
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(model), "--input", str(index), "--output", str(out)]) == 0
+    summary = {r["case"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert {c: r["status"] for c, r in summary.items()} == {"case_a": "ok", "case_b": "ok", "gone": "quarantined"}
+    assert summary["gone"]["reason"] == f"{(tmp_path / 'msd' / 'imagesTs' / 'gone.nii.gz').resolve()}: file not found"
+    assert sorted(p.name for p in out.glob("*_seg.*")) == ["case_a_seg.nii.gz", "case_b_seg.mha"]
+
+
+@pytest.mark.services
+def test_predict_reads_inputs_from_s3(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MEDUET_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    _dataset(tmp_path / "upload")
+    fs = s3_server.filesystem()
+    fs.put(str(tmp_path / "upload") + "/", f"{s3_server.bucket}/predict/msd/", recursive=True)
+    model = _segmenter_file(tmp_path / "segmenter.pt")
+    bucket = f"s3://{s3_server.bucket}/predict/msd"
+
+    by_index = predict(model, f"{bucket}/dataset.json", tmp_path / "by_index")
+    assert sorted((r.case, r.status) for r in by_index) == [("case_a", "ok"), ("case_b", "ok"),
+                                                            ("gone", "quarantined")]
+    one = predict(model, f"{bucket}/imagesTs/case_b.mha", tmp_path / "one")
+    assert [(r.case, r.status) for r in one] == [("case_b", "ok")]
+    folder = predict(model, f"{bucket}/imagesTr/", tmp_path / "folder")
+    assert [(r.case, r.status) for r in folder] == [("case_a", "ok")]
+    # the masks of remote inputs are the masks of the same files read locally
+    local = predict(model, tmp_path / "upload" / "imagesTs" / "case_b.mha", tmp_path / "local")
+    remote_mask = sitk.GetArrayFromImage(sitk.ReadImage(one[0].mask))
+    assert np.array_equal(remote_mask, sitk.GetArrayFromImage(sitk.ReadImage(local[0].mask)))
+    with pytest.raises(Exception, match="remote file not found"):
+        predict(model, f"{bucket}/imagesTs/absent.mha", tmp_path / "absent")
