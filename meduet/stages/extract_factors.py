@@ -35,49 +35,16 @@ from meduet.artifacts.factors import FactorRecord, save_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import ExtractFactorsConfig, Paths, RayConfig
 from meduet.data.latents import MANIFEST, LatentRecord, load_latent, read_manifest, read_scale
-from meduet.data.windows import sliding_windows, window_origins, world_boxes
 from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
+from meduet.engine.volume_factors import volume_windows
 from meduet.io.atomic import write_json
 from meduet.io.images import sha256_file
-from meduet.models.meduet import MeduetModel
 from meduet.stages import StageError, StageResult
 
 CHUNKS_PER_WORKER = 4  # tasks per worker: each loads the model once; several even out unequal volumes
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def window_factors(model: MeduetModel, windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-averaged factors of each window.
-
-    Args:
-        windows: ``(n, C, d, h, w)`` scaled latents of the model's input size.
-
-    Returns:
-        ``content (n, E)``, ``style (n, S)``.
-    """
-    contents, styles = [], []
-    for batch in windows.split(batch_size):
-        content, style, _ = model.encode_full(batch)  # (b, N, E), (b, N, S)
-        contents.append(content.mean(dim=1))
-        styles.append(style.mean(dim=1))
-    return torch.cat(contents), torch.cat(styles)
-
-
-def volume_windows(model: MeduetModel, latent: np.ndarray, scale: float, affine: np.ndarray,
-                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Per-window factors of a whole ``(C, d, h, w)`` latent and the windows' world boxes.
-
-    Returns:
-        ``content (n, E)``, ``style (n, S)`` and ``boxes (n, 2, 3)`` (RAS mm, low and high corner).
-    """
-    x = torch.from_numpy(np.array(latent, dtype=np.float32)) * scale
-    window = model.config.input_size
-    content, style = window_factors(model, sliding_windows(x, window), batch_size)  # (n, E), (n, S)
-    boxes = world_boxes(window_origins(tuple(x.shape[1:]), window), window, affine)
-    return content, style, boxes
 
 
 def encode_chunk(job: dict) -> list[dict]:

@@ -15,7 +15,8 @@ Outputs under ``paths.reports/finetune_sweep/``: ``scores.csv`` (one row per cel
 case and organ), ``label_efficiency.csv`` (one row per cell: the DVC plot of Dice against
 labels), ``metrics.json`` (per protocol and initialisation: mean and sd over seeds; paired
 differences MeDUET - scratch and MeDUET - MAE over the same seeds, cases and organs, with a
-bootstrap interval; the issue's goals met or missed) and ``sweep.png`` (Dice against labels;
+bootstrap interval; the issue's goals met or missed; ``lesion_classification``: lesion presence
+from each init's pooled content by a linear probe, AUC and accuracy) and ``sweep.png`` (Dice against labels;
 with leave one site out, a second panel of Dice per unseen site).
 """
 
@@ -27,19 +28,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import bootstrap
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
 
 from meduet.config import FinetuneConfig, FinetuneSweepConfig, HarmonizeConfig, Paths, RayConfig
+from meduet.data.latents import LatentRecord
 from meduet.engine.finetune_runs import (
     SCORES,
+    SegmentationData,
+    backbone_source,
     fit_segmenter,
     labelled_cases,
     score_segmenter,
     segmentation_data,
     write_scores,
 )
+from meduet.engine.probes import fit_probe, linear_probe, probe_folds
+from meduet.engine.volume_factors import pooled_content
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
+from meduet.models.meduet import MeduetModel
 from meduet.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -161,6 +171,59 @@ def goals(label_efficiency: dict, loso: dict | None) -> dict:
     return out
 
 
+def lesion_probe(inits: list[str], *, paths: Paths, data: SegmentationData, label_names: list[str],
+                 seed: int) -> dict:
+    """Lesion presence from each init's frozen encoder: a linear probe of the pooled content vector.
+
+    Per volume, the content factor averaged over its sliding windows (the encoder as
+    initialised: scratch's is random, of the same shape and seed as its fine-tuning).
+    The target is whether the harmonized label map holds ``lesion``. A logistic regression
+    (``meduet.engine.probes``) fitted on the train split scores the held-out volumes (AUC,
+    accuracy); stratified cross-validation over the train split gives a second, larger-n
+    estimate. With a handful of volumes either is noisy: the counts are reported with them.
+    """
+    if "lesion" not in label_names:
+        return {"skipped": "no class named 'lesion' in finetune.label_names"}
+    lesion = label_names.index("lesion")
+    train, held_out = data.split("train"), data.split("held_out")
+    y_train = np.array([lesion in data.harmonized[r.key].labels_present for r in train], dtype=int)
+    y_held = np.array([lesion in data.harmonized[r.key].labels_present for r in held_out], dtype=int)
+    out: dict = {"train": {"volumes": len(train), "with_lesion": int(y_train.sum())},
+                 "held_out": {"volumes": len(held_out), "with_lesion": int(y_held.sum())}}
+    if len(set(y_train)) < 2:
+        return {**out, "skipped": "the train split has one class only"}
+    for init in inits:
+        pretrained, _ = backbone_source(paths, init, held_out)
+        if init == "scratch":
+            torch.manual_seed(seed)
+            pretrained = MeduetModel(pretrained.config).eval()
+
+        def content(records: list[LatentRecord]) -> np.ndarray:
+            return np.stack([pooled_content(pretrained, np.load(paths.latents / r.latent), data.scale)
+                             for r in records])
+
+        x_train, x_held = content(train), content(held_out)
+        entry: dict = {}
+        probe = fit_probe(x_train, y_train)
+        if len(held_out):
+            p_held = probe.predict_proba(x_held)[:, 1]
+            entry["held_out"] = {"accuracy": round(float(((p_held > 0.5) == y_held).mean()), 4),
+                                 "auc": round(float(roc_auc_score(y_held, p_held)), 4) if len(set(y_held)) > 1
+                                 else None}
+        try:
+            folds = probe_folds(y_train, 5, seed)
+        except ValueError as reason:  # too few of a class to cross-validate
+            entry["cross_validated"] = {"skipped": str(reason)}
+        else:
+            p_cv = cross_val_predict(linear_probe(1e-2, len(y_train)), x_train, y_train, cv=folds,
+                                     method="predict_proba")[:, 1]
+            entry["cross_validated"] = {"folds": folds.get_n_splits(),
+                                        "accuracy": round(float(((p_cv > 0.5) == y_train).mean()), 4),
+                                        "auc": round(float(roc_auc_score(y_train, p_cv)), 4)}
+        out[init] = entry
+    return out
+
+
 def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], loso_arms: list[str], target: Path) -> Path:
     """Mean held-out Dice per init (error bars: sd over seeds): against labelled subjects per site, and, with
     leave one site out, on each unseen site."""
@@ -229,7 +292,9 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         by_arm[cell.arm] += 1
     metrics = {"cells": len(cells), "cells_per_arm": dict(by_arm), "steps": finetune.steps,
                "held_out_cases": len(held_out), "sites": sites, "label_efficiency": efficiency,
-               "leave_one_site_out": loso, "goals": goals(efficiency, loso), "per_cell": cell_rows}
+               "leave_one_site_out": loso, "goals": goals(efficiency, loso), "per_cell": cell_rows,
+               "lesion_classification": lesion_probe(list(cfg.inits), paths=paths, data=data,
+                                                     label_names=finetune.label_names, seed=finetune.seed)}
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)
     log.info("%s: goals %s", STAGE, metrics["goals"])
     return StageResult(STAGE, outputs, metrics)

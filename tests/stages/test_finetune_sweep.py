@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from meduet.artifacts.pretrained import meduet_path
 from meduet.config import Paths, load_config
 from meduet.data.latents import read_manifest
-from meduet.engine.finetune_runs import backbone_source
+from meduet.engine.finetune_runs import backbone_source, segmentation_data
 from meduet.stages import finetune_sweep
 from tests.stages.trainers import FINETUNE_SITES, checkpoints
 
@@ -111,3 +112,23 @@ def test_full_switch_plans_the_whole_protocol() -> None:
     cells = finetune_sweep.plan(cfg.finetune_sweep, ["a", "b", "c", "d"])
     assert len(cells) == 4 * 3 * 3 + 4 * 4 * 3  # labels x inits x seeds, then sites x (inits + meduet+style) x seeds
     assert len({c.name for c in cells}) == len(cells)
+
+
+def test_lesion_probe_scores_each_inits_pooled_content(swept) -> None:
+    cfg, paths, result = swept
+    assert result.metrics["lesion_classification"] == {"skipped": "no class named 'lesion' in finetune.label_names"}
+    data = segmentation_data(paths, cfg.harmonize, cfg.finetune.label_names)
+    # the phantoms all hold a liver: call it a lesion present in the first case of each site only
+    marked = {r.key: data.harmonized[r.key].model_copy(update={"labels_present": [1, 2] if r.key.endswith("_0")
+                                                               or r.key.endswith("_2") and "site_a" in r.key
+                                                               else [1]}) for r in data.records}
+    data = dataclasses.replace(data, harmonized={**data.harmonized, **marked})
+    names = ["background", "body", "lesion"]
+    probe = finetune_sweep.lesion_probe(["scratch", "meduet"], paths=paths, data=data, label_names=names, seed=0)
+    assert probe["train"] == {"volumes": 4, "with_lesion": 2} and probe["held_out"] == {"volumes": 2, "with_lesion": 1}
+    for init in ("scratch", "meduet"):
+        held, cv = probe[init]["held_out"], probe[init]["cross_validated"]
+        assert held["accuracy"] in (0.0, 0.5, 1.0) and 0.0 <= held["auc"] <= 1.0
+        assert cv["folds"] == 2 and cv["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and 0.0 <= cv["auc"] <= 1.0
+    again = finetune_sweep.lesion_probe(["scratch", "meduet"], paths=paths, data=data, label_names=names, seed=0)
+    assert again == probe  # seeded: the random encoder and the folds
