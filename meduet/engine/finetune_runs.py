@@ -176,12 +176,14 @@ def evaluate(model: LatentSegmenter, cases: list[tuple[LatentRecord, CaseFiles]]
     return rows
 
 
+def mean(values: list) -> float | None:
+    """The mean of the values that are not None, to 4 digits (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 4) if values else None
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per site and organ, per organ (mean over sites), per site (mean over organs) and overall means."""
-    def mean(values: list) -> float | None:
-        values = [v for v in values if v is not None]
-        return round(float(np.mean(values)), 4) if values else None
-
     out: dict = {}
     for score in SCORES:
         by_site: dict[str, dict[str, float | None]] = defaultdict(dict)

@@ -41,6 +41,7 @@ from meduet.engine.finetune_runs import (
     backbone_source,
     fit_segmenter,
     labelled_cases,
+    mean,
     score_segmenter,
     segmentation_data,
     write_scores,
@@ -99,11 +100,6 @@ def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:
     return cells
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(float(np.mean(values)), 4) if values else None
-
-
 def _sd(values: list[float]) -> float | None:
     return round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None
 
@@ -145,9 +141,9 @@ def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: lis
             seeds = sorted({r["seed"] for r in mine})
             entry[arm] = {}
             for score in SCORES:
-                per_seed = [_mean([r[score] for r in mine if r["seed"] == s]) for s in seeds]
+                per_seed = [mean([r[score] for r in mine if r["seed"] == s]) for s in seeds]
                 per_seed = [v for v in per_seed if v is not None]
-                entry[arm][score] = {"mean": _mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
+                entry[arm][score] = {"mean": mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
         for arm in (a for a in arms if a.startswith("meduet")):
             entry[f"{arm}_minus"] = {b: paired_difference(at, arm=arm, baseline=b) for b in BASELINES if b in arms}
         out[str(point)] = entry
@@ -192,6 +188,7 @@ def lesion_probe(inits: list[str], *, paths: Paths, data: SegmentationData, labe
                  "held_out": {"volumes": len(held_out), "with_lesion": int(y_held.sum())}}
     if len(set(y_train)) < 2:
         return {**out, "skipped": "the train split has one class only"}
+    latents = {r.key: np.load(paths.latents / r.latent) for r in train + held_out}  # read once for every init
     for init in inits:
         pretrained, _ = backbone_source(paths, init, held_out)
         if init == "scratch":
@@ -199,8 +196,7 @@ def lesion_probe(inits: list[str], *, paths: Paths, data: SegmentationData, labe
             pretrained = MeduetModel(pretrained.config).eval()
 
         def content(records: list[LatentRecord]) -> np.ndarray:
-            return np.stack([pooled_content(pretrained, np.load(paths.latents / r.latent), data.scale)
-                             for r in records])
+            return np.stack([pooled_content(pretrained, latents[r.key], data.scale) for r in records])
 
         x_train, x_held = content(train), content(held_out)
         entry: dict = {}
@@ -274,7 +270,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
                   "labels_per_site": cell.labels_per_site, "left_out": cell.left_out or "", "seed": cell.seed}
         rows += [{**labels, **row} for row in scored]
         cell_rows.append({**labels, "labelled_cases": len(train), "steps": int(trained.state["step"]),
-                          **{score: _mean([r[score] for r in scored]) for score in SCORES}})
+                          **{score: mean([r[score] for r in scored]) for score in SCORES}})
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
 
     efficiency_rows = [r for r in rows if r["protocol"] == "label_efficiency"]
