@@ -104,14 +104,22 @@ def repro_outcome(stage: str, lines: Iterable[str]) -> str:
 
 
 # A progress line of meduet.engine.progress, wherever it comes from (a Ray worker's prefix and
-# colours, a logging prefix): "train_vae: 120/600 steps (20%), ...".
-PROGRESS_LINE = re.compile(r"(?P<name>[A-Za-z][\w-]*): (?P<done>\d+)/(?P<total>\d+) [a-z]+ \((?P<percent>\d+)%\)")
+# colours, a logging prefix): "train_vae: 120/600 steps (20%), ...". A stage made of several runs
+# names the run's part of it: "finetune_sweep[2/3]: 150/300 steps (50%)" is half of the second third.
+PROGRESS_LINE = re.compile(r"(?P<name>[A-Za-z][\w-]*)(?:\[(?P<part>\d+)/(?P<parts>\d+)\])?: "
+                           r"(?P<done>\d+)/(?P<total>\d+) [a-z]+ \((?P<percent>\d+)%\)")
 
 
 def progress_percent(line: str) -> float | None:
-    """The percentage a stage's progress line reports, or None for any other line."""
+    """The share of the whole stage (percent) a progress line reports, or None for any other line."""
     match = PROGRESS_LINE.search(line)
-    return float(match["percent"]) if match else None
+    if match is None:
+        return None
+    percent = float(match["percent"])
+    if match["part"] is None:
+        return percent
+    part, parts = int(match["part"]), max(int(match["parts"]), 1)
+    return round(100 * (min(part, parts) - 1 + percent / 100) / parts, 1)
 
 
 class StageProgress:

@@ -125,8 +125,11 @@ def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
 
 
 def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,
-                  train: list[LatentRecord], held_out: list[LatentRecord], run_name: str) -> tuple[TrainedRun, dict]:
+                  train: list[LatentRecord], held_out: list[LatentRecord], run_name: str,
+                  progress_name: str | None = None) -> tuple[TrainedRun, dict]:
     """Fine-tune one segmenter on ``train``'s labels (resuming the run of the same key).
+
+    ``progress_name`` names the run in progress lines (``training_stage.fit_trainer``).
 
     Returns:
         the trained run and what it was built from: ``backbone`` (its shape), ``source`` (the
@@ -146,7 +149,7 @@ def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConf
     trained = fit_trainer(stage=stage, cfg=cfg, build=build_trainer, inputs={
         "backbone": pretrained.config, "head": head_architecture(cfg), "meduet_file": init_file,
         "cases": [data.files(paths, r) for r in train], "scale": data.scale},
-        input_manifest=inputs, paths=paths, ray=ray)
+        input_manifest=inputs, paths=paths, ray=ray, progress_name=progress_name)
     return trained, {"backbone": pretrained.config, "source": source, "source_sha256": source_sha}
 
 

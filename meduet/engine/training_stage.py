@@ -43,17 +43,21 @@ class TrainedRun:
 
 
 def fit_trainer(*, stage: str, cfg: BaseModel, build: Callable[..., Trainer], inputs: dict[str, Any],
-                input_manifest: Path, paths: Paths, ray: RayConfig) -> TrainedRun:
+                input_manifest: Path, paths: Paths, ray: RayConfig, progress_name: str | None = None) -> TrainedRun:
     """Train with ``build(cfg=cfg, **inputs)`` on Ray Train, resuming the run of the same key.
 
     The run key covers the section ``cfg``, the input listing ``input_manifest``, the
     workers and devices (``ray.num_workers``, ``ray.use_gpu``) and the code: anything else
     is another run, never a resume of (or a return of) an old run's weights.
+
+    Args:
+        progress_name: what progress lines call the run (default ``stage``); a stage of several
+            runs names each one's part, ``finetune_sweep[2/3]`` (``flows.pipeline.progress_percent``).
     """
     scaling = Scaling.from_config(ray)
     spec = RunSpec.from_config(ray, paths, stage, run_key(config_hash(cfg), input_manifest, scaling))
     with output_lock(paths.work / "locks", spec.run_dir):  # one driver per run folder
-        result = dist.fit(train, {"build": build, "cfg": cfg, "stage": stage, **inputs}, scaling, spec)
+        result = dist.fit(train, {"build": build, "cfg": cfg, "stage": progress_name or stage, **inputs}, scaling, spec)
     return TrainedRun(state=result.load_state(), history=result.history, history_csv=result.metrics_csv)
 
 

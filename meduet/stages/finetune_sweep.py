@@ -47,6 +47,7 @@ from meduet.engine.finetune_runs import (
     write_scores,
 )
 from meduet.engine.probes import fit_probe, linear_probe, probe_folds
+from meduet.engine.progress import Progress
 from meduet.engine.volume_factors import pooled_content
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
@@ -256,6 +257,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     cells = plan(cfg, sites)
     rows: list[dict] = []
     cell_rows: list[dict] = []
+    progress = Progress(STAGE, len(cells), unit="cells", every_fraction=0.0)  # a line after every cell
     for index, cell in enumerate(cells, 1):
         log.info("%s: cell %d/%d: %s (%s)", STAGE, index, len(cells), cell.name, cell.protocol)
         section = finetune.model_copy(update={"init": cell.init, "labels_per_site": cell.labels_per_site,
@@ -264,7 +266,8 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         test = [r for r in held_out if cell.left_out is None or r.domain == cell.left_out]
         train = labelled_cases(pool, cell.labels_per_site)
         trained, built = fit_segmenter(section, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
-                                       held_out=held_out, run_name=f"{cell.protocol}-{cell.name}")
+                                       held_out=held_out, run_name=f"{cell.protocol}-{cell.name}",
+                                       progress_name=f"{STAGE}[{index}/{len(cells)}]")
         _, scored = score_segmenter(trained, built["backbone"], section, paths=paths, data=data, cases=test)
         labels = {"protocol": cell.protocol, "arm": cell.arm, "init": cell.init,
                   "labels_per_site": cell.labels_per_site, "left_out": cell.left_out or "", "seed": cell.seed}
@@ -272,6 +275,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         cell_rows.append({**labels, "labelled_cases": len(train), "steps": int(trained.state["step"]),
                           **{score: mean([r[score] for r in scored]) for score in SCORES}})
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
+        progress.update(index)
 
     efficiency_rows = [r for r in rows if r["protocol"] == "label_efficiency"]
     loso_rows = [r for r in rows if r["protocol"] == "leave_one_site_out"]

@@ -167,6 +167,9 @@ def test_http_json_retries_a_busy_server_and_gives_up_on_other_errors(monkeypatc
     ("\x1b[36m(RayTrainWorker pid=2797)\x1b[0m train_diffusion: 1500/1500 steps (100%), 25.47 steps/s, done, "
      "total 0.1631", 100.0),
     ("encode-latents: 0/16 cases (0%), 0.00 cases/s", 0.0),
+    ("(RayTrainWorker pid=1) finetune_sweep[2/4]: 150/300 steps (50%), 4.1 steps/s", 37.5),
+    ("finetune_sweep[3/3]: 300/300 steps (100%), done", 100.0),
+    ("finetune_sweep: 1/3 cells (33%), 0.01 cells/s", 33.0),
     ("Running stage 'train_vae':", None),
     ("site_a: 12/16 ok", None),
 ])
@@ -184,3 +187,14 @@ def test_stage_progress_only_moves_forward(monkeypatch: pytest.MonkeyPatch) -> N
         progress.line(line)
     progress.finish()
     assert updates == [5.0, 10.0, 20.0, 100.0]
+
+
+def test_a_stage_of_several_runs_is_not_done_when_its_first_run_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    updates: list[float] = []
+    monkeypatch.setattr(pipeline, "create_progress_artifact", lambda **kwargs: "id")
+    monkeypatch.setattr(pipeline, "update_progress_artifact", lambda artifact, progress: updates.append(progress))
+    progress = pipeline.StageProgress("finetune_sweep")
+    for line in ["finetune_sweep[1/2]: 150/300 steps (50%)", "finetune_sweep[1/2]: 300/300 steps (100%)",
+                 "finetune_sweep: 1/2 cells (50%)", "finetune_sweep[2/2]: 30/300 steps (10%)"]:
+        progress.line(line)
+    assert updates == [25.0, 50.0, 55.0]
