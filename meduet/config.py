@@ -506,7 +506,8 @@ class FinetuneConfig(StrictModel):
     )
     labels_per_site: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
         default="all", description="training subjects per site whose labels are used (label efficiency: 1, 2, 4, "
-        "all); the first ones by case key, the others stay unlabelled"
+        "all); seed 0 takes each site's first ones by case key, seed 1 the next ones (finetune_runs.labelled_cases); "
+        "the others stay unlabelled"
     )
     label_names: list[str] = Field(
         default_factory=lambda: list(DEMO_LABELS), min_length=2,

@@ -38,12 +38,25 @@ log = logging.getLogger(__name__)
 SCORES = ("dice", "hd95", "surface_dice")
 
 
-def labelled_cases(records: list[LatentRecord], per_site: int | str) -> list[LatentRecord]:
-    """The first ``per_site`` records of each site by key (all with ``"all"``)."""
+def labelled_cases(records: list[LatentRecord], per_site: int | str, seed: int = 0) -> list[LatentRecord]:
+    """``per_site`` records of each site (all with ``"all"``), the labelled subjects of ``seed``.
+
+    A site's records in key order are dealt out in turns: seed 0 takes the first ``per_site``,
+    seed 1 the next ``per_site`` (wrapping round), and so on, so the seeds of a sweep label
+    different subjects wherever a site has enough of them and the spread over seeds includes
+    the choice of subjects, not only the initialisation and batches.
+    """
     by_site: dict[str, list[LatentRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.key):
         by_site[record.domain].append(record)
-    return [r for site in sorted(by_site) for r in (by_site[site] if per_site == "all" else by_site[site][:per_site])]
+    if per_site == "all":
+        return [r for site in sorted(by_site) for r in by_site[site]]
+    chosen = []
+    for site in sorted(by_site):
+        pool, count = by_site[site], min(int(per_site), len(by_site[site]))
+        first = seed * count % len(pool)
+        chosen += sorted((pool[(first + i) % len(pool)] for i in range(count)), key=lambda r: r.key)
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ STAGE = "finetune"
 def run(cfg: FinetuneConfig, paths: Paths, ray: RayConfig, harmonize: HarmonizeConfig) -> StageResult:
     """Fine-tune the segmenter, score it on the held-out cases and save it for ``meduet predict``."""
     data = segmentation_data(paths, harmonize, cfg.label_names)
-    train = labelled_cases(data.split("train"), cfg.labels_per_site)
+    train = labelled_cases(data.split("train"), cfg.labels_per_site, cfg.seed)
     held_out = data.split("held_out")
     trained, built = fit_segmenter(cfg, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
                                    held_out=held_out, run_name=STAGE)

@@ -264,7 +264,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
                                               "seed": cell.seed, "style_augmentation": cell.style})
         pool = [r for r in train_split if r.domain != cell.left_out]
         test = [r for r in held_out if cell.left_out is None or r.domain == cell.left_out]
-        train = labelled_cases(pool, cell.labels_per_site)
+        train = labelled_cases(pool, cell.labels_per_site, cell.seed)
         trained, built = fit_segmenter(section, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
                                        held_out=held_out, run_name=f"{cell.protocol}-{cell.name}",
                                        progress_name=f"{STAGE}[{index}/{len(cells)}]")

@@ -68,6 +68,18 @@ def test_labels_per_site_keeps_the_first_cases_of_each_site() -> None:
     assert len(labelled_cases(records, "all")) == len(labelled_cases(records, 4)) == 6
 
 
+def test_each_seed_labels_the_next_subjects_of_each_site() -> None:
+    records = [LatentRecord(key=f"{site}__c{i}", dataset=site, case_id=f"c{i}", domain=site, domain_index=0,
+                            body_part="x", split="train", latent="", latent_shape=[], affine=[], orig_spacing=[],
+                            image_sha256="", vae_sha256="") for site in ("a", "b") for i in range(5)]
+    chosen = {seed: [r.key for r in labelled_cases(records, 1, seed) if r.domain == "a"] for seed in range(6)}
+    assert chosen == {0: ["a__c0"], 1: ["a__c1"], 2: ["a__c2"], 3: ["a__c3"], 4: ["a__c4"], 5: ["a__c0"]}
+    assert [r.key for r in labelled_cases(records, 2, 2) if r.domain == "b"] == ["b__c0", "b__c4"]  # wraps round
+    assert len(labelled_cases(records, 7, 3)) == 10  # never more than a site has, never twice the same
+    assert len({r.key for r in labelled_cases(records, 4, 1)}) == 8
+    assert labelled_cases(records, "all", 1) == labelled_cases(records, "all", 0)
+
+
 def test_windows_align_latent_image_and_label_and_depend_on_the_step_alone() -> None:
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(4, 6, 10, 12)).astype(np.float32)  # d smaller than the window: padded
