@@ -799,7 +799,14 @@ class RayConfig(StrictModel):
     )
     num_workers: Annotated[int, Field(ge=1)] = 1
     use_gpu: bool = False
-    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto", description="CPUs (and torch threads) per training worker; auto = the cluster's CPUs divided "
+        "by num_workers, at most one node's (on a 2-core machine: both cores for one worker)"
+    )
+    cpus_per_task: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="CPUs (and torch threads) per Ray task of the data stages (harmonize, encode-latents, "
+        "extract-factors, synthesize), which run one task per case side by side"
+    )
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
     local_num_cpus: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="CPUs a local cluster may use; None = all of this machine"

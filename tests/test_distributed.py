@@ -55,6 +55,7 @@ def toy_loop(**config: Any) -> None:
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     start = dist.resume(**parts)
     Path(config["marker_dir"], f"rank{dist.world_rank()}").write_text(str(dist.world_size()))
+    Path(config["marker_dir"], f"threads{dist.world_rank()}").write_text(str(torch.get_num_threads()))
 
     steps_per_epoch = len(loader)
     step = start
@@ -139,8 +140,9 @@ def _copy_of_crashed(crashed: RunSpec, tmp_path: Path) -> RunSpec:
 @pytest.mark.services
 def test_two_workers_train_report_and_checkpoint(uninterrupted: tuple[dist.FitResult, Path]) -> None:
     result, tmp = uninterrupted
-    assert sorted(p.name for p in (tmp / "markers").iterdir()) == ["rank0", "rank1"]
+    assert sorted(p.name for p in (tmp / "markers").glob("rank*")) == ["rank0", "rank1"]
     assert all((tmp / "markers" / f"rank{r}").read_text() == "2" for r in (0, 1))
+    assert all((tmp / "markers" / f"threads{r}").read_text() == "1" for r in (0, 1))  # one CPU each, one thread
 
     steps = [row["step"] for row in result.history]
     assert steps == list(range(1, STEPS + 1))
@@ -229,9 +231,11 @@ def test_torn_unlisted_checkpoint_is_skipped_for_the_listed_one(
     torn.parent.mkdir()
     torn.write_bytes(listed.read_bytes()[:-100])
 
-    resumed = dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1), run)
+    # cpus_per_worker None (params' "auto"): the one worker takes the cluster's 2 CPUs and runs 2 threads
+    resumed = dist.fit(toy_loop, loop_config(tmp_path), Scaling(num_workers=1, cpus_per_worker=None), run)
     assert resumed.history == reference.history  # resumed at the listed final step: nothing ran again
     assert resumed.checkpoint == str(listed.parent)
+    assert (tmp_path / "markers" / "threads0").read_text() == "2"
 
 
 @pytest.mark.services
@@ -279,6 +283,18 @@ def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitRe
 
 
 # --------------------------------------------------------------------------- without Ray
+def test_auto_cpus_share_the_cluster_between_workers_within_one_node() -> None:
+    auto = Scaling(num_workers=1, cpus_per_worker=None)
+    assert auto.with_cluster_cpus(2.0, [2.0]).cpus_per_worker == 2.0
+    assert auto.with_cluster_cpus(16.0, [8.0, 8.0]).cpus_per_worker == 8.0  # one worker lives on one node
+    assert Scaling(num_workers=3, cpus_per_worker=None).with_cluster_cpus(8.0, [8.0]).cpus_per_worker == 2.0
+    assert Scaling(num_workers=4, cpus_per_worker=None).with_cluster_cpus(2.0, [2.0]).cpus_per_worker == 1.0
+    assert Scaling(num_workers=2, cpus_per_worker=0.5).with_cluster_cpus(8.0, [8.0]).cpus_per_worker == 0.5
+    assert auto.with_cluster_cpus(6.0, [6.0]).threads == 6 and Scaling(cpus_per_worker=0.5).threads == 1
+    with pytest.raises(ValueError, match="decided on the cluster"):
+        auto.resources_per_worker()
+
+
 def test_loop_runs_as_one_plain_worker_outside_fit(tmp_path: Path) -> None:
     toy_loop(**loop_config(tmp_path, steps=4))
     assert (tmp_path / "markers" / "rank0").read_text() == "1"

@@ -3,7 +3,8 @@ a few hundred volumes harmonize there as Ray tasks.
 
 The cluster is what an operator starts by hand (README, "Running on a cluster"): a head
 node (``ray start --head``, no CPUs, so no training lands there) and a worker node
-(``ray start --address``, one CPU), each its own ``ray start --block`` process in its own
+(``ray start --address``, two CPUs: ``ray.cpus_per_worker: auto`` gives the one training worker
+both, so it runs the reference's two torch threads and can match its weights), each its own ``ray start --block`` process in its own
 session, with token authentication. The stage is the ``meduet pretrain`` CLI with
 ``RAY_ADDRESS`` naming the head and ``ray.storage`` on the moto S3 endpoint. Once a
 checkpoint is on S3 the training process on the worker node is SIGKILLed; Ray Train's
@@ -121,7 +122,7 @@ def ray_cluster(env: dict[str, str]) -> Iterator[RayCluster]:
     head_args = ["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                  f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
                  f"--temp-dir={temp / 'head'}", *_node_ports()]
-    worker_args = [f"--address={address}", "--num-cpus=1", f"--temp-dir={temp / 'worker'}", *_node_ports()]
+    worker_args = [f"--address={address}", "--num-cpus=2", f"--temp-dir={temp / 'worker'}", *_node_ports()]
     try:
         with _ray_node("ray head", head_args, node_env, temp / "head.log") as head:
             with _ray_node("ray worker", worker_args, node_env, temp / "worker.log") as worker:

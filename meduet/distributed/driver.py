@@ -155,7 +155,8 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
             ``worker.report``.
         loop_kwargs: keyword arguments for ``loop``, shipped to every worker (validated
             config sections travel as they are: pydantic models pickle).
-        scaling: workers and their resources.
+        scaling: workers and their resources (``cpus_per_worker`` None: the cluster's CPUs shared
+            by the workers, ``Scaling.with_cluster_cpus``); a worker runs as many torch threads as CPUs.
         run: run name, storage and checkpoint/failure policy.
 
     Returns:
@@ -168,11 +169,15 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
         TrainingError: the loop failed more than ``run.max_failures`` times.
     """
     ensure_ray(run)
+    scaling = scaling.with_cluster_cpus(ray.cluster_resources().get("CPU", 1.0),
+                                        [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]])
+    log.info("%s: %d worker(s), %g CPU(s) and %d torch thread(s) each%s", run.name, scaling.num_workers,
+             scaling.cpus_per_worker, scaling.threads, ", GPU" if scaling.use_gpu else "")
     claim_run_folder(run)
     fs, root = run.filesystem()
     session = worker.Session(stage=run.stage, config_hash=run.config_hash, checkpoint_every=run.checkpoint_every,
                              scheme="s3://" if run.storage.startswith("s3://") else "", storage=run.storage,
-                             s3_options=dict(run.s3_options), run_name=run.name)
+                             s3_options=dict(run.s3_options), run_name=run.name, threads=scaling.threads)
 
     trainer = ray.train.torch.TorchTrainer(
         functools.partial(_run_worker, loop=loop, session=session),

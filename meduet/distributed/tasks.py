@@ -50,7 +50,7 @@ def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scali
                 yield failure
         return
     ensure_ray(run)
-    remote = ray.remote(num_cpus=scaling.cpus_per_worker,
+    remote = ray.remote(num_cpus=scaling.cpus_per_worker or 1.0,
                         num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0)(fn)
     pending: dict[Any, int] = {}
     queue = list(enumerate(items))

@@ -43,6 +43,7 @@ class Session:
     storage: str  # RunSpec.storage, s3_options and name: where load_checkpoint finds the run folder
     s3_options: Mapping[str, Any]
     run_name: str
+    threads: int = 1  # torch threads: the worker's reserved CPUs
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -297,6 +298,7 @@ def running(session: Session) -> Iterator[Session]:
     """Install ``session`` for the helpers of this module while a loop runs (inside ``distributed.fit``)."""
     global _SESSION
     _SESSION = dataclasses.replace(session, history=[])
+    torch.set_num_threads(session.threads)  # Ray's OMP_NUM_THREADS says the same; torch may have read it late
     try:
         yield _SESSION
     finally:

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,28 +58,53 @@ class Scaling:
     Args:
         num_workers: training processes (one per GPU when ``use_gpu``).
         use_gpu: train on GPUs with NCCL; otherwise CPUs with gloo.
-        cpus_per_worker: CPUs reserved per worker.
+        cpus_per_worker: CPUs reserved per worker, also its torch threads; None = decided on
+            the cluster (:meth:`with_cluster_cpus`).
         gpus_per_worker: GPUs reserved per worker (ignored without ``use_gpu``).
     """
 
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = 1.0
     gpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
 
     @classmethod
     def from_config(cls, ray_cfg: RayConfig) -> Scaling:
-        """The ``ray`` section's scaling fields."""
-        return cls(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                   cpus_per_worker=ray_cfg.cpus_per_worker, gpus_per_worker=ray_cfg.gpus_per_worker)
+        """The training workers of the ``ray`` section (``cpus_per_worker: auto`` is None here)."""
+        cpus = None if ray_cfg.cpus_per_worker == "auto" else float(ray_cfg.cpus_per_worker)
+        return cls(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, cpus_per_worker=cpus,
+                   gpus_per_worker=ray_cfg.gpus_per_worker)
+
+    @classmethod
+    def for_tasks(cls, ray_cfg: RayConfig) -> Scaling:
+        """One data-stage task of the ``ray`` section: ``cpus_per_task`` CPUs (and a GPU share with ``use_gpu``)."""
+        return cls(num_workers=1, use_gpu=ray_cfg.use_gpu, cpus_per_worker=ray_cfg.cpus_per_task,
+                   gpus_per_worker=ray_cfg.gpus_per_worker)
+
+    def with_cluster_cpus(self, cluster_cpus: float, node_cpus: list[float]) -> Scaling:
+        """This scaling with ``cpus_per_worker`` decided when it is None: the cluster's CPUs shared by the
+        workers, whole CPUs, at most the largest node's, at least one.
+
+        A Ray worker gets as many torch threads as CPUs, so a single worker reserving one CPU of a
+        2-core machine would leave a core idle.
+        """
+        if self.cpus_per_worker is not None:
+            return self
+        share = int(cluster_cpus // self.num_workers)
+        return replace(self, cpus_per_worker=float(max(1, min(share, int(max(node_cpus, default=1))))))
+
+    @property
+    def threads(self) -> int:
+        """torch threads of one worker: its whole CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker or 1))
 
     @property
     def backend(self) -> str:
@@ -87,6 +112,8 @@ class Scaling:
         return "nccl" if self.use_gpu else "gloo"
 
     def resources_per_worker(self) -> dict[str, float]:
+        if self.cpus_per_worker is None:
+            raise ValueError("cpus_per_worker is decided on the cluster first (with_cluster_cpus)")
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker

@@ -119,12 +119,12 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
                   "image_sha256": image_sha, "vae_sha256": vae_sha, "latent_shape": [], "affine": []}
         jobs.append({"vae": str(vae_file), "image": str(image), "cache": str(cache), "latent": record["latent"],
                      "latent_std": record["latent_std"], "max_voxels": cfg.max_voxels_per_split,
-                     "threads": max(1, int(ray.cpus_per_worker)), "record": record})
+                     "threads": max(1, int(ray.cpus_per_task)), "record": record})
     log.info("encode-latents: %d case(s), %d reused, %d to encode on %d worker(s)",
              len(cases), len(records), len(jobs), cfg.workers)
     progress = Progress("encode-latents", len(jobs), unit="cases")
     if jobs:
-        scaling = Scaling.from_config(ray)
+        scaling = Scaling.for_tasks(ray)
         for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
                                      run=RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
             record = LatentRecord.model_validate(result)

@@ -98,11 +98,11 @@ def run(cfg: ExtractFactorsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     jobs = [{"model": str(ckpt), "weights": list(cfg.weights), "latents": str(paths.latents),
              "records": [r.model_dump(mode="json") for r in latents[start:start + size]],
              "rows": list(range(start, min(start + size, len(latents)))), "scale": scale,
-             "batch_size": cfg.batch_size, "threads": max(1, int(ray.cpus_per_worker))}
+             "batch_size": cfg.batch_size, "threads": max(1, int(ray.cpus_per_task))}
             for start in range(0, len(latents), size)]
     progress = Progress("extract-factors", len(latents), unit="volumes")
     by_row: dict[int, dict] = {}
-    for chunk in dist.map_tasks(encode_chunk, jobs, workers=cfg.workers, scaling=Scaling.from_config(ray),
+    for chunk in dist.map_tasks(encode_chunk, jobs, workers=cfg.workers, scaling=Scaling.for_tasks(ray),
                                 run=RunSpec.from_config(ray, paths, "extract_factors", model_sha[:16])):
         by_row.update((result["row"], result) for result in chunk)
         progress.update(len(by_row))

@@ -145,7 +145,7 @@ def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: 
     items = [(spec, settings, out_dir, digest) for spec, digest in jobs]
     specs = {spec.key: spec for spec, _ in jobs}
     run = RunSpec.from_config(ray, paths, "harmonize", settings.settings_hash)
-    for result in dist.map_tasks(harmonize_job, items, workers=workers, scaling=Scaling.from_config(ray), run=run,
+    for result in dist.map_tasks(harmonize_job, items, workers=workers, scaling=Scaling.for_tasks(ray), run=run,
                                  errors="yield"):
         if isinstance(result, dist.TaskError):
             log.warning("harmonize: %s", result)

@@ -241,7 +241,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
         source = by_key[record["source_key"]] if translation else None
         jobs.append({"record": dict(record), "seed": record["seed"], "store": str(store),
                      "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),
-                     "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_worker)),
+                     "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_task)),
                      "style": styles[record["target_site"]].tolist(),
                      "content": None if translation else arrays["teacher_content"][donor_row].tolist(),
                      "source_latent": str(paths.latents / source.latent) if source else None,
@@ -253,7 +253,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     records = list(done.values())
     progress = Progress(STAGE, len(jobs), unit="images")
     if jobs:
-        results = dist.map_tasks(synthesize_one, jobs, workers=cfg.workers, scaling=Scaling.from_config(ray),
+        results = dist.map_tasks(synthesize_one, jobs, workers=cfg.workers, scaling=Scaling.for_tasks(ray),
                                  run=RunSpec.from_config(ray, paths, STAGE, run_key))
         for result in results:
             record = SynthesisRecord.model_validate(result)

@@ -139,7 +139,7 @@ def test_ray_tasks_give_the_factors_of_one_process(project) -> None:
     extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
     one, records_one, _ = load_factors(paths.factors)
     parallel = cfg.extract_factors.model_copy(update={"workers": 2})
-    result = extract_factors.run(parallel, paths, ray=cfg.ray.model_copy(update={"cpus_per_worker": 1}))
+    result = extract_factors.run(parallel, paths, ray=cfg.ray.model_copy(update={"cpus_per_task": 1}))
     two, records_two, _ = load_factors(paths.factors)
     assert result.metrics["volumes"] == 6 and [r.key for r in records_two] == [r.key for r in records_one]
     for name in ("teacher_window_content", "student_window_style", "content", "style", "window_box_mm"):
