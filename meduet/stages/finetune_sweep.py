@@ -12,12 +12,13 @@ Every cell fine-tunes a segmenter with the ``finetune`` section's recipe, changi
 A cell is a training run of its own key, so an interrupted sweep resumes cell by cell.
 
 Outputs under ``paths.reports/finetune_sweep/``: ``scores.csv`` (one row per cell, held-out
-case and organ), ``label_efficiency.csv`` (one row per cell: the DVC plot of Dice against
-labels), ``metrics.json`` (per protocol and initialisation: mean and sd over seeds; paired
-differences MeDUET - scratch and MeDUET - MAE over the same seeds, cases and organs, with a
-bootstrap interval; the issue's goals met or missed; ``lesion_classification``: lesion presence
-from each init's pooled content by a linear probe, AUC and accuracy) and ``sweep.png`` (Dice against labels;
-with leave one site out, a second panel of Dice per unseen site).
+case and organ), ``history.csv`` (every cell's training loss by step), ``label_efficiency.csv``
+(one row per cell: the DVC plot of Dice against labels), ``metrics.json`` (per protocol and
+initialisation: mean and sd over seeds; paired differences MeDUET - scratch and MeDUET - MAE
+over the same seeds, cases and organs, with a bootstrap interval; the issue's goals met or
+missed; ``lesion_classification``: lesion presence from each init's pooled content by a linear
+probe, AUC and accuracy) and ``sweep.png`` (Dice against labels; with leave one site out, a
+second panel of Dice per unseen site).
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     cells = plan(cfg, sites)
     rows: list[dict] = []
     cell_rows: list[dict] = []
+    histories: list[dict] = []  # every cell's training rows, its name first
     progress = Progress(STAGE, len(cells), unit="cells", every_fraction=0.0)  # a line after every cell
     for index, cell in enumerate(cells, 1):
         log.info("%s: cell %d/%d: %s (%s)", STAGE, index, len(cells), cell.name, cell.protocol)
@@ -272,6 +274,8 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         labels = {"protocol": cell.protocol, "arm": cell.arm, "init": cell.init,
                   "labels_per_site": cell.labels_per_site, "left_out": cell.left_out or "", "seed": cell.seed}
         rows += [{**labels, **row} for row in scored]
+        histories += [{"cell": f"{cell.protocol}-{cell.name}", "step": row["step"], "total": row.get("total"),
+                       "lr": row.get("lr")} for row in trained.history]
         cell_rows.append({**labels, "labelled_cases": len(train), "steps": int(trained.state["step"]),
                           **{score: mean([r[score] for r in scored]) for score in SCORES}})
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
@@ -286,6 +290,8 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     outputs = {"scores": write_scores(reports / "scores.csv", rows),
                "cells": write_scores(reports / "label_efficiency.csv",
                                      [r for r in cell_rows if r["protocol"] == "label_efficiency"]),
+               # each cell's run wrote its own history here in turn; keep them all, by cell
+               "history": write_scores(reports / "history.csv", histories),
                "figure": plot_sweep(efficiency, loso, list(cfg.inits), arms, reports / "sweep.png")}
     by_arm: dict[str, int] = defaultdict(int)
     for cell in cells:

@@ -73,6 +73,12 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
     table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
     assert [r["init"] for r in table] == SWEEP["inits"]
+    histories = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "history.csv")))
+    by_cell = {r["cell"]: [] for r in histories}
+    for r in histories:
+        by_cell[r["cell"]].append(int(r["step"]))
+    assert len(by_cell) == metrics["cells"]  # every cell's training, not the last one's only
+    assert all(steps[-1] == cfg.finetune.steps for steps in by_cell.values())
 
 
 def test_each_init_reads_its_own_pretrained_file(swept, tmp_path: Path) -> None:
