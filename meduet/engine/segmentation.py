@@ -118,7 +118,7 @@ def organ_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[int], spaci
         classes: labels to score (those absent from ``truth`` are skipped: nothing to find).
         spacing: voxel size along ``(D, H, W)`` in mm (SimpleITK's ``(x, y, z)`` reversed).
         workers: classes scored side by side in threads (the nearest-edge queries, most of the
-            time, release the GIL: 7.2 -> 4.2 s for a demo volume on 2 cores); None = torch's
+            time, release the GIL: 6.9 -> 4.2 s for a demo volume on 2 cores); None = torch's
             thread count. The scores do not depend on it.
 
     Returns:
