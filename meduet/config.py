@@ -571,6 +571,12 @@ class FinetuneSweepConfig(StrictModel):
         default=True, description="leave one site out also fine-tunes MeDUET with style-bank augmentation (arm "
         "meduet+style: finetune.style_augmentation on), the domain-generalisation recipe"
     )
+    synthetic_arm: bool = Field(
+        default=False, description="label efficiency also fine-tunes MeDUET with each labelled scan's style-swapped "
+        "translations from the synthesis store added to its training cases (arm meduet+synth; the store needs "
+        "synthesize.augmentations_per_scan > 0); leave one site out never uses them (they would show the unseen "
+        "site's style)"
+    )
     full: bool = Field(default=False, description=f"the whole protocol, whatever the lists say: {FULL_SWEEP}")
 
     @model_validator(mode="after")
@@ -688,6 +694,10 @@ class SynthesizeConfig(StrictModel):
     samples_per_site: Annotated[int, Field(ge=0)] = Field(
         default=8, description="new crops per site from a training volume's content vector and the site's "
         "style (generation as the authors do it); 0 skips it"
+    )
+    augmentations_per_scan: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="each labelled training scan translated into this many other sites' styles, whole "
+        "volume, for fine-tuning with style-swapped volumes (finetune_sweep.synthetic_arm); 0 skips them"
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=64, description="windows per DiT forward")
     max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(

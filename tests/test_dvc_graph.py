@@ -19,8 +19,9 @@ def _dvc_yaml(**stages: dict) -> str:
 def test_repo_pipeline_order_and_artifacts() -> None:
     stages = {s.name: s for s in load_stages(REPO_ROOT)}
     assert list(stages) == ["demo_data", "harmonize", "train_vae", "encode_latents", "pretrain",
-                            "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae", "finetune_sweep",
-                            "train_diffusion", "synthesize", "train_evaluator", "evaluate_synthesis"]
+                            "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae",
+                            "train_diffusion", "synthesize", "finetune_sweep", "train_evaluator", "evaluate_synthesis"]
+    assert "data/synthesis" in stages["finetune_sweep"].deps  # its synthetic arm trains on style-swapped scans
     assert "data/latents/manifest.csv" in stages["train_evaluator"].deps  # the split, inside an out folder
     assert stages["demo_data"].metrics == ("reports/demo_data/metrics.json",)
     assert stages["demo_data"].plots == ("reports/demo_data/sites.png",)
@@ -56,7 +57,7 @@ def test_stage_added_to_dvc_yaml_joins_the_flow(tmp_path: Path) -> None:
     stages = load_stages(tmp_path)
     assert [s.name for s in stages] == ["demo_data", "harmonize", "train_vae", "encode_latents", "pretrain",
                                      "extract_factors", "evaluate_disentanglement", "finetune", "pretrain_mae",
-                                     "finetune_sweep", "train_diffusion", "synthesize", "train_evaluator",
+                                     "train_diffusion", "synthesize", "finetune_sweep", "train_evaluator",
                                      "evaluate_synthesis", "probe"]
     assert stages[-1].plots == ("reports/probe/umap.png",)
 

@@ -3,6 +3,9 @@
 - ``translations/<source key>__<target site>.nii.gz``: a held-out scan ``A`` (its content
   tokens) rendered in another site's style, decoded by the frozen VAE on ``A``'s harmonized
   grid, with ``A``'s affine: it overlays ``A`` and ``A``'s labels voxel for voxel;
+- ``augmentations/aug__<source key>__<target site>.nii.gz``: the same for a *training* scan
+  (``synthesize.augmentations_per_scan``), for fine-tuning with style-swapped volumes: the
+  source's labels hold for it (``finetune-sweep``'s ``meduet+synth`` arm);
 - ``generated/<target site>_<n>.nii.gz``: new crops (the DiT's input size) from a training
   volume's content vector and the site's style, as the authors generate;
 - ``latents/…npy``: the scaled sampled latent of each image (same name, ``.npy``);
@@ -29,6 +32,7 @@ SYNTHESIS_MANIFEST = "manifest.csv"
 SYNTHESIS_META = "manifest.json"
 TRANSLATIONS = "translations"
 GENERATED = "generated"
+AUGMENTATIONS = "augmentations"
 LATENTS = "latents"
 
 
@@ -38,10 +42,10 @@ class SynthesisRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: str  # file stem, unique in the store
-    kind: Literal["translation", "generation"]
-    source_key: str  # translation: the latent cache key of scan A; generation: the training volume of the content
+    kind: Literal["translation", "augmentation", "generation"]  # augmentation: a translation of a training scan
+    source_key: str  # the latent cache key of scan A (translation, augmentation) or of the content's volume
     source_site: str
-    source_split: str  # the latent cache split of the source ("held_out" unless the cache has none)
+    source_split: str  # the source's split: translation "held_out" (unless the cache has none), augmentation "train"
     subject: str | None  # the source's subject (travelling subjects: the real s@B to compare with)
     target_site: str
     target_domain_index: int

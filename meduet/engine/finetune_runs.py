@@ -139,10 +139,13 @@ def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
 
 def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,
                   train: list[LatentRecord], held_out: list[LatentRecord], run_name: str,
-                  progress_name: str | None = None) -> tuple[TrainedRun, dict]:
+                  progress_name: str | None = None, extra: list[tuple[str, CaseFiles]] = (),
+                  extra_sha256: str | None = None) -> tuple[TrainedRun, dict]:
     """Fine-tune one segmenter on ``train``'s labels (resuming the run of the same key).
 
     ``progress_name`` names the run in progress lines (``training_stage.fit_trainer``).
+    ``extra``: more training cases by key (e.g. style-swapped translations of ``train``'s scans
+    with their labels), from a file whose SHA-256 ``extra_sha256`` is part of the run key.
 
     Returns:
         the trained run and what it was built from: ``backbone`` (its shape), ``source`` (the
@@ -156,12 +159,14 @@ def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConf
     # The run key covers the section, the code and this listing: other latents, labels, harmonization
     # settings or pretrained weights are another run.
     inputs = write_json(paths.work / "inputs" / stage / f"{run_name}.json",
-                        {**data.input_hashes, "pretrained": source_sha, "labelled": [r.key for r in train]})
-    log.info("%s: %s: %d labelled training case(s) (%s per site), %d held-out, init %s, decoder %s", stage, run_name,
-             len(train), cfg.labels_per_site, len(held_out), cfg.init, cfg.decoder)
+                        {**data.input_hashes, "pretrained": source_sha, "labelled": [r.key for r in train],
+                         **({"extra": [key for key, _ in extra], "extra_sha256": extra_sha256} if extra else {})})
+    log.info("%s: %s: %d labelled training case(s) (%s per site)%s, %d held-out, init %s, decoder %s", stage,
+             run_name, len(train), cfg.labels_per_site, f" and {len(extra)} synthetic" if extra else "",
+             len(held_out), cfg.init, cfg.decoder)
     trained = fit_trainer(stage=stage, cfg=cfg, build=build_trainer, inputs={
         "backbone": pretrained.config, "head": head_architecture(cfg), "meduet_file": init_file,
-        "cases": [data.files(paths, r) for r in train], "scale": data.scale},
+        "cases": [data.files(paths, r) for r in train] + [files for _, files in extra], "scale": data.scale},
         input_manifest=inputs, paths=paths, ray=ray, progress_name=progress_name)
     return trained, {"backbone": pretrained.config, "source": source, "source_sha256": source_sha}
 

@@ -46,11 +46,12 @@ class CaseFiles:
     latent: str
     image: str
     label: str
+    scaled: bool = False  # the latent is already scaled (a synthesized one) rather than the cache's raw mean
 
 
 def read_case(files: CaseFiles, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scaled latent ``(C, d, h, w)`` float32, image ``(D, H, W)`` float32 and labels ``(D, H, W)``."""
-    latent = np.load(files.latent).astype(np.float32) * np.float32(scale)
+    latent = np.load(files.latent).astype(np.float32) * np.float32(1.0 if files.scaled else scale)
     image = sitk.GetArrayFromImage(sitk.ReadImage(files.image)).astype(np.float32)
     label = sitk.GetArrayFromImage(sitk.ReadImage(files.label))
     return latent, image, label

@@ -9,6 +9,12 @@ Every cell fine-tunes a segmenter with the ``finetune`` section's recipe, changi
 - leave one site out: all labels of every site but one, scored on the left-out site's held-out
   subjects, each site in turn.
 
+Arms besides the initialisations: ``meduet+style`` (leave one site out with style-bank
+augmentation, ``style_arm``) and ``meduet+synth`` (label efficiency with each labelled scan's
+style-swapped translations from the synthesis store added to its training cases, labelled
+with the scan's labels: ``synthetic_arm``, the claim that synthesis helps analysis). Each
+MeDUET arm is compared pair by pair with the baselines and with plain MeDUET.
+
 A cell is a training run of its own key, so an interrupted sweep resumes cell by cell.
 
 Outputs under ``paths.reports/finetune_sweep/``: ``scores.csv`` (one row per cell, held-out
@@ -34,7 +40,19 @@ from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from meduet.config import FinetuneConfig, FinetuneSweepConfig, HarmonizeConfig, Paths, RayConfig
+from meduet.artifacts.synthesis import (
+    SYNTHESIS_MANIFEST,
+    SYNTHESIS_META,
+    read_synthesis,
+)
+from meduet.artifacts.vae import vae_path
+from meduet.config import (
+    FinetuneConfig,
+    FinetuneSweepConfig,
+    HarmonizeConfig,
+    Paths,
+    RayConfig,
+)
 from meduet.data.latents import LatentRecord
 from meduet.engine.finetune_runs import (
     SCORES,
@@ -47,13 +65,15 @@ from meduet.engine.finetune_runs import (
     segmentation_data,
     write_scores,
 )
+from meduet.engine.finetune_training import CaseFiles
 from meduet.engine.probes import fit_probe, linear_probe, probe_folds
 from meduet.engine.progress import Progress
 from meduet.engine.volume_factors import pooled_content
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
+from meduet.io.images import sha256_file
 from meduet.models.meduet import MeduetModel
-from meduet.stages import StageResult
+from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +94,12 @@ class Cell:
     left_out: str | None  # the unseen site (leave one site out)
     seed: int
     style: bool = False  # style-bank augmentation
+    synthetic: bool = False  # the labelled scans' style-swapped translations train too
 
     @property
     def arm(self) -> str:
-        """The initialisation, with ``+style`` under style-bank augmentation."""
-        return f"{self.init}+style" if self.style else self.init
+        """The initialisation, with ``+style`` under style-bank augmentation, ``+synth`` with translations."""
+        return self.init + ("+style" if self.style else "") + ("+synth" if self.synthetic else "")
 
     @property
     def name(self) -> str:
@@ -92,10 +113,16 @@ def loso_arms(cfg: FinetuneSweepConfig) -> list[tuple[str, bool]]:
     return arms + [("meduet", True)] if cfg.style_arm and "meduet" in cfg.inits else arms
 
 
+def efficiency_arms(cfg: FinetuneSweepConfig) -> list[tuple[str, bool]]:
+    """Label-efficiency arms: ``(init, synthetic)``; MeDUET also with synthetic augmentation (``synthetic_arm``)."""
+    arms = [(init, False) for init in cfg.inits]
+    return arms + [("meduet", True)] if cfg.synthetic_arm and "meduet" in cfg.inits else arms
+
+
 def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:
     """The sweep's cells, label efficiency first, in a stable order."""
-    cells = [Cell("label_efficiency", init, labels, None, seed)
-             for labels in cfg.labels_per_site for init in cfg.inits for seed in cfg.seeds]
+    cells = [Cell("label_efficiency", init, labels, None, seed, synthetic=synthetic)
+             for labels in cfg.labels_per_site for init, synthetic in efficiency_arms(cfg) for seed in cfg.seeds]
     if cfg.leave_one_site_out:
         cells += [Cell("leave_one_site_out", init, "all", site, seed, style)
                   for site in sites for init, style in loso_arms(cfg) for seed in cfg.seeds]
@@ -147,7 +174,8 @@ def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: lis
                 per_seed = [v for v in per_seed if v is not None]
                 entry[arm][score] = {"mean": mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
         for arm in (a for a in arms if a.startswith("meduet")):
-            entry[f"{arm}_minus"] = {b: paired_difference(at, arm=arm, baseline=b) for b in BASELINES if b in arms}
+            against = [*BASELINES, *(["meduet"] if arm != "meduet" else [])]  # an augmented arm: also plain MeDUET
+            entry[f"{arm}_minus"] = {b: paired_difference(at, arm=arm, baseline=b) for b in against if b in arms}
         out[str(point)] = entry
     return out
 
@@ -167,6 +195,32 @@ def goals(label_efficiency: dict, loso: dict | None) -> dict:
         out["loso_meduet_beats_scratch_on_every_site"] = {"arm": arm, "sites": beats,
                                                           "met": bool(beats) and all(beats.values())}
     return out
+
+
+def synthetic_cases(paths: Paths, data: SegmentationData, train: list[LatentRecord]) -> tuple[
+        list[tuple[str, CaseFiles]], str]:
+    """The synthesis store's augmentations of ``train``'s scans as labelled cases, and the store manifest's SHA-256.
+
+    Each is a whole training scan translated into another site's style on the scan's own grid, so
+    the scan's label map holds for it; its latent is the sampled one (already scaled).
+
+    Raises:
+        StageError: no store, a store made with another VAE, or no augmentation of these scans.
+    """
+    records, meta = read_synthesis(paths.synthesis)
+    if meta.get("vae_sha256") != data.input_hashes["vae"]:
+        raise StageError(f"{paths.synthesis / SYNTHESIS_META}: made with another VAE than {vae_path(paths)}; "
+                         f"rerun synthesize")
+    keys = {r.key for r in train}
+    chosen = [r for r in records if r.kind == "augmentation" and r.source_key in keys]
+    if not chosen:
+        raise StageError(f"{paths.synthesis / SYNTHESIS_MANIFEST}: no augmentation of the labelled scans "
+                         f"{sorted(keys)[:3]}...: set synthesize.augmentations_per_scan > 0 and rerun synthesize, "
+                         f"or finetune_sweep.synthetic_arm: false")
+    cases = [(r.key, CaseFiles(latent=str(paths.synthesis / r.latent), image=str(paths.synthesis / r.image),
+                               label=str(paths.harmonized / data.harmonized[r.source_key].label), scaled=True))
+             for r in chosen]
+    return cases, sha256_file(paths.synthesis / SYNTHESIS_MANIFEST)
 
 
 def lesion_probe(inits: list[str], *, paths: Paths, data: SegmentationData, label_names: list[str],
@@ -223,8 +277,8 @@ def lesion_probe(inits: list[str], *, paths: Paths, data: SegmentationData, labe
 
 
 def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], loso_arms: list[str], target: Path) -> Path:
-    """Mean held-out Dice per init (error bars: sd over seeds): against labelled subjects per site, and, with
-    leave one site out, on each unseen site."""
+    """Mean held-out Dice per arm (``inits``: the label-efficiency arms; error bars: sd over seeds): against
+    labelled subjects per site, and, with leave one site out, on each unseen site."""
     fig, axes = plt.subplots(1, 1 if loso is None else 2, figsize=(5 if loso is None else 10, 3.5), squeeze=False)
     ax = axes[0, 0]
     points = list(efficiency)
@@ -267,23 +321,27 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         pool = [r for r in train_split if r.domain != cell.left_out]
         test = [r for r in held_out if cell.left_out is None or r.domain == cell.left_out]
         train = labelled_cases(pool, cell.labels_per_site, cell.seed)
+        extra, extra_sha = synthetic_cases(paths, data, train) if cell.synthetic else ([], None)
         trained, built = fit_segmenter(section, stage=STAGE, paths=paths, ray=ray, data=data, train=train,
                                        held_out=held_out, run_name=f"{cell.protocol}-{cell.name}",
-                                       progress_name=f"{STAGE}[{index}/{len(cells)}]")
+                                       progress_name=f"{STAGE}[{index}/{len(cells)}]", extra=extra,
+                                       extra_sha256=extra_sha)
         _, scored = score_segmenter(trained, built["backbone"], section, paths=paths, data=data, cases=test)
         labels = {"protocol": cell.protocol, "arm": cell.arm, "init": cell.init,
                   "labels_per_site": cell.labels_per_site, "left_out": cell.left_out or "", "seed": cell.seed}
         rows += [{**labels, **row} for row in scored]
         histories += [{"cell": f"{cell.protocol}-{cell.name}", "step": row["step"], "total": row.get("total"),
                        "lr": row.get("lr")} for row in trained.history]
-        cell_rows.append({**labels, "labelled_cases": len(train), "steps": int(trained.state["step"]),
+        cell_rows.append({**labels, "labelled_cases": len(train), "synthetic_cases": len(extra),
+                          "steps": int(trained.state["step"]),
                           **{score: mean([r[score] for r in scored]) for score in SCORES}})
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
         progress.update(index)
 
     efficiency_rows = [r for r in rows if r["protocol"] == "label_efficiency"]
     loso_rows = [r for r in rows if r["protocol"] == "leave_one_site_out"]
-    efficiency = summarize_protocol(efficiency_rows, list(cfg.labels_per_site), "labels_per_site", list(cfg.inits))
+    names = [Cell("", init, 1, None, 0, synthetic=synthetic).arm for init, synthetic in efficiency_arms(cfg)]
+    efficiency = summarize_protocol(efficiency_rows, list(cfg.labels_per_site), "labels_per_site", names)
     arms = [Cell("", init, "all", None, 0, style).arm for init, style in loso_arms(cfg)]
     loso = summarize_protocol(loso_rows, sites, "left_out", arms) if cfg.leave_one_site_out else None
     reports = paths.reports / STAGE
@@ -292,7 +350,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
                                      [r for r in cell_rows if r["protocol"] == "label_efficiency"]),
                # each cell's run wrote its own history here in turn; keep them all, by cell
                "history": write_scores(reports / "history.csv", histories),
-               "figure": plot_sweep(efficiency, loso, list(cfg.inits), arms, reports / "sweep.png")}
+               "figure": plot_sweep(efficiency, loso, names, arms, reports / "sweep.png")}
     by_arm: dict[str, int] = defaultdict(int)
     for cell in cells:
         by_arm[cell.arm] += 1

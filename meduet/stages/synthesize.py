@@ -11,7 +11,10 @@ Two uses of the factors (issue 10):
   with A's content tokens window by window and site B's style (``meduet.diffusion.sampling``),
   decoded onto A's harmonized grid with A's affine: A's anatomy as site B would acquire it;
 - *generation* (``samples_per_site`` per site): a crop of the DiT's input size from one
-  training volume's content vector and the site's style, as the authors generate.
+  training volume's content vector and the site's style, as the authors generate;
+- *augmentation* (``augmentations_per_scan``, off by default): each labelled training scan
+  translated like the held-out ones into other sites' styles, for fine-tuning on
+  style-swapped volumes with the source's labels (``finetune-sweep``'s ``synthetic_arm``).
 
 Sources come from the latent cache's ``held_out`` split, the subjects no training stage saw
 (a cache without one falls back to ``train``, and the metrics say so). Every image has its
@@ -41,7 +44,14 @@ from meduet import distributed as dist
 from meduet.artifacts.diffusion import dit_path, load_dit
 from meduet.artifacts.factors import FACTORS, load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
-from meduet.artifacts.synthesis import GENERATED, LATENTS, TRANSLATIONS, SynthesisRecord, write_synthesis
+from meduet.artifacts.synthesis import (
+    AUGMENTATIONS,
+    GENERATED,
+    LATENTS,
+    TRANSLATIONS,
+    SynthesisRecord,
+    write_synthesis,
+)
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import Paths, RayConfig, SynthesizeConfig, config_hash
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale, save_array
@@ -96,7 +106,7 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(job["seed"])
     style = torch.tensor(job["style"], dtype=torch.float32)
     with torch.no_grad():
-        if job["record"]["kind"] == "translation":
+        if job["record"]["kind"] in ("translation", "augmentation"):
             source = torch.from_numpy(np.load(job["source_latent"]).astype(np.float32)) * scale  # (C, D, H, W)
             predict = TiledPredictor(dit, _teacher(job["meduet"]), process, source=source, style=style,
                                      guidance=guidance, overlap=settings["window_overlap"],
@@ -151,8 +161,9 @@ def _sources(latents: list[LatentRecord]) -> tuple[list[LatentRecord], str]:
 
 
 def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: list, sites: list[str],
-         rng: np.random.Generator) -> list[dict[str, Any]]:
-    """The records to make: translations (source, other site), then generated crops per site, each with its seed."""
+         rng: np.random.Generator, labelled: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """The records to make, each with its seed: translations (source, other site), generated crops per site,
+    then augmentations (the training scans among ``labelled``, into other sites' styles)."""
     sources, split = _sources(latents)
     pairs = [(a, site) for a in sources for site in sites if site != a.domain]
     if len(pairs) > cfg.translations:
@@ -173,8 +184,26 @@ def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: 
                             "source_split": donor.split, "subject": _subject(donor.case_id), "target_site": site,
                             "target_domain_index": sites.index(site), "image": f"{GENERATED}/{key}.nii.gz",
                             "latent": f"{LATENTS}/{key}.npy", "donor_row": donor.row})
+    # Last, from their own generator: the records above keep their keys and seeds whatever this count is.
+    planned += augmentation_pairs(cfg, [r for r in latents if r.split == "train" and r.key in labelled], sites)
     for index, record in enumerate(planned):
         record["seed"] = int(np.random.SeedSequence([cfg.seed, index]).generate_state(1)[0])
+    return planned
+
+
+def augmentation_pairs(cfg: SynthesizeConfig, sources: list[LatentRecord], sites: list[str]) -> list[dict[str, Any]]:
+    """Each labelled training scan into ``augmentations_per_scan`` other sites' styles (drawn per scan)."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    planned = []
+    for a in sorted(sources, key=lambda r: r.key):
+        others = [site for site in sites if site != a.domain]
+        count = min(cfg.augmentations_per_scan, len(others))
+        for site in sorted(rng.choice(others, size=count, replace=False).tolist()) if count else []:
+            key = f"aug__{a.key}__{site}"
+            planned.append({"key": key, "kind": "augmentation", "source_key": a.key, "source_site": a.domain,
+                            "source_split": a.split, "subject": _subject(a.case_id), "target_site": site,
+                            "target_domain_index": sites.index(site), "image": f"{AUGMENTATIONS}/{key}.nii.gz",
+                            "latent": f"{LATENTS}/{key}.npy"})
     return planned
 
 
@@ -217,13 +246,15 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     sites = list(factor_meta["domains"])
     styles = _site_styles(arrays, factor_records, sites)
     planned = plan(cfg, latents=latents, factor_records=factor_records, sites=sites,
-                   rng=np.random.default_rng(cfg.seed))
+                   rng=np.random.default_rng(cfg.seed), labelled={k for k, r in harmonized.items() if r.label})
     if not planned:
         raise StageError(f"{STAGE}: nothing to make (translations and samples_per_site are 0, or one site only)")
 
     store = paths.synthesis
     dit_sha, vae_sha = sha256_file(dit_file), sha256_file(vae_file)  # each file read once
-    run_key = config_hash(cfg.model_copy(update={"workers": 1}))[:8] + hashlib.sha256(
+    # Neither the worker count nor the augmentation count changes an image (each has its own seed and
+    # augmentations come last), so a run with more or fewer of them reuses the others.
+    run_key = config_hash(cfg.model_copy(update={"workers": 1, "augmentations_per_scan": 0}))[:8] + hashlib.sha256(
         "".join([dit_meta["meduet_sha256"], dit_sha, vae_sha, sha256_file(paths.factors / FACTORS),
                  sha256_file(paths.latents / MANIFEST), sha256_file(paths.latents / SCALE)]).encode()).hexdigest()[:8]
     done = _reusable(store, run_key)
@@ -237,7 +268,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
         if record["key"] in done:
             continue
         donor_row = record.pop("donor_row", None)
-        translation = record["kind"] == "translation"
+        translation = record["kind"] in ("translation", "augmentation")  # a whole scan, on its grid
         source = by_key[record["source_key"]] if translation else None
         jobs.append({"record": dict(record), "seed": record["seed"], "store": str(store),
                      "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),
@@ -292,10 +323,12 @@ def _metrics(records: list[SynthesisRecord], meta: dict, store: Path) -> dict[st
     stds = [float(np.load(store / r.latent).std()) for r in records]
 
     return {"translations": sum(r.kind == "translation" for r in records),
+            "augmentations": sum(r.kind == "augmentation" for r in records),
             "generated": sum(r.kind == "generation" for r in records),
             "source_split": next((r.source_split for r in records if r.kind == "translation"), None),
             "objective": meta["objective"], "sampling_steps": meta["settings"]["sampling_steps"],
-            "seconds_per_translation": seconds("translation"), "seconds_per_generated_crop": seconds("generation"),
+            "seconds_per_translation": seconds("translation"), "seconds_per_augmentation": seconds("augmentation"),
+            "seconds_per_generated_crop": seconds("generation"),
             "latent_std_mean": round(float(np.mean(stds)), 4) if stds else None, "sites": meta["sites"]}
 
 

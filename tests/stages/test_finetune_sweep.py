@@ -8,29 +8,58 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from meduet.artifacts.pretrained import meduet_path
-from meduet.config import Paths, load_config
-from meduet.data.latents import read_manifest
+from meduet.artifacts.synthesis import AUGMENTATIONS, LATENTS, SynthesisRecord, write_synthesis
+from meduet.config import MeduetConfig, Paths, load_config
+from meduet.data.latents import read_manifest, save_array
 from meduet.engine.finetune_runs import backbone_source, segmentation_data
-from meduet.stages import finetune_sweep
+from meduet.engine.finetune_training import CaseFiles, read_case
+from meduet.io.images import write_image
+from meduet.stages import StageError, finetune_sweep
 from tests.stages.trainers import FINETUNE_SITES, checkpoints
 
-# Two inits keep the eight cells (one per init; then per left-out site scratch, meduet and meduet+style) near
-# 110 s: each cell is a Ray Train run (~12 s of start-up for 4 steps). The mae init differs only in the file it
-# reads: test below.
-SWEEP = {"inits": ["scratch", "meduet"], "labels_per_site": [1], "seeds": [0], "leave_one_site_out": True}
+# Two inits keep the nine cells (one per init and meduet+synth; then per left-out site scratch, meduet and
+# meduet+style) near 130 s: each cell is a Ray Train run (~12 s of start-up for 4 steps). The mae init differs
+# only in the file it reads: test below.
+SWEEP = {"inits": ["scratch", "meduet"], "labels_per_site": [1], "seeds": [0], "leave_one_site_out": True,
+         "synthetic_arm": True}
+
+
+def write_augmentations(cfg: MeduetConfig, paths: Paths, *, keys: set[str] | None = None) -> list[SynthesisRecord]:
+    """A stand-in synthesis store in ``meduet.artifacts.synthesis``'s contract: each training scan (of ``keys``, or
+    all) "translated" by inverting its intensities on its own grid, with its scaled cached latent negated."""
+    data = segmentation_data(paths, cfg.harmonize, cfg.finetune.label_names)
+    records = []
+    for record in data.split("train"):
+        if keys is not None and record.key not in keys:
+            continue
+        key = f"aug__{record.key}__other"
+        source = sitk.ReadImage(str(paths.harmonized / data.harmonized[record.key].image))
+        image = sitk.GetImageFromArray(1.0 - sitk.GetArrayFromImage(source))
+        image.CopyInformation(source)
+        write_image(image, paths.synthesis / AUGMENTATIONS / f"{key}.nii.gz")
+        save_array(paths.synthesis / LATENTS / f"{key}.npy", -np.load(paths.latents / record.latent) * data.scale)
+        records.append(SynthesisRecord(
+            key=key, kind="augmentation", source_key=record.key, source_site=record.domain, source_split="train",
+            subject=None, target_site="other", target_domain_index=0, image=f"{AUGMENTATIONS}/{key}.nii.gz",
+            latent=f"{LATENTS}/{key}.npy", shape=list(source.GetSize()[::-1]), seed=0, seconds=0.0))
+    write_synthesis(paths.synthesis, records, {"vae_sha256": data.input_hashes["vae"]})
+    return records
 
 
 @pytest.fixture(scope="module")
 def swept(uninterrupted_run, tmp_path_factory: pytest.TempPathFactory):
-    """The finetune test project, swept once."""
+    """The finetune test project with a stand-in synthesis store, swept once."""
     root = Path(shutil.copytree(uninterrupted_run("finetune"), tmp_path_factory.mktemp("sweep") / "project",
                                 symlinks=True))
     cfg = load_config(root / "params.yaml", [f"finetune_sweep.{k}={json.dumps(v)}" for k, v in SWEEP.items()])
     paths = Paths.resolve(cfg, root)
+    write_augmentations(cfg, paths)
     result = finetune_sweep.run(cfg.finetune_sweep, paths, ray=cfg.ray, finetune=cfg.finetune,
                                 harmonize=cfg.harmonize)
     return cfg, paths, result
@@ -39,8 +68,8 @@ def swept(uninterrupted_run, tmp_path_factory: pytest.TempPathFactory):
 def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     cfg, paths, result = swept
     metrics = result.metrics
-    assert metrics["cells"] == 2 + 3 * len(FINETUNE_SITES)
-    assert metrics["cells_per_arm"] == {"scratch": 3, "meduet": 3, "meduet+style": 2}
+    assert metrics["cells"] == 3 + 3 * len(FINETUNE_SITES)
+    assert metrics["cells_per_arm"] == {"scratch": 3, "meduet": 3, "meduet+synth": 1, "meduet+style": 2}
     rows = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "scores.csv")))
     organs = ("body", "liver")
     for cell in metrics["per_cell"]:
@@ -50,19 +79,26 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
         assert sorted((r["site"], r["organ"]) for r in mine) == [(s, o) for s in expected_sites for o in organs]
         # one labelled subject per site; without a site: both training subjects of the other
         assert cell["labelled_cases"] == 2 and cell["steps"] == cfg.finetune.steps
-    dice = {c["init"]: c["dice"] for c in metrics["per_cell"] if c["protocol"] == "label_efficiency"}
+        # the synthetic arm also trains on the augmentations of its two labelled scans, and no other arm does
+        assert cell["synthetic_cases"] == (2 if cell["arm"] == "meduet+synth" else 0)
+    dice = {c["arm"]: c["dice"] for c in metrics["per_cell"] if c["protocol"] == "label_efficiency"}
     assert dice["scratch"] != dice["meduet"], dice  # two initialisations, two different models
+    assert dice["meduet+synth"] != dice["meduet"], dice  # the augmentations reached training
 
     efficiency = metrics["label_efficiency"]["1"]
     assert efficiency["meduet"]["dice"]["mean"] == pytest.approx(dice["meduet"], abs=1e-3)
     paired = efficiency["meduet_minus"]
     assert set(paired) == {"scratch"} and paired["scratch"]["n"] == len(FINETUNE_SITES) * len(organs)
     assert paired["scratch"]["mean"] == pytest.approx(dice["meduet"] - dice["scratch"], abs=2e-3)
+    synth = efficiency["meduet+synth_minus"]  # the augmentation's own effect: against plain MeDUET too
+    assert set(synth) == {"scratch", "meduet"}
+    assert synth["meduet"]["mean"] == pytest.approx(dice["meduet+synth"] - dice["meduet"], abs=2e-3)
     loso = metrics["leave_one_site_out"]
     assert set(loso) == set(FINETUNE_SITES)
     for site in FINETUNE_SITES:  # the style bank changes the model: augmentation reached training
         assert loso[site]["meduet+style"]["dice"]["mean"] != loso[site]["meduet"]["dice"]["mean"]
-        assert set(loso[site]["meduet+style_minus"]) == {"scratch"}
+        assert set(loso[site]["meduet+style_minus"]) == {"scratch", "meduet"}
+        assert "meduet+synth" not in loso[site]  # translations would show the unseen site's style
     goals = metrics["goals"]
     assert set(goals) == {"one_label_meduet_minus_scratch_at_least_0.05", "one_label_meduet_minus_mae_at_least_0.02",
                           "loso_meduet_beats_scratch_on_every_site"}
@@ -72,7 +108,7 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     assert len({p.parent.parent for p in checkpoints(paths.root, "finetune_sweep")}) == metrics["cells"]  # a run each
     assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
     table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
-    assert [r["init"] for r in table] == SWEEP["inits"]
+    assert [r["arm"] for r in table] == [*SWEEP["inits"], "meduet+synth"]
     histories = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "history.csv")))
     by_cell = {r["cell"]: [] for r in histories}
     for r in histories:
@@ -98,6 +134,34 @@ def test_each_init_reads_its_own_pretrained_file(swept, tmp_path: Path) -> None:
     assert (meduet_source, mae_source, scratch_source) == (meduet_path(paths), mae_file, meduet_path(paths))
     name = "blocks.0.attn.qkv.weight"
     torch.testing.assert_close(mae.state_dict()[name], meduet.state_dict()[name] + 1.0)
+
+
+def test_the_synthetic_arm_names_what_is_missing(swept, tmp_path: Path) -> None:
+    cfg, paths, _ = swept
+    project = Path(shutil.copytree(paths.root, tmp_path / "project", symlinks=True))
+    paths = Paths.resolve(cfg, project)
+    data = segmentation_data(paths, cfg.harmonize, cfg.finetune.label_names)
+    train = data.split("train")
+    shutil.rmtree(paths.synthesis)
+    write_augmentations(cfg, paths, keys={train[0].key})
+    cases, _ = finetune_sweep.synthetic_cases(paths, data, train[:1])
+    assert [key for key, _ in cases] == [f"aug__{train[0].key}__other"] and cases[0][1].scaled
+    with pytest.raises(StageError, match="augmentations_per_scan"):
+        finetune_sweep.synthetic_cases(paths, data, train[1:2])  # a labelled scan nobody translated
+    with pytest.raises(StageError, match="another VAE"):
+        finetune_sweep.synthetic_cases(paths, dataclasses.replace(data, input_hashes={
+            **data.input_hashes, "vae": "0" * 64}), train[:1])
+
+
+def test_a_synthesized_latent_is_read_as_it_is_and_a_cached_one_scaled(tmp_path: Path) -> None:
+    save_array(tmp_path / "z.npy", np.full((4, 2, 2, 2), 2.0, np.float32))
+    image = sitk.GetImageFromArray(np.zeros((8, 8, 8), np.float32))
+    write_image(image, tmp_path / "x.nii.gz")
+    write_image(sitk.Cast(image, sitk.sitkUInt8), tmp_path / "y.nii.gz")
+    files = CaseFiles(latent=str(tmp_path / "z.npy"), image=str(tmp_path / "x.nii.gz"),
+                      label=str(tmp_path / "y.nii.gz"))
+    assert read_case(files, 0.5)[0].max() == 1.0
+    assert read_case(dataclasses.replace(files, scaled=True), 0.5)[0].max() == 2.0
 
 
 def test_paired_difference_matches_cases_and_seeds() -> None:

@@ -123,6 +123,34 @@ def test_a_rerun_remakes_only_what_is_missing_and_bit_identically(synthesized) -
     assert rerun.metrics["translations"] == 2 and rerun.metrics["generated"] == 4
 
 
+def test_augmentations_translate_labelled_training_scans_and_reuse_the_other_images(synthesized) -> None:
+    cfg, paths, _ = synthesized
+    before, _ = read_synthesis(paths.synthesis)
+    mtimes = {r.key: (paths.synthesis / r.image).stat().st_mtime_ns for r in before}
+    cases = read_harmonized(paths.harmonized / "manifest.csv")
+    labelled = [c.model_copy(update={"label": c.image}) if c.case_id != "case0" else c for c in cases]
+    write_manifest(paths.harmonized / "manifest.csv", labelled)  # case0 of each site has no labels
+    try:
+        result = synthesize.run(cfg.synthesize.model_copy(update={"augmentations_per_scan": 1}), paths, ray=cfg.ray)
+    finally:
+        write_manifest(paths.harmonized / "manifest.csv", cases)
+    records, _ = read_synthesis(paths.synthesis)
+    augmentations = [r for r in records if r.kind == "augmentation"]
+    # the labelled training scan of each site, into the other site's style, on its own grid
+    assert sorted((r.source_key, r.target_site) for r in augmentations) == [
+        ("site_a__case1", "site_b"), ("site_b__case1", "site_a")]
+    assert all(r.source_split == "train" and r.image.startswith("augmentations/") for r in augmentations)
+    harmonized = {case.key: case for case in cases}
+    for record in augmentations:
+        header = sitk.ReadImage(str(paths.harmonized / harmonized[record.source_key].image))
+        assert sitk.ReadImage(str(paths.synthesis / record.image)).GetOrigin() == header.GetOrigin()
+    # the other images are those of the run before, untouched, with their seeds
+    assert {r.key: r.seed for r in records if r.kind != "augmentation"} == {r.key: r.seed for r in before}
+    assert all((paths.synthesis / r.image).stat().st_mtime_ns == mtimes[r.key] for r in before)
+    assert result.metrics["augmentations"] == 2 and result.metrics["translations"] == 2
+    assert len({r.seed for r in records}) == len(records)
+
+
 def test_other_settings_start_the_store_afresh(synthesized) -> None:
     cfg, paths, _ = synthesized
     before = {p.name for p in (paths.synthesis / "records").iterdir()}
