@@ -115,6 +115,9 @@ HEADLINES: tuple[Headline, ...] = (
              Goal(">=", 0.05, source="analysis"), interval="label_efficiency.1.meduet_minus.scratch.ci95"),
     Headline(SWEEP, "label_efficiency.1.meduet_minus.mae.mean", "1 label per site: Dice MeDUET - MAE",
              Goal(">=", 0.02, source="analysis"), interval="label_efficiency.1.meduet_minus.mae.ci95"),
+    Headline(SWEEP, "label_efficiency.1.meduet+synth_minus.meduet.mean",
+             "1 label per site: Dice with style-swapped translations - without (synthetic arm)",
+             interval="label_efficiency.1.meduet+synth_minus.meduet.ci95"),
 )
 
 
