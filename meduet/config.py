@@ -538,6 +538,10 @@ class FinetuneConfig(StrictModel):
     )
     style_probability: Annotated[float, Field(ge=0, le=1)] = Field(default=0.3, description="windows augmented")
     style_momentum: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9, description="EMA of the style bank")
+    synthetic_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.3, description="share of training windows drawn from synthesized (style-swapped) cases when a run "
+        "has any: finetune_sweep's meduet+synth arm"
+    )
     overlap: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.25, description="overlap of the sliding windows that segment a whole volume (Gaussian-blended)"
     )

@@ -46,12 +46,14 @@ class CaseFiles:
     latent: str
     image: str
     label: str
-    scaled: bool = False  # the latent is already scaled (a synthesized one) rather than the cache's raw mean
+    # A synthesized case (a style-swapped translation): its latent is the sampled one, already scaled (the
+    # cache holds raw means), and it is drawn for ``FinetuneConfig.synthetic_fraction`` of the windows.
+    synthetic: bool = False
 
 
 def read_case(files: CaseFiles, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scaled latent ``(C, d, h, w)`` float32, image ``(D, H, W)`` float32 and labels ``(D, H, W)``."""
-    latent = np.load(files.latent).astype(np.float32) * np.float32(1.0 if files.scaled else scale)
+    latent = np.load(files.latent).astype(np.float32) * np.float32(1.0 if files.synthetic else scale)
     image = sitk.GetArrayFromImage(sitk.ReadImage(files.image)).astype(np.float32)
     label = sitk.GetArrayFromImage(sitk.ReadImage(files.label))
     return latent, image, label
@@ -65,13 +67,20 @@ class SegmentationCropSampler:
         window: the latent window ``(d, h, w)``; factor: image voxels per latent voxel.
         seed: base seed; a batch depends on ``(seed, step, rank)`` alone.
         foreground_fraction: share of windows centred on a voxel of a random present class.
+        synthetic: per case, whether it is synthesized; if any is (and any is not), a window comes
+            from a random synthesized case with probability ``synthetic_fraction``, else from a real one
+            (without synthesized cases, every case is equally likely, as before).
     """
 
     def __init__(self, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], window: tuple[int, int, int],
-                 factor: int, seed: int, foreground_fraction: float = 0.5) -> None:
+                 factor: int, seed: int, foreground_fraction: float = 0.5, synthetic: list[bool] | None = None,
+                 synthetic_fraction: float = 0.3) -> None:
         if not cases:
             raise ValueError("no labelled training case")
         self.window, self.factor, self.seed, self.foreground_fraction = window, factor, seed, foreground_fraction
+        flags = synthetic or [False] * len(cases)
+        self.pools = [[i for i, s in enumerate(flags) if not s], [i for i, s in enumerate(flags) if s]]
+        self.synthetic_fraction = synthetic_fraction if all(self.pools) else None
         self.cases = [pad_case(lat, img, lab, window, factor)[:3] for lat, img, lab in cases]
         rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
         self.positions: list[list[np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
@@ -94,13 +103,19 @@ class SegmentationCropSampler:
             return [int(min(max(c - k // 2, 0), hi)) for c, k, hi in zip(centre, self.window, limits)]
         return [int(torch.randint(hi + 1, (1,), generator=gen)) for hi in limits]
 
+    def _case(self, gen: torch.Generator) -> int:
+        if self.synthetic_fraction is None:
+            return int(torch.randint(len(self.cases), (1,), generator=gen))
+        pool = self.pools[int(float(torch.rand(1, generator=gen)) < self.synthetic_fraction)]
+        return pool[int(torch.randint(len(pool), (1,), generator=gen))]
+
     def batch(self, step: int, batch_size: int, rank: int = 0) -> SegmentationBatch:
         """This step's and worker's windows: see ``SegmentationBatch``."""
         gen = step_generator(self.seed, step, rank)
         (wd, wh, ww), f = self.window, self.factor
         latents, images, labels = [], [], []
         for _ in range(batch_size):
-            case = int(torch.randint(len(self.cases), (1,), generator=gen))
+            case = self._case(gen)
             i, j, k = self._corner(case, gen)
             latent, image, label = self.cases[case]
             big = (slice(f * i, f * (i + wd)), slice(f * j, f * (j + wh)), slice(f * k, f * (k + ww)))
@@ -137,7 +152,8 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     device = dist.device()
     model = build_segmenter(backbone=backbone, head=head, init=cfg.init, meduet_file=meduet_file)
     sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], model.window, head.downsample, cfg.seed,
-                                      cfg.foreground_fraction)
+                                      cfg.foreground_fraction, synthetic=[c.synthetic for c in cases],
+                                      synthetic_fraction=cfg.synthetic_fraction)
     rank = dist.world_rank()
 
     def batches(step: int) -> Iterable[SegmentationBatch]:

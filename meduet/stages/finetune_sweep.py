@@ -218,7 +218,7 @@ def synthetic_cases(paths: Paths, data: SegmentationData, train: list[LatentReco
                          f"{sorted(keys)[:3]}...: set synthesize.augmentations_per_scan > 0 and rerun synthesize, "
                          f"or finetune_sweep.synthetic_arm: false")
     cases = [(r.key, CaseFiles(latent=str(paths.synthesis / r.latent), image=str(paths.synthesis / r.image),
-                               label=str(paths.harmonized / data.harmonized[r.source_key].label), scaled=True))
+                               label=str(paths.harmonized / data.harmonized[r.source_key].label), synthetic=True))
              for r in chosen]
     return cases, sha256_file(paths.synthesis / SYNTHESIS_MANIFEST)
 

@@ -98,6 +98,23 @@ def test_windows_align_latent_image_and_label_and_depend_on_the_step_alone() -> 
     assert padded.shape == (4, 8, 10, 12) and big.shape == (32, 40, 48) and list(before) == [1, 0, 0]
 
 
+def test_synthesized_cases_give_their_share_of_windows_and_real_only_runs_draw_as_before() -> None:
+    cases = [(np.full((4, 8, 8, 8), float(n), np.float32), np.zeros((32, 32, 32), np.float32),
+              np.zeros((32, 32, 32), np.uint8)) for n in range(4)]  # each case's latent holds its index
+
+    def drawn(sampler: SegmentationCropSampler) -> np.ndarray:
+        return np.concatenate([sampler.batch(step, 8)[0][:, 0, 0, 0, 0].numpy() for step in range(50)]).astype(int)
+
+    mixed = drawn(SegmentationCropSampler(cases, (8, 8, 8), 4, seed=0, synthetic=[False, False, True, True],
+                                          synthetic_fraction=0.25))
+    assert set(mixed) == {0, 1, 2, 3}
+    assert abs(np.isin(mixed, [2, 3]).mean() - 0.25) < 0.06  # 400 windows: a quarter from the two synthesized
+    uniform = drawn(SegmentationCropSampler(cases, (8, 8, 8), 4, seed=0))
+    assert abs(np.isin(uniform, [2, 3]).mean() - 0.5) < 0.08
+    real = drawn(SegmentationCropSampler(cases, (8, 8, 8), 4, seed=0, synthetic=[False] * 4))
+    np.testing.assert_array_equal(real, uniform)  # no synthesized case: the draws of before, not a new stream
+
+
 def test_harmonization_settings_other_than_the_datas_are_refused(trained, tmp_path: Path) -> None:
     cfg, paths, _ = trained
     other = cfg.harmonize.model_copy(update={"target_spacing": (1.5, 1.5, 1.5)})

@@ -145,7 +145,7 @@ def test_the_synthetic_arm_names_what_is_missing(swept, tmp_path: Path) -> None:
     shutil.rmtree(paths.synthesis)
     write_augmentations(cfg, paths, keys={train[0].key})
     cases, _ = finetune_sweep.synthetic_cases(paths, data, train[:1])
-    assert [key for key, _ in cases] == [f"aug__{train[0].key}__other"] and cases[0][1].scaled
+    assert [key for key, _ in cases] == [f"aug__{train[0].key}__other"] and cases[0][1].synthetic
     with pytest.raises(StageError, match="augmentations_per_scan"):
         finetune_sweep.synthetic_cases(paths, data, train[1:2])  # a labelled scan nobody translated
     with pytest.raises(StageError, match="another VAE"):
@@ -161,7 +161,7 @@ def test_a_synthesized_latent_is_read_as_it_is_and_a_cached_one_scaled(tmp_path:
     files = CaseFiles(latent=str(tmp_path / "z.npy"), image=str(tmp_path / "x.nii.gz"),
                       label=str(tmp_path / "y.nii.gz"))
     assert read_case(files, 0.5)[0].max() == 1.0
-    assert read_case(dataclasses.replace(files, scaled=True), 0.5)[0].max() == 2.0
+    assert read_case(dataclasses.replace(files, synthetic=True), 0.5)[0].max() == 2.0
 
 
 def test_paired_difference_matches_cases_and_seeds() -> None:
