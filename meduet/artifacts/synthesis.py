@@ -33,6 +33,7 @@ SYNTHESIS_META = "manifest.json"
 TRANSLATIONS = "translations"
 GENERATED = "generated"
 AUGMENTATIONS = "augmentations"
+WHOLE_SCAN_KINDS = ("translation", "augmentation")  # a whole source scan, sampled and decoded on its grid
 LATENTS = "latents"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
 
 def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,
                   train: list[LatentRecord], held_out: list[LatentRecord], run_name: str,
-                  progress_name: str | None = None, extra: list[tuple[str, CaseFiles]] = (),
+                  progress_name: str | None = None, extra: Sequence[tuple[str, CaseFiles]] = (),
                   extra_sha256: str | None = None) -> tuple[TrainedRun, dict]:
     """Fine-tune one segmenter on ``train``'s labels (resuming the run of the same key).
 

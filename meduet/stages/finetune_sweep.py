@@ -40,19 +40,9 @@ from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from meduet.artifacts.synthesis import (
-    SYNTHESIS_MANIFEST,
-    SYNTHESIS_META,
-    read_synthesis,
-)
+from meduet.artifacts.synthesis import SYNTHESIS_MANIFEST, SYNTHESIS_META, read_synthesis
 from meduet.artifacts.vae import vae_path
-from meduet.config import (
-    FinetuneConfig,
-    FinetuneSweepConfig,
-    HarmonizeConfig,
-    Paths,
-    RayConfig,
-)
+from meduet.config import FinetuneConfig, FinetuneSweepConfig, HarmonizeConfig, Paths, RayConfig
 from meduet.data.latents import LatentRecord
 from meduet.engine.finetune_runs import (
     SCORES,
@@ -107,16 +97,20 @@ class Cell:
         return f"{self.arm}-{point}-seed{self.seed}"
 
 
+def _arms(cfg: FinetuneSweepConfig, augmented: bool) -> list[tuple[str, bool]]:
+    """``(init, False)`` per init, then ``("meduet", True)`` when ``augmented`` and MeDUET is an init."""
+    arms = [(init, False) for init in cfg.inits]
+    return arms + [("meduet", True)] if augmented and "meduet" in cfg.inits else arms
+
+
 def loso_arms(cfg: FinetuneSweepConfig) -> list[tuple[str, bool]]:
     """Leave-one-site-out arms: ``(init, style)``; MeDUET also with style-bank augmentation (``style_arm``)."""
-    arms = [(init, False) for init in cfg.inits]
-    return arms + [("meduet", True)] if cfg.style_arm and "meduet" in cfg.inits else arms
+    return _arms(cfg, cfg.style_arm)
 
 
 def efficiency_arms(cfg: FinetuneSweepConfig) -> list[tuple[str, bool]]:
     """Label-efficiency arms: ``(init, synthetic)``; MeDUET also with synthetic augmentation (``synthetic_arm``)."""
-    arms = [(init, False) for init in cfg.inits]
-    return arms + [("meduet", True)] if cfg.synthetic_arm and "meduet" in cfg.inits else arms
+    return _arms(cfg, cfg.synthetic_arm)
 
 
 def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from meduet.artifacts.synthesis import (
     GENERATED,
     LATENTS,
     TRANSLATIONS,
+    WHOLE_SCAN_KINDS,
     SynthesisRecord,
     write_synthesis,
 )
@@ -106,7 +108,7 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(job["seed"])
     style = torch.tensor(job["style"], dtype=torch.float32)
     with torch.no_grad():
-        if job["record"]["kind"] in ("translation", "augmentation"):
+        if job["record"]["kind"] in WHOLE_SCAN_KINDS:
             source = torch.from_numpy(np.load(job["source_latent"]).astype(np.float32)) * scale  # (C, D, H, W)
             predict = TiledPredictor(dit, _teacher(job["meduet"]), process, source=source, style=style,
                                      guidance=guidance, overlap=settings["window_overlap"],
@@ -161,7 +163,7 @@ def _sources(latents: list[LatentRecord]) -> tuple[list[LatentRecord], str]:
 
 
 def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: list, sites: list[str],
-         rng: np.random.Generator, labelled: set[str] = frozenset()) -> list[dict[str, Any]]:
+         rng: np.random.Generator, labelled: Collection[str] = ()) -> list[dict[str, Any]]:
     """The records to make, each with its seed: translations (source, other site), generated crops per site,
     then augmentations (the training scans among ``labelled``, into other sites' styles)."""
     sources, split = _sources(latents)
@@ -268,7 +270,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
         if record["key"] in done:
             continue
         donor_row = record.pop("donor_row", None)
-        translation = record["kind"] in ("translation", "augmentation")  # a whole scan, on its grid
+        translation = record["kind"] in WHOLE_SCAN_KINDS
         source = by_key[record["source_key"]] if translation else None
         jobs.append({"record": dict(record), "seed": record["seed"], "store": str(store),
                      "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),

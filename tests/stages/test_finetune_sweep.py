@@ -24,8 +24,8 @@ from meduet.stages import StageError, finetune_sweep
 from tests.stages.trainers import FINETUNE_SITES, checkpoints
 
 # Two inits keep the nine cells (one per init and meduet+synth; then per left-out site scratch, meduet and
-# meduet+style) near 130 s: each cell is a Ray Train run (~12 s of start-up for 4 steps). The mae init differs
-# only in the file it reads: test below.
+# meduet+style) near 140 s (this file took 163 s alone): each cell is a Ray Train run (~12 s of start-up for
+# 4 steps). The mae init differs only in the file it reads: test below.
 SWEEP = {"inits": ["scratch", "meduet"], "labels_per_site": [1], "seeds": [0], "leave_one_site_out": True,
          "synthetic_arm": True}
 
