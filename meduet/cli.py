@@ -68,6 +68,10 @@ def run_stage(name: str, params: str, overrides: list[str]) -> int:
     paths = Paths.resolve(cfg, Path(params).resolve().parent)
     spec = STAGES[name]
     extra = {name: getattr(cfg, name) for name in spec.extra}
+    if cfg.ray.local_num_cpus:  # the stage's own torch work keeps to the CPUs its local Ray gets
+        import torch  # here: commands that compute nothing start without it
+
+        torch.set_num_threads(cfg.ray.local_num_cpus)
     started, ok = time.perf_counter(), False
     try:
         result = spec.load()(getattr(cfg, spec.section), paths, **extra)

@@ -823,7 +823,8 @@ class RayConfig(StrictModel):
     )
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
     local_num_cpus: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="CPUs a local cluster may use; None = all of this machine"
+        default=None, description="CPUs a stage may use on this machine: its local Ray cluster's, and the torch "
+        "threads of the work it does itself; None = all of this machine"
     )
     storage: str | None = Field(
         default=None, description="checkpoints/results: local path or s3:// URI; None = <work_dir>/ray_results"
@@ -843,6 +844,10 @@ class OrchestrationConfig(StrictModel):
     task_retries: Annotated[int, Field(ge=0)] = 1
     retry_delay_s: Annotated[float, Field(ge=0)] = 10.0
     push: bool = Field(default=True, description="dvc push after the run when a remote is configured")
+    parallel_stages: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="stages the flow runs side by side, each as soon as its upstream stages are done; on "
+        "a local Ray no more than fit this machine's CPUs at ray.local_num_cpus each (null: one stage at a time)"
+    )
 
 
 class MeduetConfig(StrictModel):

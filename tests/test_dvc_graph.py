@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meduet.dvc_graph import DagError, execution_order, load_stages, parse_stages
+from meduet.dvc_graph import DagError, StageQueue, execution_order, load_stages, parse_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +74,55 @@ def test_stage_added_to_dvc_yaml_joins_the_flow(tmp_path: Path) -> None:
 def test_unusable_dvc_yaml_is_a_clear_error(text: str, message: str) -> None:
     with pytest.raises(DagError, match=message):
         execution_order(parse_stages(text))
+
+
+def _names(stages: list) -> list[str]:
+    return [s.name for s in stages]
+
+
+def test_stage_queue_starts_a_stage_when_its_upstream_is_done_longest_tail_first() -> None:
+    text = _dvc_yaml(
+        leaf={"cmd": "l", "deps": ["a"], "outs": ["l"]},        # nothing downstream
+        a={"cmd": "a", "outs": ["a"]},
+        gate={"cmd": "g", "deps": ["a"], "outs": ["g"]},       # two stages downstream
+        mid={"cmd": "m", "deps": ["g"], "outs": ["m"]},
+        end={"cmd": "e", "deps": ["m", "l"], "outs": ["e"]},
+    )
+    queue = StageQueue(execution_order(parse_stages(text)))
+    assert _names(queue.ready()) == ["a"]
+    (a,) = queue.ready()
+    queue.start(a)
+    assert queue.ready() == []  # started, not finished: nothing downstream may start
+    queue.finish(a)
+    assert _names(queue.ready()) == ["gate", "leaf"]  # gate gates two stages, leaf one (end)
+    gate, leaf = queue.ready()
+    queue.start(gate)
+    queue.start(leaf)
+    queue.finish(leaf)
+    assert queue.ready() == [] and not queue.done  # end still waits for mid
+    queue.finish(gate)
+    (mid,) = queue.ready()
+    queue.start(mid)
+    queue.finish(mid)
+    (end,) = queue.ready()
+    queue.start(end)
+    queue.finish(end)
+    assert queue.done and queue.ready() == []
+
+
+def test_stage_queue_on_the_pipeline_starts_pretraining_before_the_baselines() -> None:
+    stages = load_stages(REPO_ROOT)
+    queue = StageQueue(stages)
+    for name in ("demo_data", "harmonize", "train_vae", "encode_latents"):
+        (stage,) = queue.ready()
+        assert stage.name == name
+        queue.start(stage)
+        queue.finish(stage)
+    # pretrain gates factors, synthesis and the sweep; the MAE baseline and the evaluator gate one stage each
+    assert _names(queue.ready()) == ["pretrain", "pretrain_mae", "train_evaluator"]
+
+
+def test_stage_queue_takes_stages_outside_the_plan_as_done() -> None:
+    stages = {s.name: s for s in load_stages(REPO_ROOT)}
+    queue = StageQueue([stages["finetune"], stages["evaluate_disentanglement"]])  # their upstream not selected
+    assert _names(queue.ready()) == ["finetune", "evaluate_disentanglement"]  # both ready at once, in plan order

@@ -1,0 +1,116 @@
+"""Independent stages run side by side in the flow, for real: a Prefect server (the ephemeral
+SQLite one Prefect starts for a flow called without an API URL), ``dvc repro`` per stage, and
+stage commands that record when they ran.
+
+The graph is ``a -> (b, c) -> d``. With two lanes b and c overlap, d waits for both, and DVC
+records every stage although two ``dvc repro`` processes shared the repository. When c fails,
+b (already running beside it) still finishes and is recorded, d never starts, and the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import stage_env, stage_lanes
+from meduet.config import MeduetConfig
+from tests.conftest import REPO_ROOT
+
+STAGE_SCRIPT = """\
+import json, sys, time
+name, seconds, fail = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "fail"
+start = time.time()
+time.sleep(seconds)
+if fail:
+    sys.exit(f"stage {name} fails on purpose")
+with open(f"out/{name}.json", "w") as fh:
+    json.dump({"start": start, "end": time.time()}, fh)
+"""
+
+RUN_FLOWS = """\
+import json, sys
+from flows.pipeline import meduet
+results = {}
+for project in sys.argv[1:]:
+    try:
+        results[project] = {"stages": meduet(project_dir=project)["stages"]}
+    except Exception as error:
+        results[project] = {"error": str(error)}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _project(root: Path, failing: str | None = None) -> Path:
+    root.mkdir(parents=True)
+    (root / "stage.py").write_text(STAGE_SCRIPT)
+    (root / "out").mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "ray": {"local_num_cpus": 1},
+        "orchestration": {"parallel_stages": 2, "push": False, "task_retries": 0, "cron": None}}))
+
+    def stage(name: str, seconds: float, deps: list[str]) -> dict:
+        mode = "fail" if name == failing else "ok"
+        return {"cmd": f"python stage.py {name} {seconds} {mode}", "deps": ["stage.py", *deps],
+                "outs": [f"out/{name}.json"]}
+
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": stage("a", 0, []),
+        "b": stage("b", 3, ["out/a.json"]),
+        "c": stage("c", 3 if failing is None else 0.5, ["out/a.json"]),
+        "d": stage("d", 0, ["out/b.json", "out/c.json"]),
+    }}, sort_keys=False))
+    subprocess.run([Path(sys.executable).parent / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True,
+                   env=stage_env(root))
+    return root
+
+
+def _times(project: Path, name: str) -> dict[str, float]:
+    return json.loads((project / "out" / f"{name}.json").read_text())
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two lanes need two CPUs at ray.local_num_cpus 1")
+def test_independent_stages_run_side_by_side_and_a_failure_lets_the_running_ones_finish(tmp_path: Path) -> None:
+    parallel, failing = _project(tmp_path / "parallel"), _project(tmp_path / "failing", failing="c")
+    env = {**stage_env(REPO_ROOT), "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PREFECT_API_URL", None)  # Prefect starts its ephemeral server for the flow
+    done = subprocess.run([sys.executable, "-c", RUN_FLOWS, str(parallel), str(failing)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, f"the flows did not finish ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    results = json.loads(lines[-1].removeprefix("RESULTS "))
+
+    assert results[str(parallel)] == {"stages": {"a": "ran", "b": "ran", "c": "ran", "d": "ran"}}
+    a, b, c, d = (_times(parallel, name) for name in "abcd")
+    assert a["end"] <= min(b["start"], c["start"])
+    assert max(b["start"], c["start"]) < min(b["end"], c["end"])  # b and c overlapped
+    assert d["start"] >= max(b["end"], c["end"])
+    lock = yaml.safe_load((parallel / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"a", "b", "c", "d"}  # both repro processes recorded their stage
+
+    assert "stage 'c' failed" in results[str(failing)]["error"]
+    assert _times(failing, "b")["end"] > _times(failing, "b")["start"]  # b, running beside c, finished
+    assert not (failing / "out" / "d.json").exists()  # nothing started after the failure
+    assert set(yaml.safe_load((failing / "dvc.lock").read_text())["stages"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize(("cpus", "local_num_cpus", "parallel", "address", "lanes"), [
+    (2, 1, 2, None, 2),     # the demo: two stages at one core each
+    (2, None, 2, None, 1),  # a stage may use every core: one at a time
+    (16, 4, 8, None, 4),    # as many as the cores hold
+    (2, 1, 1, None, 1),     # parallel_stages caps it
+    (2, None, 3, "ray://head:10001", 3),  # on a cluster its scheduler shares the CPUs
+])
+def test_lanes_never_oversubscribe_a_local_machine(monkeypatch: pytest.MonkeyPatch, cpus: int,
+                                                   local_num_cpus: int | None, parallel: int, address: str | None,
+                                                   lanes: int) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = MeduetConfig.model_validate({"ray": {"local_num_cpus": local_num_cpus, "address": address},
+                                       "orchestration": {"parallel_stages": parallel}})
+    assert stage_lanes(cfg) == lanes
