@@ -26,7 +26,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,22 +245,42 @@ def push(project_dir: str, storage: StorageConfig) -> bool:
 
 
 # --------------------------------------------------------------------------- flow
-def stage_lanes(cfg: MeduetConfig) -> int:
-    """How many stages run side by side: ``orchestration.parallel_stages``, and while the stages
-    start their own local Ray, no more than this machine's CPUs hold at ``ray.local_num_cpus``
-    each (all CPUs when null: one at a time), so stages never oversubscribe the cores. (Two
-    stages at both of the 2 demo cores each took 1.45x the time of running them one after the
-    other; at one core each, 0.70x: README, "Stage times of the demo run".)"""
-    lanes = cfg.orchestration.parallel_stages
-    if not (os.environ.get("RAY_ADDRESS") or cfg.ray.address):  # a cluster's own scheduler shares its CPUs
-        cores = os.cpu_count() or 1
-        lanes = min(lanes, max(1, cores // (cfg.ray.local_num_cpus or cores)))
-    return lanes
+@dataclass(frozen=True)
+class Slots:
+    """What may run side by side: at most ``stages`` stages and, when they start local Rays on
+    this machine (``cpus`` its CPU count), only while the CPUs they take (``demand``) fit it."""
+
+    stages: int
+    cpus: int | None
+    demand: Mapping[str, int]
+
+    def fits(self, stage: str, running: Collection[str]) -> bool:
+        """Whether ``stage`` may start beside ``running`` (alone it always may)."""
+        if not running:
+            return True
+        if len(running) >= self.stages:
+            return False
+        return self.cpus is None or sum(self.demand[name] for name in running) + self.demand[stage] <= self.cpus
 
 
-def run_plan(root: Path, plan: list[Stage], *, lanes: int, force: bool, retrying: dict[str, Any],
+def stage_slots(cfg: MeduetConfig, plan: list[Stage]) -> Slots:
+    """``orchestration.parallel_stages`` stages at once; on one machine each takes its
+    ``ray.stage_cpus`` or ``ray.local_num_cpus`` (all when null: it runs alone), so stages never
+    oversubscribe the cores (two stages at both of the demo's 2 cores each took 1.45x as long as
+    one after the other; at one core each, 0.70x: README, "Stage times of the demo run"). On a
+    cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own CPUs."""
+    if os.environ.get("RAY_ADDRESS") or cfg.ray.address:
+        return Slots(cfg.orchestration.parallel_stages, None, {s.name: 0 for s in plan})
+    cores = os.cpu_count() or 1
+    demand = {s.name: min(cfg.ray.cpus_for(s.name) or cores, cores) for s in plan}
+    return Slots(cfg.orchestration.parallel_stages, cores, demand)
+
+
+def run_plan(root: Path, plan: list[Stage], *, slots: Slots, force: bool, retrying: dict[str, Any],
              outcome: dict[str, str]) -> list[str]:
-    """Run ``plan``'s stages, up to ``lanes`` at once, each when its upstream stages are done.
+    """Run ``plan``'s stages side by side as ``slots`` allow, each when its upstream stages are
+    done. The first ready stage (``StageQueue`` order) that does not fit waits for room: the
+    ones after it do not overtake it.
 
     Each finished stage's outcome goes into ``outcome`` as it comes (a report written after a
     failure shows them) and its artifacts are published. After a stage fails, nothing new
@@ -272,10 +293,12 @@ def run_plan(root: Path, plan: list[Stage], *, lanes: int, force: bool, retrying
     artifacts: list[str] = []
     failure: Exception | None = None
     while not queue.done and (running or failure is None):
-        for stage in (queue.ready() if failure is None else [])[:lanes - len(running)]:
+        for stage in queue.ready() if failure is None else []:
+            if not slots.fits(stage.name, [s.name for s in running.values()]):
+                break
             queue.start(stage)
             task_run = run_stage.with_options(task_run_name=f"dvc-repro-{stage.name}", **retrying)
-            running[task_run.submit(str(root), stage.name, force, lanes > 1)] = stage
+            running[task_run.submit(str(root), stage.name, force, slots.stages > 1)] = stage
         assert running, "a plan in execution order always has a ready stage"
         finished = next(as_completed(list(running)))
         stage = running.pop(finished)
@@ -341,11 +364,12 @@ def meduet(
         plan = select_stages(load_stages(root), stages)
         logger.info("stages in order: %s", ", ".join(s.name for s in plan))
 
-        lanes = stage_lanes(cfg)
-        logger.info("stages side by side: at most %d", lanes)
+        slots = stage_slots(cfg, plan)
+        logger.info("stages side by side: at most %d%s", slots.stages,
+                    f", while their CPUs fit this machine's {slots.cpus}: {dict(slots.demand)}" if slots.cpus else "")
         outcome: dict[str, str] = {}
         try:
-            artifacts = run_plan(root, plan, lanes=lanes, force=force, retrying=retrying, outcome=outcome)
+            artifacts = run_plan(root, plan, slots=slots, force=force, retrying=retrying, outcome=outcome)
         finally:
             report = publish_report(str(root), str(paths.reports), outcome)
         pushed = False

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -63,15 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The thread pools of the numeric libraries a stage's own work may load (BLAS under numpy,
+# scipy and scikit-learn; OpenMP), read when each library loads.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_threads(cpus: int) -> None:
+    """Keep this process's numeric work to ``cpus`` threads: a stage beside it has the other
+    cores (unlimited, BLAS under scikit-learn's probes ran 2 threads on the demo's 2 cores).
+    Before the stage's modules load; Ray gives its workers their own count."""
+    for name in THREAD_ENV:
+        os.environ[name] = str(cpus)
+    import torch  # here: commands that compute nothing start without it
+
+    torch.set_num_threads(cpus)
+
+
 def run_stage(name: str, params: str, overrides: list[str]) -> int:
     cfg = load_config(params, overrides)
     paths = Paths.resolve(cfg, Path(params).resolve().parent)
     spec = STAGES[name]
-    extra = {name: getattr(cfg, name) for name in spec.extra}
-    if cfg.ray.local_num_cpus:  # the stage's own torch work keeps to the CPUs its local Ray gets
-        import torch  # here: commands that compute nothing start without it
-
-        torch.set_num_threads(cfg.ray.local_num_cpus)
+    cpus = cfg.ray.cpus_for(report_dir_name(name))
+    # The stage's local Ray gets its CPUs (ray.stage_cpus over ray.local_num_cpus), its own work the same threads.
+    ray = cfg.ray.model_copy(update={"local_num_cpus": cpus})
+    extra = {section: ray if section == "ray" else getattr(cfg, section) for section in spec.extra}
+    if cpus:
+        limit_threads(cpus)
     started, ok = time.perf_counter(), False
     try:
         result = spec.load()(getattr(cfg, spec.section), paths, **extra)

@@ -823,8 +823,12 @@ class RayConfig(StrictModel):
     )
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
     local_num_cpus: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="CPUs a stage may use on this machine: its local Ray cluster's, and the torch "
-        "threads of the work it does itself; None = all of this machine"
+        default=None, description="CPUs a stage may use on this machine: its local Ray cluster's, and the threads "
+        "of the work it does itself; None = all of this machine"
+    )
+    stage_cpus: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="local_num_cpus of named stages (dvc.yaml names), e.g. the ones nothing "
+        "can run beside"
     )
     storage: str | None = Field(
         default=None, description="checkpoints/results: local path or s3:// URI; None = <work_dir>/ray_results"
@@ -832,6 +836,10 @@ class RayConfig(StrictModel):
     checkpoint_every: Annotated[int, Field(ge=1)] = 50
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
+
+    def cpus_for(self, stage: str) -> int | None:
+        """CPUs ``stage`` (its dvc.yaml name) may use on this machine; None = all."""
+        return self.stage_cpus.get(stage, self.local_num_cpus)
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -846,7 +854,7 @@ class OrchestrationConfig(StrictModel):
     push: bool = Field(default=True, description="dvc push after the run when a remote is configured")
     parallel_stages: Annotated[int, Field(ge=1)] = Field(
         default=2, description="stages the flow runs side by side, each as soon as its upstream stages are done; on "
-        "a local Ray no more than fit this machine's CPUs at ray.local_num_cpus each (null: one stage at a time)"
+        "a local Ray only while their CPUs (ray.local_num_cpus, ray.stage_cpus; null: all) fit this machine's"
     )
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import stage_env, stage_lanes
+from flows.pipeline import Slots, stage_env, stage_slots
 from meduet.config import MeduetConfig
+from meduet.dvc_graph import Stage
 from tests.conftest import REPO_ROOT
 
 STAGE_SCRIPT = """\
@@ -99,18 +100,26 @@ def test_independent_stages_run_side_by_side_and_a_failure_lets_the_running_ones
     assert set(yaml.safe_load((failing / "dvc.lock").read_text())["stages"]) == {"a", "b"}
 
 
-@pytest.mark.parametrize(("cpus", "local_num_cpus", "parallel", "address", "lanes"), [
-    (2, 1, 2, None, 2),     # the demo: two stages at one core each
-    (2, None, 2, None, 1),  # a stage may use every core: one at a time
-    (16, 4, 8, None, 4),    # as many as the cores hold
-    (2, 1, 1, None, 1),     # parallel_stages caps it
-    (2, None, 3, "ray://head:10001", 3),  # on a cluster its scheduler shares the CPUs
-])
-def test_lanes_never_oversubscribe_a_local_machine(monkeypatch: pytest.MonkeyPatch, cpus: int,
-                                                   local_num_cpus: int | None, parallel: int, address: str | None,
-                                                   lanes: int) -> None:
+def _slots(monkeypatch: pytest.MonkeyPatch, cpus: int, ray: dict, parallel: int = 2) -> Slots:
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = MeduetConfig.model_validate({"ray": {"local_num_cpus": local_num_cpus, "address": address},
-                                       "orchestration": {"parallel_stages": parallel}})
-    assert stage_lanes(cfg) == lanes
+    cfg = MeduetConfig.model_validate({"ray": ray, "orchestration": {"parallel_stages": parallel}})
+    return stage_slots(cfg, [Stage(name, "true", (), (), (), ()) for name in ("vae", "mae", "vit", "eval")])
+
+
+def test_stages_side_by_side_never_oversubscribe_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    demo = _slots(monkeypatch, 2, {"local_num_cpus": 1, "stage_cpus": {"vae": 2}})
+    assert demo.demand == {"vae": 2, "mae": 1, "vit": 1, "eval": 1}
+    assert demo.fits("vit", ["mae"]) and not demo.fits("vae", ["mae"]) and not demo.fits("mae", ["vae"])
+    assert demo.fits("vae", [])  # alone a stage always runs
+    assert not _slots(monkeypatch, 2, {"local_num_cpus": 1}, parallel=1).fits("vit", ["mae"])  # the cap
+    assert not _slots(monkeypatch, 2, {}).fits("vit", ["mae"])  # null: every core, so one at a time
+    assert not _slots(monkeypatch, 2, {"local_num_cpus": 8}).fits("vit", ["mae"])  # more than the machine: all
+    many = _slots(monkeypatch, 16, {"local_num_cpus": 4}, parallel=8)
+    assert many.fits("eval", ["mae", "vit", "vae"])  # 4 x 4 = 16
+    assert not _slots(monkeypatch, 12, {"local_num_cpus": 4}, parallel=8).fits("eval", ["mae", "vit", "vae"])
+
+
+def test_on_a_cluster_ray_shares_the_cpus_and_only_the_cap_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    slots = _slots(monkeypatch, 2, {"address": "ray://head:10001"}, parallel=3)
+    assert slots.cpus is None and slots.fits("vit", ["mae", "eval"]) and not slots.fits("vit", ["mae", "eval", "vae"])
