@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
+from meduet.stages import STAGES, report_dir_name
 
 # Pretrained weights enter here: dvc.yaml lists this folder as a dependency of train-vae.
 PRETRAINED_DIR = "data/pretrained"
@@ -836,6 +837,15 @@ class RayConfig(StrictModel):
     checkpoint_every: Annotated[int, Field(ge=1)] = 50
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
+
+    @field_validator("stage_cpus")
+    @classmethod
+    def _known_stages(cls, value: dict[str, int]) -> dict[str, int]:
+        known = {report_dir_name(name) for name in STAGES}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}: use dvc.yaml's names, {sorted(known)}")
+        return value
 
     def cpus_for(self, stage: str) -> int | None:
         """CPUs ``stage`` (its dvc.yaml name) may use on this machine; None = all."""

@@ -100,26 +100,34 @@ def test_independent_stages_run_side_by_side_and_a_failure_lets_the_running_ones
     assert set(yaml.safe_load((failing / "dvc.lock").read_text())["stages"]) == {"a", "b"}
 
 
+VAE, MAE, VIT, EVAL = "train_vae", "pretrain_mae", "pretrain", "evaluate_disentanglement"
+
+
 def _slots(monkeypatch: pytest.MonkeyPatch, cpus: int, ray: dict, parallel: int = 2) -> Slots:
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = MeduetConfig.model_validate({"ray": ray, "orchestration": {"parallel_stages": parallel}})
-    return stage_slots(cfg, [Stage(name, "true", (), (), (), ()) for name in ("vae", "mae", "vit", "eval")])
+    return stage_slots(cfg, [Stage(name, "true", (), (), (), ()) for name in (VAE, MAE, VIT, EVAL)])
 
 
 def test_stages_side_by_side_never_oversubscribe_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    demo = _slots(monkeypatch, 2, {"local_num_cpus": 1, "stage_cpus": {"vae": 2}})
-    assert demo.demand == {"vae": 2, "mae": 1, "vit": 1, "eval": 1}
-    assert demo.fits("vit", ["mae"]) and not demo.fits("vae", ["mae"]) and not demo.fits("mae", ["vae"])
-    assert demo.fits("vae", [])  # alone a stage always runs
-    assert not _slots(monkeypatch, 2, {"local_num_cpus": 1}, parallel=1).fits("vit", ["mae"])  # the cap
-    assert not _slots(monkeypatch, 2, {}).fits("vit", ["mae"])  # null: every core, so one at a time
-    assert not _slots(monkeypatch, 2, {"local_num_cpus": 8}).fits("vit", ["mae"])  # more than the machine: all
+    demo = _slots(monkeypatch, 2, {"local_num_cpus": 1, "stage_cpus": {VAE: 2}})
+    assert demo.demand == {VAE: 2, MAE: 1, VIT: 1, EVAL: 1}
+    assert demo.fits(VIT, [MAE]) and not demo.fits(VAE, [MAE]) and not demo.fits(MAE, [VAE])
+    assert demo.fits(VAE, [])  # alone a stage always runs
+    assert not _slots(monkeypatch, 2, {"local_num_cpus": 1}, parallel=1).fits(VIT, [MAE])  # the cap
+    assert not _slots(monkeypatch, 2, {}).fits(VIT, [MAE])  # null: every core, so one at a time
+    assert not _slots(monkeypatch, 2, {"local_num_cpus": 8}).fits(VIT, [MAE])  # more than the machine: all
     many = _slots(monkeypatch, 16, {"local_num_cpus": 4}, parallel=8)
-    assert many.fits("eval", ["mae", "vit", "vae"])  # 4 x 4 = 16
-    assert not _slots(monkeypatch, 12, {"local_num_cpus": 4}, parallel=8).fits("eval", ["mae", "vit", "vae"])
+    assert many.fits(EVAL, [MAE, VIT, VAE])  # 4 x 4 = 16
+    assert not _slots(monkeypatch, 12, {"local_num_cpus": 4}, parallel=8).fits(EVAL, [MAE, VIT, VAE])
 
 
 def test_on_a_cluster_ray_shares_the_cpus_and_only_the_cap_holds(monkeypatch: pytest.MonkeyPatch) -> None:
     slots = _slots(monkeypatch, 2, {"address": "ray://head:10001"}, parallel=3)
-    assert slots.cpus is None and slots.fits("vit", ["mae", "eval"]) and not slots.fits("vit", ["mae", "eval", "vae"])
+    assert slots.cpus is None and slots.fits(VIT, [MAE, EVAL]) and not slots.fits(VIT, [MAE, EVAL, VAE])
+
+
+def test_stage_cpus_names_must_be_stages() -> None:
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['train-vae'\]: use dvc.yaml's names"):
+        MeduetConfig.model_validate({"ray": {"stage_cpus": {"train-vae": 2}}})
