@@ -69,12 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def limit_threads(cpus: int) -> None:
+def limit_threads(cpus: int, *, library_env: bool) -> None:
     """Keep this process's numeric work to ``cpus`` threads: a stage beside it has the other
     cores (unlimited, BLAS under scikit-learn's probes ran 2 threads on the demo's 2 cores).
-    Before the stage's modules load; Ray gives its workers their own count."""
-    for name in THREAD_ENV:
-        os.environ[name] = str(cpus)
+
+    ``library_env``: also the BLAS/OpenMP variables, before the stage's modules load. Not for
+    a stage on Ray: its workers inherit them, and Ray sets a worker's OMP_NUM_THREADS to the
+    worker's own CPUs only while it is unset (a 1-CPU task would take the stage's count).
+    """
+    if library_env:
+        for name in THREAD_ENV:
+            os.environ[name] = str(cpus)
     import torch  # here: commands that compute nothing start without it
 
     torch.set_num_threads(cpus)
@@ -89,7 +94,7 @@ def run_stage(name: str, params: str, overrides: list[str]) -> int:
     ray = cfg.ray.model_copy(update={"local_num_cpus": cpus})
     extra = {section: ray if section == "ray" else getattr(cfg, section) for section in spec.extra}
     if cpus:
-        limit_threads(cpus)
+        limit_threads(cpus, library_env="ray" not in spec.extra)
     started, ok = time.perf_counter(), False
     try:
         result = spec.load()(getattr(cfg, spec.section), paths, **extra)

@@ -42,3 +42,38 @@ def test_a_failing_stage_is_timed_as_failed(tmp_path: Path, monkeypatch: pytest.
     assert cli.main(["train-vae", "--params", str(tmp_path / "params.yaml")]) == 1
     recorded = json.loads((tmp_path / "reports" / "train_vae" / "timing.json").read_text())
     assert recorded["ok"] is False and recorded["stage"] == "train_vae" and recorded["seconds"] >= 0
+
+
+@pytest.fixture
+def torch_threads():
+    """Restores this process's torch thread count after a stage run set it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("extra", "library_env"), [(("ray",), False), ((), True)])
+def test_a_stage_gets_its_cpus_for_its_ray_and_its_own_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               torch_threads, extra: tuple[str, ...],
+                                                               library_env: bool) -> None:
+    import torch
+
+    for name in cli.THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    (tmp_path / "params.yaml").write_text("ray: {local_num_cpus: 2, stage_cpus: {train_vae: 1}}\n")
+    seen = {}
+
+    def stage(cfg, paths, **sections):
+        seen.update(ray=sections.get("ray"), threads=torch.get_num_threads(),
+                    env={name: cli.os.environ.get(name) for name in cli.THREAD_ENV})
+        return StageResult("train-vae")
+
+    monkeypatch.setitem(STAGES, "train-vae", SimpleNamespace(section="vae", extra=extra, help="", load=lambda: stage))
+    assert cli.main(["train-vae", "--params", str(tmp_path / "params.yaml")]) == 0
+    assert seen["threads"] == 1  # its stage_cpus entry, not local_num_cpus
+    if extra:
+        assert seen["ray"].local_num_cpus == 1  # its local Ray's CPUs
+    # A stage on Ray leaves the BLAS/OpenMP variables to Ray (per worker); one without sets them.
+    assert seen["env"] == {name: "1" if library_env else None for name in cli.THREAD_ENV}
