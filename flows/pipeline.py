@@ -263,15 +263,16 @@ class Slots:
         return self.cpus is None or sum(self.demand[name] for name in running) + self.demand[stage] <= self.cpus
 
 
-def stage_slots(cfg: MeduetConfig, plan: list[Stage]) -> Slots:
+def stage_slots(cfg: MeduetConfig, plan: list[Stage], cores: int | None = None) -> Slots:
     """``orchestration.parallel_stages`` stages at once; on one machine each takes its
     ``ray.stage_cpus`` or ``ray.local_num_cpus`` (all when null: it runs alone), so stages never
     oversubscribe the cores (two stages at both of the demo's 2 cores each took 1.45x as long as
     one after the other; at one core each, 0.70x: README, "Stage times of the demo run"). On a
-    cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own CPUs."""
+    cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own CPUs. ``cores``: this
+    machine's (None: ``os.cpu_count()``); ``benchmarks/stage_schedule.py`` replays another's."""
     if os.environ.get("RAY_ADDRESS") or cfg.ray.address:
         return Slots(cfg.orchestration.parallel_stages, None, {s.name: 0 for s in plan})
-    cores = os.cpu_count() or 1
+    cores = cores or os.cpu_count() or 1
     demand = {s.name: min(cfg.ray.cpus_for(s.name) or cores, cores) for s in plan}
     return Slots(cfg.orchestration.parallel_stages, cores, demand)
 

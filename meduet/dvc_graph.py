@@ -62,7 +62,7 @@ def _normalise(path: str) -> str:
     return PurePosixPath(os.path.normpath(path.replace("\\", "/"))).as_posix()
 
 
-def _overlaps(a: str, b: str) -> bool:
+def overlaps(a: str, b: str) -> bool:
     """True when ``a`` and ``b`` are the same path or one lies inside the other."""
     pa, pb = PurePosixPath(a), PurePosixPath(b)
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
@@ -104,7 +104,7 @@ def upstream_stages(stages: list[Stage]) -> dict[str, set[str]]:
         for producer in stages:
             if producer is consumer:
                 continue
-            if any(_overlaps(dep, out) for dep in consumer.deps for out in producer.outputs):
+            if any(overlaps(dep, out) for dep in consumer.deps for out in producer.outputs):
                 upstream[consumer.name].add(producer.name)
     return upstream
 
