@@ -3,14 +3,15 @@
 The flow starts stages with ``meduet.dvc_graph.StageQueue`` (order) and
 ``flows.pipeline.Slots`` (what fits the machine). This script feeds them the seconds each
 stage took in a finished run (``<reports>/<stage>/timing.json``) and prints the measured
-span (first stage's start to last stage's end) beside the simulated one, then the variants
+span (first stage's start to last stage's end) beside the simulated one (CPUs from
+``--params``: give ``--cpus`` where the run used others), then the variants
 asked for: other CPU counts (``--cpus stage=n`` with ``--seconds stage=s``, the time that
 stage took at that count in another run), a dependency dropped (``--drop-dep
-finetune_sweep:synthesize``), or smaller stages allowed to overtake one waiting for room
-(``--overtake``; the flow does not).
+finetune_sweep:synthesize``), smaller stages allowed to overtake one waiting for room
+(``--overtake``; the flow does not), or ready stages taken in dvc.yaml order (``--file-order``).
 
     python benchmarks/stage_schedule.py --reports /path/to/run/reports --cores 2 \\
-        [--cpus finetune_sweep=2 --seconds finetune_sweep=440] [--drop-dep a:b] [--overtake]
+        [--cpus finetune_sweep=2 --seconds finetune_sweep=440] [--drop-dep a:b] [--overtake] [--file-order]
 
 The times are the run's (its machine, its load): the simulation says what the schedule
 does with them, not how fast any stage would run elsewhere. ``--overhead`` is the flow's
@@ -46,9 +47,12 @@ def run_times(reports: Path, plan: list[Stage]) -> tuple[dict[str, float], float
 
 
 def simulate(plan: list[Stage], slots: Slots, seconds: dict[str, float], *, overhead: float,
-             overtake: bool = False) -> float:
-    """Seconds from the first stage's start to the last one's end, scheduled as the flow does."""
+             overtake: bool = False, file_order: bool = False) -> float:
+    """Seconds from the first stage's start to the last one's end, scheduled as the flow does
+    (``file_order``: ready stages in dvc.yaml order instead of the queue's longest tail first)."""
     queue, running, now = StageQueue(plan), [], 0.0  # running: heap of (end, name)
+    if file_order:
+        queue.tail = dict.fromkeys(queue.tail, 0)  # every tie kept in plan order
     by_name = {s.name: s for s in plan}
     while not queue.done:
         for stage in queue.ready():
@@ -86,14 +90,15 @@ def main() -> None:
     parser.add_argument("--seconds", action="append", default=[], metavar="STAGE=S")
     parser.add_argument("--drop-dep", action="append", default=[], metavar="CONSUMER:PRODUCER")
     parser.add_argument("--overtake", action="store_true")
+    parser.add_argument("--file-order", action="store_true", help="ready stages in dvc.yaml order")
     parser.add_argument("--overhead", type=float, default=4.0)
     args = parser.parse_args()
 
     cfg = load_config(args.params)
     plan = load_stages(ROOT)
     seconds, measured = run_times(args.reports, plan)
-    as_run = simulate(plan, stage_slots(cfg, plan, args.cores), seconds, overhead=args.overhead)
-    print(f"measured span {measured / 60:.1f} min; replayed with the run's CPUs {as_run / 60:.1f} min")
+    as_params = simulate(plan, stage_slots(cfg, plan, args.cores), seconds, overhead=args.overhead)
+    print(f"measured span {measured / 60:.1f} min; replayed with the params' CPUs {as_params / 60:.1f} min")
 
     cfg.ray.stage_cpus.update({name: int(n) for name, n in parse_pairs(args.cpus).items()})
     seconds.update(parse_pairs(args.seconds))
@@ -101,9 +106,10 @@ def main() -> None:
         consumer, _, producer = spec.partition(":")
         plan = drop_dependency(plan, consumer, producer)
     variant = simulate(plan, stage_slots(cfg, plan, args.cores), seconds, overhead=args.overhead,
-                       overtake=args.overtake)
+                       overtake=args.overtake, file_order=args.file_order)
     changes = [*(f"cpus {c}" for c in args.cpus), *(f"seconds {c}" for c in args.seconds),
-               *(f"drop {d}" for d in args.drop_dep), *(["overtake"] * args.overtake)]
+               *(f"drop {d}" for d in args.drop_dep), *(["overtake"] * args.overtake),
+               *(["file order"] * args.file_order)]
     if changes:
         print(f"with {', '.join(changes)}: {variant / 60:.1f} min")
     core_minutes = sum(seconds[s.name] * stage_slots(cfg, plan, args.cores).demand[s.name] for s in plan) / 60

@@ -266,8 +266,9 @@ class Slots:
 def stage_slots(cfg: MeduetConfig, plan: list[Stage], cores: int | None = None) -> Slots:
     """``orchestration.parallel_stages`` stages at once; on one machine each takes its
     ``ray.stage_cpus`` or ``ray.local_num_cpus`` (all when null: it runs alone), so stages never
-    oversubscribe the cores (two stages at both of the demo's 2 cores each took 1.45x as long as
-    one after the other; at one core each, 0.70x: README, "Stage times of the demo run"). On a
+    oversubscribe the cores (two stages side by side at both of the demo's 2 cores each took
+    1.45x as long as the two one after the other; at one core each, 0.70x: README, "Stage
+    times of the demo run"). On a
     cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own CPUs. ``cores``: this
     machine's (None: ``os.cpu_count()``); ``benchmarks/stage_schedule.py`` replays another's."""
     if os.environ.get("RAY_ADDRESS") or cfg.ray.address:
