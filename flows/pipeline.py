@@ -268,9 +268,9 @@ def stage_slots(cfg: MeduetConfig, plan: list[Stage], cores: int | None = None) 
     ``ray.stage_cpus`` or ``ray.local_num_cpus`` (all when null: it runs alone), so stages never
     oversubscribe the cores (two stages side by side at both of the demo's 2 cores each took
     1.45x as long as the two one after the other; at one core each, 0.70x: README, "Stage
-    times of the demo run"). On a
-    cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own CPUs. ``cores``: this
-    machine's (None: ``os.cpu_count()``); ``benchmarks/stage_schedule.py`` replays another's."""
+    times of the demo run"). On a cluster (``RAY_ADDRESS``, ``ray.address``) Ray shares its own
+    CPUs. ``cores``: this machine's (None: ``os.cpu_count()``); ``benchmarks/stage_schedule.py``
+    replays another's."""
     if os.environ.get("RAY_ADDRESS") or cfg.ray.address:
         return Slots(cfg.orchestration.parallel_stages, None, {s.name: 0 for s in plan})
     cores = cores or os.cpu_count() or 1
