@@ -171,9 +171,6 @@ def offline_env() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         for key, value in OFFLINE_ENV.items():
             patch.setenv(key, value)
-        # Ray Train's controller polls workers every 2 s; a worker waits for that poll at each
-        # checkpoint and at the end of a run. Every test run (and the CLIs it starts) polls faster.
-        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         yield
 
 

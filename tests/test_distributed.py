@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from meduet import distributed as dist
 from meduet.config import MeduetConfig, Paths, RayConfig
-from meduet.distributed.driver import _ray_temp_dir
+from meduet.distributed.driver import TRAIN_POLL_ENV, _ray_temp_dir
 from meduet.engine.checkpoint import (CHECKPOINT_FORMAT, STATE_FILE, CheckpointError, ConfigMismatchError,
                                       read_checkpoint)
 from meduet.engine.history import write_history_csv
@@ -104,7 +104,7 @@ TWO_CPU_WORKERS = Scaling(num_workers=2, use_gpu=False, cpus_per_worker=1)
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One local Ray (2 CPUs) for the module, stopped at the end (polling fast: tests/conftest.py)."""
+    """One local Ray (2 CPUs) for the module, stopped at the end."""
     tmp = tmp_path_factory.mktemp("ray")
     dist.ensure_ray(spec(tmp / "results", "unused", tmp))
     yield
@@ -280,6 +280,23 @@ def test_run_folder_of_another_config_is_refused(uninterrupted: tuple[dist.FitRe
     shutil.copytree(reference.run.run_dir, run.run_dir)  # e.g. a folder renamed by hand
     with pytest.raises(ConfigMismatchError, match="ref0001.*other0002"):
         dist.fit(toy_loop, loop_config(tmp_path), TWO_CPU_WORKERS, run)
+
+
+def report_poll_interval() -> None:
+    """A loop that reports the Ray Train poll interval its worker process was started with."""
+    dist.report({"poll": float(os.environ[TRAIN_POLL_ENV])}, {"step": 1})
+
+
+def test_the_run_specs_poll_interval_reaches_ray_trains_workers(ray_local: Any, tmp_path: Path) -> None:
+    # ray.train_poll_s -> RunSpec -> fit's environment -> Ray Train's controller and workers (which
+    # wait for its polls); nothing else in the test session sets the variable.
+    cfg = MeduetConfig.model_validate({"ray": {"train_poll_s": 0.5}})
+    run = RunSpec.from_config(cfg.ray, Paths.resolve(cfg, tmp_path), "toy", "poll0001")
+    assert run.train_poll_s == 0.5
+    result = dist.fit(report_poll_interval, {}, Scaling(num_workers=1, cpus_per_worker=1), run)
+    assert [row["poll"] for row in result.history] == [0.5]
+    with pytest.raises(ValueError, match="train_poll_s"):
+        spec(tmp_path, "x", tmp_path, train_poll_s=0.0)
 
 
 # --------------------------------------------------------------------------- without Ray

@@ -33,7 +33,8 @@ Runs, checkpoints and resume
 Metrics
     :func:`report` keeps rank 0's metric rows on the worker; they come back in the loop's
     return value and inside every checkpoint. Only checkpoints go through
-    ``ray.train.report``, which waits for the controller's next poll of the workers.
+    ``ray.train.report``, which waits for the controller's next poll of the workers when the
+    previous checkpoint is not collected yet (every ``RunSpec.train_poll_s``, ``fit`` sets it).
 """
 
 from meduet.distributed.driver import DistributedError, FitResult, TrainingError, ensure_ray, fit, shutdown_ray

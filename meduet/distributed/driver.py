@@ -40,6 +40,9 @@ class TrainingError(DistributedError):
 
 _STARTED_LOCAL = False
 LOCAL_START_TRIES = 3
+# Ray Train reads its controller's poll interval from the driver's environment when a run starts
+# and passes it on to the controller and the workers.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def _ray_temp_dir(preferred: Path) -> Path:
@@ -157,7 +160,7 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
             config sections travel as they are: pydantic models pickle).
         scaling: workers and their resources (``cpus_per_worker`` None: the cluster's CPUs shared
             by the workers, ``Scaling.with_cluster_cpus``); a worker runs as many torch threads as CPUs.
-        run: run name, storage and checkpoint/failure policy.
+        run: run name, storage, checkpoint/failure policy and the controller's poll interval.
 
     Returns:
         The run's final metrics, latest checkpoint and full metric history (also
@@ -174,6 +177,7 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
     log.info("%s: %d worker(s), %g CPU(s) and %d torch thread(s) each%s", run.name, scaling.num_workers,
              scaling.cpus_per_worker, scaling.threads, ", GPU" if scaling.use_gpu else "")
     claim_run_folder(run)
+    os.environ[TRAIN_POLL_ENV] = f"{run.train_poll_s:g}"
     fs, root = run.filesystem()
     session = worker.Session(stage=run.stage, config_hash=run.config_hash, checkpoint_every=run.checkpoint_every,
                              scheme="s3://" if run.storage.startswith("s3://") else "", storage=run.storage,

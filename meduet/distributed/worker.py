@@ -256,7 +256,8 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
     Rank 0's rows are the run's history. Without ``state`` this is cheap and local, so
     reporting every step is fine. With ``state`` it is collective: every rank must pass
     ``state`` at the same steps (see :func:`checkpoint_due`); rank 0 writes the
-    checkpoint and Ray registers it (this waits for Ray's controller, up to ~2 s).
+    checkpoint and Ray registers it (when the previous one is not yet collected, this
+    waits for the controller's next poll, ``ray.train_poll_s``).
 
     Args:
         metrics: numbers (tensors and numpy scalars are unwrapped) or strings.
@@ -274,8 +275,8 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
         session.history.append(row)
     if state is None:
         # Rows stay here and travel back in checkpoints and the loop's return value:
-        # each ray.train.report waits for the controller's next poll (2 s by default),
-        # which would throttle a loop that reports every step.
+        # a ray.train.report waits for the controller's next poll whenever the previous
+        # one is not collected yet, which would throttle a loop that reports every step.
         return
     per_rank_rng = _gather(state.get("rng") or capture_rng())
     if rank != 0:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.fs
 
-from meduet.config import Paths, RayConfig
+from meduet.config import TRAIN_POLL_S, Paths, RayConfig
 from meduet.engine.checkpoint import CheckpointError, ConfigMismatchError
 from meduet.io.atomic import write_json
 from meduet.io.filesystems import arrow_filesystem, read_bytes
@@ -141,6 +141,7 @@ class RunSpec:
         local_num_cpus: CPUs a local cluster may use; None = all of this machine.
         metrics_csv: where ``distributed.fit`` writes the metric history (one row per
             report); None writes none.
+        train_poll_s: seconds between the Ray Train controller's polls of its workers.
     """
 
     stage: str
@@ -154,6 +155,7 @@ class RunSpec:
     temp_dir: Path = Path(tempfile.gettempdir()) / "meduet-ray"
     local_num_cpus: int | None = None
     metrics_csv: Path | None = None
+    train_poll_s: float = TRAIN_POLL_S
 
     def __post_init__(self) -> None:
         for label, value in (("stage", self.stage), ("config_hash", self.config_hash)):
@@ -165,6 +167,8 @@ class RunSpec:
             raise ValueError(f"only local folders and s3:// URIs are supported, got {self.storage!r}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failures < 0:
             raise ValueError("checkpoint_every and keep_checkpoints must be >= 1, max_failures >= 0")
+        if self.train_poll_s <= 0:
+            raise ValueError(f"train_poll_s must be > 0, got {self.train_poll_s}")
 
     @classmethod
     def from_config(
@@ -184,7 +188,7 @@ class RunSpec:
             stage=stage, config_hash=section_hash, storage=storage, s3_options=dict(paths.s3_options),
             checkpoint_every=ray_cfg.checkpoint_every, keep_checkpoints=ray_cfg.keep_checkpoints,
             max_failures=ray_cfg.max_failures, address=ray_cfg.address, temp_dir=paths.work / "ray",
-            local_num_cpus=ray_cfg.local_num_cpus,
+            local_num_cpus=ray_cfg.local_num_cpus, train_poll_s=ray_cfg.train_poll_s,
             metrics_csv=metrics_csv if metrics_csv is not None else paths.reports / stage / "history.csv",
         )
 

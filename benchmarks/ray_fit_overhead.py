@@ -1,0 +1,102 @@
+"""What a Ray Train run costs besides its training: local Ray start-up and one `distributed.fit` of a no-op loop.
+
+Every training stage (and every cell of the fine-tuning sweep) is one ``meduet.distributed.fit``:
+Ray Train starts a controller actor and a worker group, the loop runs, and the result travels
+back. This measures that fixed cost with a loop that only reports ``--checkpoints`` checkpoints
+back to back, for each controller poll interval given (``ray.train_poll_s``, which ``fit`` passes
+to Ray Train as ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; Ray's own default is 2 s). Back-to-back
+checkpoints each wait for a poll; in a real run they are further apart than a poll, so
+``--checkpoints 1`` is the fixed cost a stage pays per run.
+
+Each (repeat, interval) is its own process, with its own local Ray, the intervals alternating,
+so that both see the same machine. Prints, per interval: Ray start-up, the median and range of
+the fits, and the ratio against the first interval.
+
+    python benchmarks/ray_fit_overhead.py [--poll 2.0 0.25] [--fits 3] [--repeats 2] [--checkpoints 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+from machine import cpu_flags, cpu_name  # benchmarks/machine.py (this script's folder)
+
+
+def report_checkpoints(checkpoints: int) -> None:
+    """The training loop: ``checkpoints`` checkpoint reports back to back, nothing else."""
+    from meduet.distributed import report
+
+    for step in range(1, checkpoints + 1):
+        report({"step": step}, state={"step": step})
+
+
+def child(fits: int, checkpoints: int, poll: float) -> dict:
+    """One process: start local Ray, then ``fits`` runs of the loop; seconds of each."""
+    from meduet.distributed import driver
+    from meduet.engine.runs import RunSpec, Scaling
+
+    root = Path(tempfile.mkdtemp(prefix="meduet-ray-bench-"))
+
+    def spec(name: str) -> RunSpec:
+        return RunSpec(stage="bench", config_hash=name, storage=str(root / "runs"), temp_dir=root / "ray",
+                       local_num_cpus=2, max_failures=0, checkpoint_every=1, keep_checkpoints=checkpoints,
+                       train_poll_s=poll)
+
+    start = time.perf_counter()
+    driver.ensure_ray(spec("start"))
+    seconds = {"ray_start": time.perf_counter() - start, "fits": []}
+    for index in range(fits):
+        start = time.perf_counter()
+        result = driver.fit(report_checkpoints, {"checkpoints": checkpoints}, Scaling(num_workers=1),
+                            spec(f"run{index}"))
+        seconds["fits"].append(time.perf_counter() - start)
+        assert len(result.history) == checkpoints, result.history
+    driver.shutdown_ray()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--poll", type=float, nargs="+", default=[2.0, 0.25], help="controller poll intervals (s)")
+    parser.add_argument("--fits", type=int, default=3, help="fits per process (the first pays for cold caches)")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per interval")
+    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoint reports per fit")
+    parser.add_argument("--child", type=float, help=argparse.SUPPRESS)  # one process at this poll interval
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.fits, args.checkpoints, args.child)))
+        return
+
+    runs: dict[float, list[dict]] = {poll: [] for poll in args.poll}
+    for repeat in range(args.repeats):
+        for poll in args.poll:
+            done = subprocess.run([sys.executable, __file__, "--child", str(poll), "--fits", str(args.fits),
+                                   "--checkpoints", str(args.checkpoints)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"poll {poll}: child failed\n{done.stderr[-3000:]}")
+            runs[poll].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"repeat {repeat + 1}, poll {poll} s: {runs[poll][-1]}", file=sys.stderr, flush=True)
+
+    print(f"# {cpu_name()} ({', '.join(cpu_flags())}), {os.cpu_count()} CPUs; local Ray with 2 CPUs; "
+          f"{args.repeats} processes x {args.fits} fits per interval, {args.checkpoints} checkpoints per fit")
+    print("| poll interval | Ray start-up s (median) | fit s, median (range) | fit ratio |")
+    print("|---|---|---|---|")
+    baseline = None
+    for poll, rows in runs.items():
+        fits = [s for row in rows for s in row["fits"]]
+        fit = median(fits)
+        baseline = baseline or fit
+        print(f"| {poll:g} s | {median(r['ray_start'] for r in rows):.2f} | {fit:.2f} ({min(fits):.2f}-{max(fits):.2f})"
+              f" | {fit / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
