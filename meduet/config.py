@@ -806,8 +806,8 @@ class EvaluateSynthesisConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- distributed training
-# Ray Train's controller polls its workers every 2 s by default; at this interval the polls cost
-# nothing measurable and each run waits ~5 s less (benchmarks/ray_fit_overhead.py).
+# Ray Train's controller polls its workers every 2 s by default; a run waits for its polls as it starts,
+# ends and checkpoints: at 0.25 s each run took ~4 s less (benchmarks/ray_fit_overhead.py, README).
 TRAIN_POLL_S = 0.25
 
 
