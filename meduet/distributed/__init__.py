@@ -37,8 +37,9 @@ Metrics
     previous checkpoint is not collected yet (every ``RunSpec.train_poll_s``, ``fit`` sets it).
 """
 
-from meduet.distributed.driver import DistributedError, FitResult, TrainingError, ensure_ray, fit, shutdown_ray
-from meduet.distributed.tasks import TaskError, map_tasks
+import importlib
+from typing import Any
+
 from meduet.distributed.worker import (checkpoint_due, device, load_checkpoint, prepare_loader, prepare_model, report,
                                        resume, set_epoch, training_state, unwrap, world_rank, world_size)
 
@@ -47,3 +48,17 @@ __all__ = [
     "load_checkpoint", "map_tasks", "prepare_loader", "prepare_model", "report", "resume", "set_epoch",
     "shutdown_ray", "training_state", "unwrap", "world_rank", "world_size",
 ]
+
+# The driver side imports Ray at its top; it loads when one of its names is first used, so the
+# worker helpers (what a trainer calls) import without Ray, as the step benchmarks need on a lent
+# GPU machine that has no Ray. ``from meduet.distributed import fit`` works as before.
+_DRIVER_SIDE = {
+    "DistributedError": "driver", "FitResult": "driver", "TrainingError": "driver", "ensure_ray": "driver",
+    "fit": "driver", "shutdown_ray": "driver", "TaskError": "tasks", "map_tasks": "tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DRIVER_SIDE:
+        return getattr(importlib.import_module(f"meduet.distributed.{_DRIVER_SIDE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,11 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pyarrow.fs
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
@@ -54,19 +53,28 @@ def _in_fit() -> bool:
     return _SESSION is not None
 
 
+def _ray_train() -> ModuleType:
+    """Ray Train's worker API, imported on first use, which is always inside ``fit``: outside it the
+    helpers act as one CPU worker without touching Ray, so a trainer can be built and stepped where
+    Ray is not installed (the step benchmarks on a lent GPU machine)."""
+    import ray.train.torch
+
+    return ray.train
+
+
 def device() -> torch.device:
     """This worker's device: its GPU, or the CPU (always the CPU outside ``distributed.fit``)."""
-    return ray.train.torch.get_device() if _in_fit() else torch.device("cpu")
+    return _ray_train().torch.get_device() if _in_fit() else torch.device("cpu")
 
 
 def world_rank() -> int:
     """This worker's rank in ``[0, world_size())``; rank 0 writes checkpoints."""
-    return ray.train.get_context().get_world_rank() if _in_fit() else 0
+    return _ray_train().get_context().get_world_rank() if _in_fit() else 0
 
 
 def world_size() -> int:
     """Number of workers in the run."""
-    return ray.train.get_context().get_world_size() if _in_fit() else 1
+    return _ray_train().get_context().get_world_size() if _in_fit() else 1
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,7 +84,7 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     number of workers.
     """
     if _in_fit():
-        return ray.train.torch.prepare_model(model)
+        return _ray_train().torch.prepare_model(model)
     return model.to(device())
 
 
@@ -117,7 +125,7 @@ def prepare_loader(loader: DataLoader, seed: int | None = None) -> DataLoader:
             persistent_workers=loader.persistent_workers,
         )
     if _in_fit():
-        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=True)
+        return _ray_train().torch.prepare_data_loader(loader, add_dist_sampler=False, move_to_device=True)
     return loader
 
 
@@ -152,7 +160,7 @@ def load_checkpoint() -> dict[str, Any] | None:
     """
     if _SESSION is None:
         return None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _ray_train().get_checkpoint()
     listed = checkpoint_step(checkpoint.path) if checkpoint is not None else -1
     envelope = _newer_unlisted_checkpoint(listed)
     if envelope is None:
@@ -280,7 +288,7 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
         return
     per_rank_rng = _gather(state.get("rng") or capture_rng())
     if rank != 0:
-        ray.train.report(row)
+        _ray_train().report(row)
         return
     payload = make_envelope(stage=session.stage, config_hash=session.config_hash,
                             state={**state, "rng": {"per_rank": per_rank_rng}}, history=session.history)
@@ -290,7 +298,7 @@ def report(metrics: Mapping[str, Any], state: dict[str, Any] | None = None) -> N
     # in between) and skips one whose state.pt is torn (a kill mid-upload).
     with tempfile.TemporaryDirectory(prefix="meduet-ckpt-", ignore_cleanup_errors=True) as staging:
         torch.save(payload, Path(staging) / STATE_FILE)
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(staging),
+        _ray_train().report(row, checkpoint=_ray_train().Checkpoint.from_directory(staging),
                          checkpoint_dir_name=checkpoint_dir_name(step))
 
 
