@@ -94,6 +94,44 @@ def conv3d_peak(repeats: int = 5) -> float:
     return flops / best / 1e9
 
 
+def gpu_describe() -> str:
+    """``NVIDIA H200 (sm_90, 132 SMs, 140 GiB), torch 2.11.0+cu130``: the GPU a row ran on."""
+    props = torch.cuda.get_device_properties(0)
+    return (f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}")
+
+
+def _gpu_gflops(run, flops: float, repeats: int) -> float:
+    """Median GFLOP/s of ``run()`` over ``repeats`` event-timed calls after two warm-ups."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return flops / statistics.median(times) / 1e9
+
+
+def gpu_peaks(size: int = 8192, repeats: int = 10) -> dict[str, float]:
+    """This GPU's measured bf16 ceilings in GFLOP/s: a ``size``³ matrix product (``matmul``) and a
+    64 -> 64 channel 3³ convolution on a (8, 64, 64, 64, 64) channels-last input (``conv``), each the
+    median of ``repeats`` event-timed runs on random data (zeros run faster than real data)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    matmul = _gpu_gflops(lambda: a @ b, 2 * size**3, repeats)
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to("cuda", torch.bfloat16)
+    conv = conv.to(memory_format=torch.channels_last_3d)
+    x = torch.randn(8, 64, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        conv_rate = _gpu_gflops(lambda: conv(x), 2 * x.numel() * 64 * 27, repeats)
+    return {"matmul": matmul, "conv": conv_rate}
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

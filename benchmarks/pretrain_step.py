@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from machine import max_relative_difference, peak_rss_gib, precision_rows, spread
+from machine import gpu_describe, gpu_peaks, max_relative_difference, peak_rss_gib, precision_rows, spread
 from step_profile import print_profile, profile_step
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,14 +99,49 @@ def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profil
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_reference(harness: Path, reference: Path, batch: int, steps: int, bf16: bool) -> dict:
-    """The authors' ``base`` step (``ref_step.py``, first step excluded) in a fresh interpreter."""
-    env = {**os.environ, "REF_SRC": str(reference / "src" / "pretrain"), "PYTHONPATH": str(reference / "site")}
+def run_reference(harness: Path, reference: Path, batch: int, steps: int, device: str, bf16: bool) -> dict:
+    """The authors' ``base`` step (``ref_step.py``, first step excluded) in a fresh interpreter. A GPU
+    row passes ``--device cuda``: the harness must accept it (the shared CPU harness does not)."""
+    env = {**os.environ, "REF_SRC": str(reference / "src" / "pretrain"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(reference / "site"), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, str(harness), "--preset", "base", "--batch", str(batch), "--steps", str(steps + 1),
-               "--threads", str(torch.get_num_threads()), *(["--bf16"] if bf16 else [])]
+               "--threads", str(torch.get_num_threads()), *(["--bf16"] if bf16 else []),
+               *(["--device", device] if device != "cpu" else [])]
     row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env)
                      .stdout.strip().splitlines()[-1])
     return {"seconds": row["s_step_median"], "peak_gib": row["peak_rss_gib"], "gflop": row["gflop"]}
+
+
+HEADER = (f"{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
+          f"{'GFLOP':>9}{'GFLOP/s':>10}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
+
+
+def print_row(code: str, device: str, bf16: bool, preset: str, batch: int, runs: list[dict], peak: float,
+              ratios: tuple[str, str] = ("-", "-"), diff: str = "") -> None:
+    """One table row from a row's repeated runs (median seconds and memory; FLOPs of the first)."""
+    seconds = median([r["seconds"] for r in runs])
+    gflop = runs[0]["gflop"]
+    print(f"{code:<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
+          f"{spread([r['seconds'] for r in runs]):>20}{median([r['peak_gib'] for r in runs]):>10.2f}"
+          f"{gflop:>9.1f}{gflop / seconds:>10.1f}{gflop / seconds / peak:>6.0%}"
+          f"{ratios[0]:>12}{ratios[1]:>11}{diff:>15}")
+
+
+def largest_batch(preset: str, batch: int, steps: int, peak: float, limit: int = 4096) -> int:
+    """Double ``batch`` on the GPU until a row runs out of memory (or reaches ``limit``), printing each
+    row measured on the way (each in its own process, so a failed one leaves nothing behind); returns
+    the largest batch that ran."""
+    fits = batch
+    while fits < limit:
+        try:
+            row = run_row(preset, fits * 2, steps, "cuda", True)
+        except subprocess.CalledProcessError as error:
+            if "out of memory" not in error.stderr.lower() and "ALLOC_FAILED" not in error.stderr:
+                raise
+            return fits
+        fits *= 2
+        print_row("project", "cuda", True, preset, fits, [row], peak)
+    return fits
 
 
 def main() -> None:
@@ -114,6 +149,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["base:2", "small:8"], metavar="PRESET:BATCH")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row (median and range printed)")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"],
+                        help="which of this machine's rows to run (cuda: bf16, when there is a GPU)")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="on the GPU, also double each preset's batch until it runs out of memory")
     parser.add_argument("--reference", type=Path, default=None, help="setup_ref.sh's folder: run the authors' step")
     parser.add_argument("--harness", type=Path, default=Path("../shared/bench/ref_step.py"))
     parser.add_argument("--profile", action="store_true",
@@ -126,47 +165,48 @@ def main() -> None:
         return
 
     peaks, line, rows = precision_rows()
+    rows = [(device, bf16) for device, bf16 in rows if device in args.devices]
     print(line)
-    print(f"\n{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
-          f"{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
+    if any(device == "cuda" for device, _ in rows):
+        gpu = gpu_peaks()
+        print(f"gpu: {gpu_describe()}; bf16 matmul peak (8192^3, median of 10) {gpu['matmul']:.0f} GFLOP/s, "
+              f"3-D convolution {gpu['conv']:.0f} GFLOP/s")
+    print("\n" + HEADER)
     profiles = []
     for item in args.presets:
         preset, batch = item.split(":")
         reference = None
         for device, bf16 in rows:
-            side_by_side = args.reference is not None and preset == "base" and device == "cpu"
+            side_by_side = args.reference is not None and preset == "base"
             ours, theirs = [], []
             for repeat in range(args.repeats):
                 ours.append(run_row(preset, int(batch), args.steps, device, bf16, args.profile and repeat == 0))
                 if side_by_side:
-                    theirs.append(run_reference(args.harness, args.reference, int(batch), args.steps, bf16))
+                    theirs.append(run_reference(args.harness, args.reference, int(batch), args.steps, device, bf16))
             r = ours[0]
-            reference = reference or r["losses"]  # the fp32 CPU row comes first
-            diff = max_relative_difference(r["losses"], reference)
-            seconds = median([o["seconds"] for o in ours])
-            peak = peaks[bf16] if device == "cpu" else float("nan")
-            t_ratio = f"{seconds / median([t['seconds'] for t in theirs]):.2f}x" if theirs else "-"
-            m_ratio = f"{median([o['peak_gib'] for o in ours]) / median([t['peak_gib'] for t in theirs]):.2f}x" \
-                if theirs else "-"
-            print(f"{'project':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
-                  f"{spread([o['seconds'] for o in ours]):>20}{median([o['peak_gib'] for o in ours]):>10.2f}"
-                  f"{r['gflop']:>9.1f}{r['gflop'] / seconds:>9.1f}{r['gflop'] / seconds / peak:>6.0%}"
-                  f"{t_ratio:>12}{m_ratio:>11}{diff:>14.2%}")
+            reference = reference or r["losses"]  # the first row (fp32 CPU where it runs) is the reference
+            diff = f"{max_relative_difference(r['losses'], reference):.2%}"
+            peak = peaks[bf16] if device == "cpu" else gpu["matmul"]
+            ratios = ("-", "-")
             if theirs:
-                t_seconds = median([t["seconds"] for t in theirs])
-                print(f"{'authors':<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
-                      f"{spread([t['seconds'] for t in theirs]):>20}{median([t['peak_gib'] for t in theirs]):>10.2f}"
-                      f"{theirs[0]['gflop']:>9.1f}{theirs[0]['gflop'] / t_seconds:>9.1f}"
-                      f"{theirs[0]['gflop'] / t_seconds / peak:>6.0%}{'1.00x':>12}{'1.00x':>11}{'':>15}")
+                ratios = (f"{median([o['seconds'] for o in ours]) / median([t['seconds'] for t in theirs]):.2f}x",
+                          f"{median([o['peak_gib'] for o in ours]) / median([t['peak_gib'] for t in theirs]):.2f}x")
+            print_row("project", device, bf16, preset, int(batch), ours, peak, ratios, diff)
+            if theirs:
+                print_row("authors", device, bf16, preset, int(batch), theirs, peak, ("1.00x", "1.00x"))
             if r["passes"]:
                 profiles.append((r["passes"], peak, f"{preset} batch {batch}, {device} {'bf16' if bf16 else 'fp32'}: "
                                  "one profiled step, pass by pass"))
+            if device == "cuda" and args.max_batch:
+                fits = largest_batch(preset, int(batch), args.steps, peak)
+                print(f"{preset}: largest batch that ran on the GPU: {fits} (doubling from {batch}; the next one "
+                      "ran out of memory or passed the search's limit)")
     print("\ns/step: median (range) over the repeats, each row in its own process. Peak memory: the process's peak "
           "RSS on CPU, max allocated on GPU. MFU: achieved GFLOP/s over this machine's matmul peak in the row's "
-          "precision. Ratios: project / authors, measured alternately in this run. Max loss diff: largest relative "
-          "difference of a first-step loss term from the fp32 CPU row.")
-    for rows, peak, title in profiles:
-        print_profile(rows, peak, title)
+          "precision (on GPU: the bf16 8192^3 product). Ratios: project / authors, measured alternately in this run. "
+          "Max loss diff: largest relative difference of a first-step loss term from the preset's first row.")
+    for rows_, peak, title in profiles:
+        print_profile(rows_, peak, title)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from statistics import median
 import torch
 from machine import (  # benchmarks/machine.py (this folder)
     conv3d_peak,
+    gpu_describe,
+    gpu_peaks,
     max_relative_difference,
     peak_rss_gib,
     precision_rows,
@@ -56,15 +58,17 @@ def stock_maisi(preset: str) -> AutoencoderKlMaisi:
     return AutoencoderKlMaisi(**maisi_options(PRESETS[preset]))
 
 
-def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: bool, profiled: bool) -> dict:
-    """One row: the step of ``variant``; a FLOP-counted warm-up step, then ``steps`` timed steps."""
+def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: bool, profiled: bool,
+            device: torch.device = torch.device("cpu")) -> dict:
+    """One row: the step of ``variant`` on ``device``; a FLOP-counted warm-up step, then ``steps`` timed steps."""
     torch.manual_seed(0)
     cfg = VAEConfig(preset=preset, crop_size=(crop,) * 3, batch_size=batch, steps=10, amp=bf16)
     layout = torch.channels_last_3d if variant == "project" else torch.contiguous_format
-    model = (build_vae(PRESETS[preset]) if variant == "project" else stock_maisi(preset)).to(memory_format=layout)
-    x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0))
+    model = (build_vae(PRESETS[preset]) if variant == "project" else stock_maisi(preset)).to(device)
+    model = model.to(memory_format=layout)
+    x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=layout)
-    trainer = vae_trainer(cfg=cfg, model=model, batches=lambda step: [(step, x)], device=torch.device("cpu"))
+    trainer = vae_trainer(cfg=cfg, model=model, batches=lambda step: [(step, x)], device=device)
     # bf16 rows: CPU autocast (the stage autocasts on GPU only); maisi rows: the for-loop AdamW the
     # stage used before, same options.
     group = trainer.optimizer.param_groups[0]
@@ -77,14 +81,21 @@ def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: 
 
     with FlopCounterMode(display=False) as counter:
         first = {term: value.item() for term, value in step().items()}
-    step()  # a second warm-up: oneDNN caches its kernels per shape and layout
+    step()  # a second warm-up: oneDNN (cuDNN) caches its kernels per shape and layout
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    row = {"seconds": seconds, "peak_gib": peak_rss_gib(), "gflop": counter.get_total_flops() / 1e9,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
+    row = {"seconds": seconds, "peak_gib": peak, "gflop": counter.get_total_flops() / 1e9,
            "losses": first, "passes": None, "ops": None}
-    if profiled:
+    if profiled and not cuda:
         row["passes"] = profile_step(step, PASSES)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
@@ -93,9 +104,11 @@ def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: 
     return row
 
 
-def run_row(variant: str, preset: str, batch: int, args: argparse.Namespace, bf16: bool, profiled: bool) -> dict:
+def run_row(variant: str, preset: str, batch: int, args: argparse.Namespace, bf16: bool, profiled: bool,
+            device: str = "cpu") -> dict:
     """``measure`` in a fresh interpreter, parsed from its JSON line."""
-    command = [sys.executable, __file__, "--row", f"{variant}:{preset}:{batch}:{int(bf16)}", "--crop", str(args.crop),
+    command = [sys.executable, __file__, "--row", f"{variant}:{preset}:{batch}:{int(bf16)}:{device}",
+               "--crop", str(args.crop),
                "--steps", str(args.steps), *(["--profile"] if profiled else [])]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -107,30 +120,38 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=32, help="crop edge (train-vae's crop_size)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each row, alternating the variants")
-    parser.add_argument("--profile", action="store_true", help="also profile one step of each row's first run")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each CPU row's first run")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"],
+                        help="which of this machine's rows to run (cuda: bf16, when there is a GPU)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = parser.parse_args()
     if args.row:
-        variant, preset, batch, bf16 = args.row.split(":")
-        print(json.dumps(measure(variant, preset, int(batch), args.crop, args.steps, bf16 == "1", args.profile)))
+        variant, preset, batch, bf16, device = args.row.split(":")
+        print(json.dumps(measure(variant, preset, int(batch), args.crop, args.steps, bf16 == "1", args.profile,
+                                 torch.device(device))))
         return
 
     peaks, line, rows = precision_rows()
+    rows = [(device, bf16) for device, bf16 in rows if device in args.devices]
     conv_peak = conv3d_peak()
     print(f"{line}; 3-D convolution peak (64->64, 3^3, 32^3 channels-last): {conv_peak:.0f} GFLOP/s")
-    print(f"\n{'variant':<9}{'dtype':<6}{'preset':<8}{'batch':>6}{'crop':>5}{'s/step':>24}{'steps/s':>9}"
+    if any(device == "cuda" for device, _ in rows):
+        gpu = gpu_peaks()
+        print(f"gpu: {gpu_describe()}; bf16 matmul peak (8192^3, median of 10) {gpu['matmul']:.0f} GFLOP/s, "
+              f"bf16 3-D convolution (64->64, 3^3, 8 x 64^3 channels-last) {gpu['conv']:.0f} GFLOP/s")
+    print(f"\n{'variant':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'crop':>5}{'s/step':>24}{'steps/s':>9}"
           f"{'peak GiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU mm':>8}{'MFU conv':>9}{'speed-up':>10}{'loss diff':>11}")
     profiles = []
     for item in args.presets:
         preset, batch = item.split(":")
         reference = None
         for device, bf16 in rows:
-            if device != "cpu":
-                continue
             runs = {variant: [] for variant in VARIANTS}
             for repeat in range(args.repeats):
                 for variant in VARIANTS:
-                    runs[variant].append(run_row(variant, preset, int(batch), args, bf16, args.profile and repeat == 0))
+                    runs[variant].append(run_row(variant, preset, int(batch), args, bf16, args.profile and repeat == 0,
+                                                 device))
+            mm_peak, cv_peak = (peaks[bf16], conv_peak) if device == "cpu" else (gpu["matmul"], gpu["conv"])
             base_seconds = median(r["seconds"] for r in runs["maisi"])
             for variant in VARIANTS:
                 first = runs[variant][0]
@@ -138,17 +159,18 @@ def main() -> None:
                 diff = max_relative_difference(first["losses"], reference)
                 seconds = median(r["seconds"] for r in runs[variant])
                 rate = first["gflop"] / seconds
-                print(f"{variant:<9}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
+                print(f"{variant:<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
                       f"{spread([r['seconds'] for r in runs[variant]]):>24}{1 / seconds:>9.2f}"
                       f"{median(r['peak_gib'] for r in runs[variant]):>10.2f}{first['gflop']:>8.1f}{rate:>9.1f}"
-                      f"{rate / peaks[bf16]:>8.1%}{rate / conv_peak:>9.1%}{base_seconds / seconds:>9.2f}x{diff:>11.1e}")
+                      f"{rate / mm_peak:>8.1%}{rate / cv_peak:>9.1%}{base_seconds / seconds:>9.2f}x{diff:>11.1e}")
                 if first["passes"]:
-                    profiles.append((first, peaks[bf16], f"{variant} {preset} batch {batch}, "
+                    profiles.append((first, mm_peak, f"{variant} {preset} batch {batch}, "
                                      f"{'bf16' if bf16 else 'fp32'}: one profiled step"))
     print("\ns/step: median (range) over the repeats, the variants alternating, each run in its own process. "
           "Speed-up: the maisi row's median time over this row's. MFU: achieved GFLOP/s over this machine's "
-          "matmul peak in the row's precision (mm) and fp32 3-D convolution peak (conv). Loss diff: largest "
-          "relative difference of a first-step loss term from the maisi fp32 row (same weights, same crops).")
+          "matmul peak in the row's precision (mm) and 3-D convolution peak (conv; fp32 on CPU, bf16 on GPU). "
+          "Loss diff: largest relative difference of a first-step loss term from the preset's first row (maisi, "
+          "fp32 where CPU rows run; same weights, same crops).")
     for row, peak, title in profiles:
         print_profile(row["passes"], peak, title)
         ops = "; ".join(f"{name} x{count} {ms:.1f} ms" for name, count, ms in row["ops"])
