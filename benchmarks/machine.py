@@ -6,9 +6,11 @@ threads and the precision it was measured with, and next to this machine's own m
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -130,6 +132,23 @@ def gpu_peaks(size: int = 8192, repeats: int = 10) -> dict[str, float]:
     with torch.no_grad():
         conv_rate = _gpu_gflops(lambda: conv(x), 2 * x.numel() * 64 * 27, repeats)
     return {"matmul": matmul, "conv": conv_rate}
+
+
+class RowFailed(subprocess.CalledProcessError):
+    """A benchmark row's process failed; the message ends with its stderr's last lines."""
+
+    def __str__(self) -> str:
+        tail = "\n".join((self.stderr or "").strip().splitlines()[-15:])
+        return f"{super().__str__()}\n{tail}"
+
+
+def run_json_row(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run one benchmark row in a fresh interpreter (clean peak memory) and parse the JSON of its last
+    output line; raises :class:`RowFailed` (with the row's stderr) when it fails."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RowFailed(done.returncode, command, done.stdout, done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_gib() -> float:

@@ -32,7 +32,8 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from machine import gpu_describe, gpu_peaks, max_relative_difference, peak_rss_gib, precision_rows, spread
+from machine import (gpu_describe, gpu_peaks, max_relative_difference, peak_rss_gib, precision_rows, run_json_row,
+                     spread)
 from step_profile import print_profile, profile_step
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -95,8 +96,7 @@ def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profil
     """``measure`` in a fresh interpreter (clean peak RSS), parsed from its JSON line."""
     command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}", "--steps", str(steps),
                *(["--profile"] if profiled else [])]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_row(command)
 
 
 def run_reference(harness: Path, reference: Path, batch: int, steps: int, device: str, bf16: bool) -> dict:
@@ -107,8 +107,7 @@ def run_reference(harness: Path, reference: Path, batch: int, steps: int, device
     command = [sys.executable, str(harness), "--preset", "base", "--batch", str(batch), "--steps", str(steps + 1),
                "--threads", str(torch.get_num_threads()), *(["--bf16"] if bf16 else []),
                *(["--device", device] if device != "cpu" else [])]
-    row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-                     .stdout.strip().splitlines()[-1])
+    row = run_json_row(command, env)
     return {"seconds": row["s_step_median"], "peak_gib": row["peak_rss_gib"], "gflop": row["gflop"]}
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from statistics import median
@@ -37,6 +36,7 @@ from machine import (  # benchmarks/machine.py (this folder)
     max_relative_difference,
     peak_rss_gib,
     precision_rows,
+    run_json_row,
     spread,
 )
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
@@ -110,8 +110,7 @@ def run_row(variant: str, preset: str, batch: int, args: argparse.Namespace, bf1
     command = [sys.executable, __file__, "--row", f"{variant}:{preset}:{batch}:{int(bf16)}:{device}",
                "--crop", str(args.crop),
                "--steps", str(args.steps), *(["--profile"] if profiled else [])]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_row(command)
 
 
 def main() -> None:

@@ -81,11 +81,12 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     """Move ``model`` to :func:`device` and wrap it in DDP when there are several workers.
 
     Save and load weights through :func:`unwrap` so checkpoints do not depend on the
-    number of workers.
+    number of workers. Outside ``fit`` the model stays where its caller put it (the CPU
+    unless a benchmark chose a GPU), so a trainer built for another device keeps it.
     """
     if _in_fit():
         return _ray_train().torch.prepare_model(model)
-    return model.to(device())
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

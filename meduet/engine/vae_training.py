@@ -62,7 +62,7 @@ def vae_trainer(*, cfg: VAEConfig, model: nn.Module, batches: Callable[[int], It
     twice as fast on CPU in that layout (``benchmarks/vae_step.py``); results differ from the
     default layout only by floating-point rounding.
     """
-    model = dist.prepare_model(model)
+    model = dist.prepare_model(model.to(device))
     optimizer = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     precision = amp_dtype(device, amp=cfg.amp)
@@ -72,7 +72,7 @@ def vae_trainer(*, cfg: VAEConfig, model: nn.Module, batches: Callable[[int], It
     adversarial = cfg.adv_weight > 0
     if adversarial:
         disc = dist.prepare_model(PatchDiscriminator(spatial_dims=3, channels=cfg.disc_channels, in_channels=1,
-                                                     num_layers_d=3, norm="INSTANCE"))
+                                                     num_layers_d=3, norm="INSTANCE").to(device))
         optimizer_d = adamw(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
         checkpointed |= {"discriminator": disc, "optimizer_d": optimizer_d}
