@@ -3,7 +3,8 @@
 # that fits; the VAE step). Run from the repository root on a machine with a CUDA GPU and PyTorch:
 #
 #   bash benchmarks/gpu_check.sh [OUT]          # OUT: where the tables go (default /tmp/gpu_check)
-#   GPU_CHECK_PARTS=vae bash benchmarks/gpu_check.sh    # only some parts (default: "pretrain vae")
+#   GPU_CHECK_PARTS=vae bash benchmarks/gpu_check.sh    # only some parts (default: "pretrain vae";
+#                                                       # "profile": base's kernels at batch 128)
 #
 # Needs the project's imports but not Ray, Prefect or DVC (the step benchmarks import no driver code).
 # Optional, from the repository root:
@@ -41,4 +42,8 @@ if [[ $parts == *" vae "* ]]; then
     # the VAE step: the demo's tiny preset and the published MAISI shape on 64^3 crops.
     python3 vae_step.py --devices cuda --presets tiny:2 maisi:2 --crop 64 --steps 10 --repeats 2 \
         2>&1 | tee "$out/vae_step_gpu.txt"
+fi
+if [[ $parts == *" profile "* ]]; then
+    # where base's step spends GPU time once the GPU, not the host, is the limit
+    python3 pretrain_step.py --devices cuda --presets base:128 --steps 5 --profile 2>&1 | tee "$out/pretrain_profile_gpu.txt"
 fi

@@ -32,9 +32,16 @@ from pathlib import Path
 from statistics import median
 
 import torch
-from machine import (gpu_describe, gpu_peaks, max_relative_difference, peak_rss_gib, precision_rows, run_json_row,
-                     spread)
-from step_profile import print_profile, profile_step
+from machine import (  # benchmarks/machine.py (this folder)
+    gpu_describe,
+    gpu_peaks,
+    max_relative_difference,
+    peak_rss_gib,
+    precision_rows,
+    run_json_row,
+    spread,
+)
+from step_profile import gpu_kernel_profile, print_gpu_profile, print_profile, profile_step
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -88,8 +95,10 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
+    cuda = device.type == "cuda"
     return {"seconds": seconds, "peak_gib": peak, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
-            "losses": first, "passes": profile_step(step, PASSES) if profiled else None}
+            "losses": first, "passes": profile_step(step, PASSES) if profiled and not cuda else None,
+            "kernels": gpu_kernel_profile(step) if profiled and cuda else None}
 
 
 def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profiled: bool = False) -> dict:
@@ -155,7 +164,8 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, default=None, help="setup_ref.sh's folder: run the authors' step")
     parser.add_argument("--harness", type=Path, default=Path("../shared/bench/ref_step.py"))
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step per row and print where its time and FLOPs go, pass by pass")
+                        help="also profile one step per row and print where its time and FLOPs go, pass by pass "
+                             "(on GPU: kernel by kernel)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = parser.parse_args()
     if args.row:
@@ -193,6 +203,8 @@ def main() -> None:
             print_row("project", device, bf16, preset, int(batch), ours, peak, ratios, diff)
             if theirs:
                 print_row("authors", device, bf16, preset, int(batch), theirs, peak, ("1.00x", "1.00x"))
+            if r.get("kernels"):
+                print_gpu_profile(r["kernels"], f"{preset} batch {batch}, cuda bf16")
             if r["passes"]:
                 profiles.append((r["passes"], peak, f"{preset} batch {batch}, {device} {'bf16' if bf16 else 'fp32'}: "
                                  "one profiled step, pass by pass"))

@@ -11,8 +11,10 @@ updates) is the gap between a pass's FLOP/s and the peak.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
+import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 # Operators doing the matrix work (their FLOPs are what a step's GFLOP count holds).
@@ -119,3 +121,41 @@ def print_profile(rows: list[dict], peak_gflops: float, title: str) -> None:
 
 
 __all__ = ["profile_step", "print_profile"]
+
+
+# Kernel names of the matrix work on a GPU (cuBLAS/CUTLASS GEMMs, cuDNN convolutions, fused attention).
+GPU_MATRIX_KERNELS = ("gemm", "xmma", "cutlass", "wgmma", "flash", "fmha", "attention", "conv", "cudnn")
+
+
+def gpu_kernel_profile(step: Callable[[], object], top: int = 12) -> dict:
+    """Run ``step`` once under the profiler with CUDA activity: its wall time, the GPU's kernel time
+    (their ratio says whether the host launching kernels or the GPU is the limit), the share of kernel
+    time in matrix kernels (what can run near the matmul peak) and the ``top`` kernels by time."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us() / 1e3
+    busy = sum(ms for _, ms in kernels.values())
+    matrix = sum(ms for name, (_, ms) in kernels.items() if any(k in name.lower() for k in GPU_MATRIX_KERNELS))
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+    launches = sum(count for count, _ in kernels.values())
+    return {"wall_ms": wall * 1e3, "kernel_ms": busy, "matrix_ms": matrix, "launches": launches,
+            "top": [(name[:90], count, ms) for name, (count, ms) in ranked]}
+
+
+def print_gpu_profile(row: dict, title: str) -> None:
+    """Print :func:`gpu_kernel_profile`'s result."""
+    print(f"\n{title}: one profiled step {row['wall_ms']:.1f} ms wall, {row['kernel_ms']:.1f} ms of GPU kernels "
+          f"({row['kernel_ms'] / row['wall_ms']:.0%} busy), {row['launches']} kernel launches; matrix kernels "
+          f"{row['matrix_ms']:.1f} ms ({row['matrix_ms'] / row['kernel_ms']:.0%} of kernel time)")
+    print(f"{'kernel':<92}{'calls':>7}{'ms':>9}{'share':>7}")
+    for name, count, ms in row["top"]:
+        print(f"{name:<92}{count:>7}{ms:>9.2f}{ms / row['kernel_ms']:>7.1%}")
