@@ -98,7 +98,7 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     cuda = device.type == "cuda"
     return {"seconds": seconds, "peak_gib": peak, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
             "losses": first, "passes": profile_step(step, PASSES) if profiled and not cuda else None,
-            "kernels": gpu_kernel_profile(step) if profiled and cuda else None}
+            "kernels": gpu_kernel_profile(step, (*PASSES, "step")) if profiled and cuda else None}
 
 
 def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profiled: bool = False) -> dict:

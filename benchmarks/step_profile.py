@@ -124,13 +124,14 @@ __all__ = ["profile_step", "print_profile"]
 
 
 # Kernel names of the matrix work on a GPU (cuBLAS/CUTLASS GEMMs, cuDNN convolutions, fused attention).
-GPU_MATRIX_KERNELS = ("gemm", "xmma", "cutlass", "wgmma", "flash", "fmha", "attention", "conv", "cudnn")
+GPU_MATRIX_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "flash", "fmha", "attention", "conv", "cudnn")
 
 
-def gpu_kernel_profile(step: Callable[[], object], top: int = 12) -> dict:
+def gpu_kernel_profile(step: Callable[[], object], marked: Sequence[str] = (), top: int = 12) -> dict:
     """Run ``step`` once under the profiler with CUDA activity: its wall time, the GPU's kernel time
     (their ratio says whether the host launching kernels or the GPU is the limit), the share of kernel
-    time in matrix kernels (what can run near the matmul peak) and the ``top`` kernels by time."""
+    time in matrix kernels (what can run near the matmul peak) and the ``top`` kernels by time. ``marked``:
+    the step's ``record_function`` names, whose ranges the GPU timeline also shows (not counted)."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
@@ -139,7 +140,9 @@ def gpu_kernel_profile(step: Callable[[], object], top: int = 12) -> dict:
         wall = time.perf_counter() - start
     kernels: dict[str, list[float]] = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # record_function ranges also appear on the GPU's timeline (user annotations): not kernels
+        annotation = getattr(event, "is_user_annotation", False) or event.name in marked
+        if event.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             entry = kernels.setdefault(event.name, [0, 0.0])
             entry[0] += 1
             entry[1] += event.time_range.elapsed_us() / 1e3
