@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch.profiler import record_function
 
+from meduet import distributed as dist
 from meduet.engine.history import IntervalMeans
 from meduet.engine.precision import autocast
 from meduet.engine.progress import Progress
@@ -133,10 +134,6 @@ def train(*, build: Callable[..., Trainer], cfg: TrainingSection, stage: str = "
         cfg: the stage's validated params section (steps, seed, log_every, ...).
         inputs: the data the trainer needs (file lists, site indices, ...), plain values.
     """
-    # Imported here, not at the top: the step itself (``optimizer_step``) runs without Ray, so the step
-    # benchmarks run on machines that have torch and the models but no Ray (a lent GPU machine).
-    from meduet import distributed as dist
-
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     trainer = build(cfg=cfg, **inputs)
     start = dist.resume(**trainer.checkpointed)
