@@ -9,7 +9,11 @@ memory is that row's alone. The first step's losses of each row are compared wit
 of the same preset.
 
     python benchmarks/pretrain_step.py [--steps 3] [--presets base:2 small:8] [--repeats 2]
-        [--reference /tmp/refbench --harness ../shared/bench/ref_step.py]
+        [--reference /tmp/refbench --harness ../shared/bench/ref_step.py] [--devices cpu cuda]
+        [--max-batch] [--profile]
+
+``--max-batch`` doubles each preset's batch on the GPU until it runs out of memory;
+``benchmarks/gpu_check.sh`` runs the GPU rows as one short script.
 
 With ``--reference`` (a folder laid out by the side-by-side harness's ``setup_ref.sh``: the
 authors' ``pretrain/`` code and its imports) the authors' step for ``base`` runs in the same

@@ -11,7 +11,8 @@ two variants measured alternately, each row in its own process (clean peak memor
 - ``project``: the pipeline's (``build_vae``: native ``nn.GroupNorm``; channels-last 3-D
   network and crops; fused AdamW).
 
-fp32, plus bf16 autocast where the CPU has native bf16. Printed with the machine, its matmul
+fp32, plus bf16 autocast where the CPU has native bf16, and bf16 on a GPU when there is one
+(``--devices`` picks; ``benchmarks/gpu_check.sh`` runs the GPU rows). Printed with the machine, its matmul
 and 3-D convolution peaks (MFU against each), and the largest relative difference of a
 first-step loss term from the ``maisi`` fp32 row. ``--profile`` adds where one step's time
 goes (forward, backward, optimizer; the ten most expensive operators).
