@@ -19,7 +19,8 @@ With ``--reference`` (a folder laid out by the side-by-side harness's ``setup_re
 authors' ``pretrain/`` code and its imports) the authors' step for ``base`` runs in the same
 invocation, alternating with the project's row ``--repeats`` times, each in its own
 process, fp32 and (where the CPU has native bf16) under the same bf16 autocast: every ratio
-printed is one measured on this machine in this run. Each row also shows its share of
+printed is one measured on this machine in this run (GPU rows too, when ``--harness`` names a copy of
+the harness that takes ``--device``: the shared one runs on the CPU only). Each row also shows its share of
 this machine's measured matrix-multiply peak (MFU) in its precision.
 """
 
