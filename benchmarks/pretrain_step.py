@@ -125,7 +125,7 @@ def run_reference(harness: Path, reference: Path, batch: int, steps: int, device
     return {"seconds": row["s_step_median"], "peak_gib": row["peak_rss_gib"], "gflop": row["gflop"]}
 
 
-HEADER = (f"{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>20}{'peak GiB':>10}"
+HEADER = (f"{'code':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'s/step':>24}{'peak GiB':>10}"
           f"{'GFLOP':>9}{'GFLOP/s':>10}{'MFU':>6}{'time ratio':>12}{'mem ratio':>11}{'max loss diff':>15}")
 
 
@@ -135,7 +135,7 @@ def print_row(code: str, device: str, bf16: bool, preset: str, batch: int, runs:
     seconds = median([r["seconds"] for r in runs])
     gflop = runs[0]["gflop"]
     print(f"{code:<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}"
-          f"{spread([r['seconds'] for r in runs]):>20}{median([r['peak_gib'] for r in runs]):>10.2f}"
+          f"{spread([r['seconds'] for r in runs]):>24}{median([r['peak_gib'] for r in runs]):>10.2f}"
           f"{gflop:>9.1f}{gflop / seconds:>10.1f}{gflop / seconds / peak:>6.0%}"
           f"{ratios[0]:>12}{ratios[1]:>11}{diff:>15}")
 
