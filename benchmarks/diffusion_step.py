@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import torch
-from machine import max_relative_difference, peak_rss_gib, precision_rows
+from machine import max_relative_difference, peak_rss_gib, precision_rows, run_json_row
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.config import TrainDiffusionConfig
@@ -95,8 +94,7 @@ def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, init: 
     """``measure`` in a fresh interpreter (clean peak RSS) with ``threads`` threads, parsed from its JSON line."""
     command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}", "--steps", str(steps),
                "--init", init, "--warmup", str(warmup), "--threads", str(threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_row(command)
 
 
 def main() -> None:

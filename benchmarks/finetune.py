@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from statistics import median
 
 import numpy as np
 import torch
-from machine import peak_rss_gib, precision_rows, spread  # benchmarks/machine.py (this script's folder)
+from machine import peak_rss_gib, precision_rows, run_json_row, spread  # benchmarks/machine.py (this script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 from meduet.artifacts.segmenter import save_segmenter
@@ -80,8 +79,7 @@ def measure_step(params: str, decoder: str, steps: int, bf16: bool) -> dict:
 
 def run_step_row(params: str, decoder: str, steps: int, bf16: bool) -> dict:
     command = [sys.executable, __file__, "--params", params, "--row", f"{decoder}:{int(bf16)}", "--steps", str(steps)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_json_row(command)
 
 
 def random_segmenter_file(params: str, target: Path) -> Path:

@@ -45,5 +45,6 @@ if [[ $parts == *" vae "* ]]; then
 fi
 if [[ $parts == *" profile "* ]]; then
     # where base's step spends GPU time once the GPU, not the host, is the limit
-    python3 pretrain_step.py --devices cuda --presets base:128 --steps 5 --profile 2>&1 | tee "$out/pretrain_profile_gpu.txt"
+    python3 pretrain_step.py --devices cuda --presets base:128 --steps 5 --profile \
+        2>&1 | tee "$out/pretrain_profile_gpu.txt"
 fi

@@ -99,8 +99,8 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
     cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
     return {"seconds": seconds, "peak_gib": peak, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
             "losses": first, "passes": profile_step(step, PASSES) if profiled and not cuda else None,
             "kernels": gpu_kernel_profile(step, (*PASSES, "step")) if profiled and cuda else None}
@@ -221,8 +221,8 @@ def main() -> None:
           "RSS on CPU, max allocated on GPU. MFU: achieved GFLOP/s over this machine's matmul peak in the row's "
           "precision (on GPU: the bf16 8192^3 product). Ratios: project / authors, measured alternately in this run. "
           "Max loss diff: largest relative difference of a first-step loss term from the preset's first row.")
-    for rows_, peak, title in profiles:
-        print_profile(rows_, peak, title)
+    for passes, peak, title in profiles:
+        print_profile(passes, peak, title)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-from machine import cpu_flags, cpu_name  # benchmarks/machine.py (this script's folder)
+from machine import cpu_flags, cpu_name, run_json_row  # benchmarks/machine.py (this script's folder)
 
 
 def report_checkpoints(checkpoints: int) -> None:
@@ -78,11 +77,8 @@ def main() -> None:
     runs: dict[float, list[dict]] = {poll: [] for poll in args.poll}
     for repeat in range(args.repeats):
         for poll in args.poll:
-            done = subprocess.run([sys.executable, __file__, "--child", str(poll), "--fits", str(args.fits),
-                                   "--checkpoints", str(args.checkpoints)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"poll {poll}: child failed\n{done.stderr[-3000:]}")
-            runs[poll].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[poll].append(run_json_row([sys.executable, __file__, "--child", str(poll), "--fits", str(args.fits),
+                                            "--checkpoints", str(args.checkpoints)]))
             print(f"repeat {repeat + 1}, poll {poll} s: {runs[poll][-1]}", file=sys.stderr, flush=True)
 
     print(f"# {cpu_name()} ({', '.join(cpu_flags())}), {os.cpu_count()} CPUs; local Ray with 2 CPUs; "

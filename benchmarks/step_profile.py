@@ -120,8 +120,6 @@ def print_profile(rows: list[dict], peak_gflops: float, title: str) -> None:
           "longer than the unprofiled step.")
 
 
-__all__ = ["profile_step", "print_profile"]
-
 
 # Kernel names of the matrix work on a GPU (cuBLAS/CUTLASS GEMMs, cuDNN convolutions, fused attention).
 GPU_MATRIX_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "flash", "fmha", "attention", "conv", "cudnn")
@@ -162,3 +160,6 @@ def print_gpu_profile(row: dict, title: str) -> None:
     print(f"{'kernel':<92}{'calls':>7}{'ms':>9}{'share':>7}")
     for name, count, ms in row["top"]:
         print(f"{name:<92}{count:>7}{ms:>9.2f}{ms / row['kernel_ms']:>7.1%}")
+
+
+__all__ = ["profile_step", "print_profile", "gpu_kernel_profile", "print_gpu_profile"]
