@@ -23,13 +23,15 @@ case and organ), ``history.csv`` (every cell's training loss by step), ``label_e
 initialisation: mean and sd over seeds; paired differences MeDUET - scratch and MeDUET - MAE
 over the same seeds, cases and organs, with a bootstrap interval; the issue's goals met or
 missed; ``lesion_classification``: lesion presence from each init's pooled content by a linear
-probe, AUC and accuracy) and ``sweep.png`` (Dice against labels; with leave one site out, a
-second panel of Dice per unseen site).
+probe, AUC and accuracy; ``per_cell``: each cell's means and seconds), ``tables.md`` (those
+numbers as Markdown tables: ``meduet.evaluation.sweep_tables``) and ``sweep.png`` (Dice against
+labels; with leave one site out, a second panel of Dice per unseen site).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +61,11 @@ from meduet.engine.finetune_training import CaseFiles
 from meduet.engine.probes import fit_probe, linear_probe, probe_folds
 from meduet.engine.progress import Progress
 from meduet.engine.volume_factors import pooled_content
-from meduet.io.atomic import write_json
+from meduet.io.atomic import write_json, write_text
 from meduet.io.figures import plt, save_figure
 from meduet.io.images import sha256_file
 from meduet.models.meduet import MeduetModel
+from meduet.evaluation.sweep_tables import sweep_tables
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
@@ -310,6 +313,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     progress = Progress(STAGE, len(cells), unit="cells", every_fraction=0.0)  # a line after every cell
     for index, cell in enumerate(cells, 1):
         log.info("%s: cell %d/%d: %s (%s)", STAGE, index, len(cells), cell.name, cell.protocol)
+        started = time.perf_counter()
         section = finetune.model_copy(update={"init": cell.init, "labels_per_site": cell.labels_per_site,
                                               "seed": cell.seed, "style_augmentation": cell.style})
         pool = [r for r in train_split if r.domain != cell.left_out]
@@ -328,6 +332,8 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
                        "lr": row.get("lr")} for row in trained.history]
         cell_rows.append({**labels, "labelled_cases": len(train), "synthetic_cases": len(extra),
                           "steps": int(trained.state["step"]),
+                          # this run's time: a cell resumed from a finished run counts only its scoring
+                          "seconds": round(time.perf_counter() - started, 1),
                           **{score: mean([r[score] for r in scored]) for score in SCORES}})
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
         progress.update(index)
@@ -354,5 +360,6 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
                "lesion_classification": lesion_probe(list(cfg.inits), paths=paths, data=data,
                                                      label_names=finetune.label_names, seed=finetune.seed)}
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)
+    outputs["tables"] = write_text(reports / "tables.md", sweep_tables(metrics))
     log.info("%s: goals %s", STAGE, metrics["goals"])
     return StageResult(STAGE, outputs, metrics)

@@ -115,6 +115,13 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
         by_cell[r["cell"]].append(int(r["step"]))
     assert len(by_cell) == metrics["cells"]  # every cell's training, not the last one's only
     assert all(steps[-1] == cfg.finetune.steps for steps in by_cell.values())
+    assert all(cell["seconds"] > 0 for cell in metrics["per_cell"])
+    tables = (paths.reports / "finetune_sweep" / "tables.md").read_text()  # the same numbers, as tables
+    assert f"| 1 | meduet | {efficiency['meduet']['dice']['mean']:.3f} (1) |" in tables
+    assert f"| 1 | meduet − scratch | {paired['scratch']['mean']:+.3f} |" in tables
+    for site in FINETUNE_SITES:
+        assert f"| {site} | meduet+style | {loso[site]['meduet+style']['dice']['mean']:.3f} (1) |" in tables
+    assert f"| all |  | {metrics['cells']} |" in tables
 
 
 def test_each_init_reads_its_own_pretrained_file(swept, tmp_path: Path) -> None:
