@@ -189,8 +189,8 @@ def goals(label_efficiency: dict, loso: dict | None) -> dict:
         arm = "meduet+style" if any("meduet+style_minus" in e for e in loso.values()) else "meduet"
         beats = {site: entry[f"{arm}_minus"]["scratch"]["mean"] > 0 for site, entry in loso.items()
                  if entry.get(f"{arm}_minus", {}).get("scratch")}
-        out["loso_meduet_beats_scratch_on_every_site"] = {"arm": arm, "sites": beats,
-                                                          "met": bool(beats) and all(beats.values())}
+        out["loso_meduet_beats_scratch_on_every_site"] = {"arm": arm, "sites": beats, "won": sum(beats.values()),
+                                                          "of": len(beats), "met": bool(beats) and all(beats.values())}
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from meduet import cli
 from meduet.report import build_report, collect_report, sources
+from meduet.report.headline import HEADLINES as HEADLINE_DEFAULTS
 from meduet.report.headline import MISSING, Goal, Headline, HeadlineRow, headline_rows, headline_text, lookup
 
 HEADLINES = (
@@ -226,3 +227,17 @@ def test_headline_value_carries_its_interval_when_the_stage_wrote_one() -> None:
                          [Headline("s", "x", "x", interval="x_ci95"), Headline("s", "y", "y", interval="y_ci95"),
                           Headline("s", "y", "y", interval="absent")])
     assert [r.value_text for r in rows] == ["0.812 [0.570, 0.930]", "0.500", "0.500"]
+
+
+def test_the_unseen_site_headline_counts_sites_won_against_all_sites() -> None:
+    unseen = [h for h in HEADLINE_DEFAULTS if h.key.startswith("goals.loso_")]
+    assert len(unseen) == 1
+
+    def verdict(won: int) -> tuple[str, str]:
+        goal = {"won": won, "of": 4, "sites": {}, "met": won == 4}
+        row, = headline_rows({"finetune_sweep": [{"goals": {"loso_meduet_beats_scratch_on_every_site": goal}}]},
+                             unseen)
+        return row.value_text, row.status
+    assert verdict(3) == ("3", "missed") and verdict(4) == ("4", "met")
+    row, = headline_rows({"finetune_sweep": [{"goals": {}}]}, unseen)  # the sweep ran no unseen sites
+    assert (row.value_text, row.status) == ("—", "")

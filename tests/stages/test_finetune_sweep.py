@@ -104,7 +104,10 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
                           "loso_meduet_beats_scratch_on_every_site"}
     assert goals["one_label_meduet_minus_scratch_at_least_0.05"]["met"] == (paired["scratch"]["mean"] >= 0.05)
     assert goals["one_label_meduet_minus_mae_at_least_0.02"] == "not measured"
-    assert goals["loso_meduet_beats_scratch_on_every_site"]["arm"] == "meduet+style"
+    unseen = goals["loso_meduet_beats_scratch_on_every_site"]
+    assert unseen["arm"] == "meduet+style" and unseen["of"] == len(FINETUNE_SITES)
+    assert unseen["won"] == sum(loso[s]["meduet+style_minus"]["scratch"]["mean"] > 0 for s in FINETUNE_SITES)
+    assert unseen["met"] == (unseen["won"] == unseen["of"])
     assert len({p.parent.parent for p in checkpoints(paths.root, "finetune_sweep")}) == metrics["cells"]  # a run each
     assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
     table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
