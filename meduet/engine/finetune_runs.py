@@ -8,6 +8,7 @@ organ with ``monai.metrics`` (:func:`evaluate`), and :func:`summarize` averages 
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 from collections import defaultdict
@@ -227,3 +228,17 @@ def write_scores(target: Path, rows: list[dict]) -> Path:
     header = list(rows[0]) if rows else ["case", "site", "organ", *SCORES]
     lines = [",".join(header)] + [",".join("" if row[k] is None else str(row[k]) for k in header) for row in rows]
     return write_text(target, "\n".join(lines) + "\n")
+
+
+def read_scores(source: Path) -> list[dict]:
+    """Rows of a :func:`write_scores` file with their types back: ``SCORES`` as floats (None where empty),
+    ``seed`` and a numeric ``labels_per_site`` as ints; every other column as text."""
+    def typed(key: str, text: str) -> object:
+        if key in SCORES:
+            return None if text == "" else float(text)
+        if key == "seed" or (key == "labels_per_site" and text.isdigit()):
+            return int(text)
+        return text
+
+    with open(source, newline="") as handle:
+        return [{key: typed(key, text) for key, text in row.items()} for row in csv.DictReader(handle)]

@@ -194,6 +194,17 @@ def goals(label_efficiency: dict, loso: dict | None) -> dict:
     return out
 
 
+def summarize_sweep(rows: list[dict], *, labels: list, efficiency_arms: list[str], sites: list[str],
+                    loso_arms: list[str]) -> dict:
+    """The sweep's score rows summarised: ``label_efficiency`` per label count and arm, ``leave_one_site_out``
+    per unseen site and arm (None without ``sites``), and the ``goals`` they meet or miss."""
+    efficiency = summarize_protocol([r for r in rows if r["protocol"] == "label_efficiency"], labels,
+                                    "labels_per_site", efficiency_arms)
+    loso = (summarize_protocol([r for r in rows if r["protocol"] == "leave_one_site_out"], sites, "left_out",
+                               loso_arms) if sites else None)
+    return {"label_efficiency": efficiency, "leave_one_site_out": loso, "goals": goals(efficiency, loso)}
+
+
 def synthetic_cases(paths: Paths, data: SegmentationData, train: list[LatentRecord]) -> tuple[
         list[tuple[str, CaseFiles]], str]:
     """The synthesis store's augmentations of ``train``'s scans as labelled cases, and the store manifest's SHA-256.
@@ -338,12 +349,11 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
         log.info("%s: %s: mean Dice %s over %d held-out case(s)", STAGE, cell.name, cell_rows[-1]["dice"], len(test))
         progress.update(index)
 
-    efficiency_rows = [r for r in rows if r["protocol"] == "label_efficiency"]
-    loso_rows = [r for r in rows if r["protocol"] == "leave_one_site_out"]
     names = [Cell("", init, 1, None, 0, synthetic=synthetic).arm for init, synthetic in efficiency_arms(cfg)]
-    efficiency = summarize_protocol(efficiency_rows, list(cfg.labels_per_site), "labels_per_site", names)
     arms = [Cell("", init, "all", None, 0, style).arm for init, style in loso_arms(cfg)]
-    loso = summarize_protocol(loso_rows, sites, "left_out", arms) if cfg.leave_one_site_out else None
+    summary = summarize_sweep(rows, labels=list(cfg.labels_per_site), efficiency_arms=names,
+                              sites=sites if cfg.leave_one_site_out else [], loso_arms=arms)
+    efficiency, loso = summary["label_efficiency"], summary["leave_one_site_out"]
     reports = paths.reports / STAGE
     outputs = {"scores": write_scores(reports / "scores.csv", rows),
                "cells": write_scores(reports / "label_efficiency.csv",
@@ -355,8 +365,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     for cell in cells:
         by_arm[cell.arm] += 1
     metrics = {"cells": len(cells), "cells_per_arm": dict(by_arm), "steps": finetune.steps,
-               "held_out_cases": len(held_out), "sites": sites, "label_efficiency": efficiency,
-               "leave_one_site_out": loso, "goals": goals(efficiency, loso), "per_cell": cell_rows,
+               "held_out_cases": len(held_out), "sites": sites, **summary, "per_cell": cell_rows,
                "lesion_classification": lesion_probe(list(cfg.inits), paths=paths, data=data,
                                                      label_names=finetune.label_names, seed=finetune.seed)}
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)
