@@ -61,11 +61,11 @@ from meduet.engine.finetune_training import CaseFiles
 from meduet.engine.probes import fit_probe, linear_probe, probe_folds
 from meduet.engine.progress import Progress
 from meduet.engine.volume_factors import pooled_content
+from meduet.evaluation.sweep_tables import sweep_tables
 from meduet.io.atomic import write_json, write_text
 from meduet.io.figures import plt, save_figure
 from meduet.io.images import sha256_file
 from meduet.models.meduet import MeduetModel
-from meduet.evaluation.sweep_tables import sweep_tables
 from meduet.stages import StageError, StageResult
 
 log = logging.getLogger(__name__)
