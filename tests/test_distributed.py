@@ -301,6 +301,18 @@ def test_the_run_specs_poll_interval_reaches_ray_trains_workers(ray_local: Any, 
         spec(tmp_path, "x", tmp_path, train_poll_s=0.0)
 
 
+def report_niceness() -> None:
+    """A loop that reports its worker process's niceness."""
+    dist.report({"nice": float(os.nice(0))}, {"step": 1})
+
+
+def test_ray_trains_workers_run_at_the_drivers_priority(ray_local: Any, tmp_path: Path) -> None:
+    # Ray's default (nice 15) starved a stage's training whenever other work shared the cores.
+    result = dist.fit(report_niceness, {}, Scaling(num_workers=1, cpus_per_worker=1),
+                      spec(tmp_path / "runs", "nice0001", tmp_path))
+    assert [row["nice"] for row in result.history] == [float(os.nice(0))]
+
+
 # --------------------------------------------------------------------------- without Ray
 def test_auto_cpus_share_the_cluster_between_workers_within_one_node() -> None:
     auto = Scaling(num_workers=1, cpus_per_worker=None)

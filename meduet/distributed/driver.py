@@ -61,7 +61,8 @@ def ensure_ray(run: RunSpec) -> None:
     ``RAY_ADDRESS`` (environment) or ``run.address`` names a cluster to join; otherwise a
     local Ray starts with ``run.local_num_cpus`` CPUs, its dashboard on 127.0.0.1 only, and
     its session files under ``run.temp_dir`` (or a short /tmp folder if that path is too long
-    for Unix sockets). Usage statistics are switched off first.
+    for Unix sockets), and its workers at the driver's priority. Usage statistics are switched off
+    first.
     """
     global _STARTED_LOCAL
     apply_offline_env()
@@ -82,6 +83,11 @@ def ensure_ray(run: RunSpec) -> None:
     # run out ("timed out during startup"). Agents get longer to register, and a start that
     # still times out is tried again from scratch.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    # Ray starts its workers at nice 15, below the driver. The training and the task work of every
+    # stage runs in those workers, so on a machine shared with other work (stages side by side in
+    # the flow, another user) they got a few per cent of a core against any nice-0 process. They
+    # run at the driver's priority instead; RAY_worker_niceness in the environment still wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(1, LOCAL_START_TRIES + 1):
         try:
             ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
