@@ -16,7 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
+import torch.nn.functional as F
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+    AutoencoderKlMaisi,
+    MaisiGroupNorm3D,
+    MaisiResBlock,
+    MaisiUpsample,
+)
 from torch import nn
 
 from meduet.models.architectures import VAE_PRESETS as PRESETS
@@ -26,14 +32,44 @@ __all__ = ["PRESETS", "CheckpointMismatchError", "MeduetVAE", "VAEArchitecture",
            "encode_volume", "load_weights", "maisi_options"]
 
 
-class MeduetVAE(AutoencoderKlMaisi):
-    """MAISI's autoencoder with PyTorch's ``nn.GroupNorm`` and layout-independent posterior samples.
+class LayoutKeepingResBlock(MaisiResBlock):
+    """MAISI's residual block, returning its sum in the layout it was computed in.
 
-    Same constructor, parameters and state dict as ``AutoencoderKlMaisi``. Two differences:
+    MAISI ends the block with MONAI's ``convert_to_tensor``, which copies a channels-last result
+    back to NCDHW; the next convolution then copies it to channels-last again, forward and
+    backward. Same parameters and arithmetic, so the same values.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, D, H, W)`` -> ``(B, C_out, D, H, W)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h  # nin_shortcut is the identity when the channels agree
+
+
+class LayoutKeepingUpsample(MaisiUpsample):
+    """MAISI's trilinear 2x upsampling and convolution, without the copy back to NCDHW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` -> ``(B, C, 2D, 2H, 2W)``."""
+        if not self.use_convtranspose:
+            x = F.interpolate(x, scale_factor=2.0, mode="trilinear")
+        return self.conv(x)
+
+
+# MAISI's modules and the subclasses that keep their parameters but not their layout copies.
+_LAYOUT_KEEPING = {MaisiResBlock: LayoutKeepingResBlock, MaisiUpsample: LayoutKeepingUpsample}
+
+
+class MeduetVAE(AutoencoderKlMaisi):
+    """MAISI's autoencoder with PyTorch's ``nn.GroupNorm``, no layout round trips, and layout-independent samples.
+
+    Same constructor, parameters and state dict as ``AutoencoderKlMaisi``. Three differences:
     every ``MaisiGroupNorm3D`` is swapped for an ``nn.GroupNorm`` holding the same parameters
-    (see the module docstring), and ``sampling`` draws its noise in logical (contiguous) order,
-    so a seeded sample is the same whether the network runs channels-last or not (MONAI's
-    ``randn_like`` fills memory in the tensor's own layout).
+    (see the module docstring); residual blocks and upsampling layers keep a channels-last
+    tensor channels-last (:class:`LayoutKeepingResBlock`); and ``sampling`` draws its noise in
+    logical (contiguous) order, so a seeded sample is the same whether the network runs
+    channels-last or not (MONAI's ``randn_like`` fills memory in the tensor's own layout).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -44,6 +80,9 @@ class MeduetVAE(AutoencoderKlMaisi):
                 native.load_state_dict(module.state_dict())
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent_name), child, native)
+            elif type(module) in _LAYOUT_KEEPING:
+                # The subclass adds no state: the module keeps its parameters, only its forward changes.
+                module.__class__ = _LAYOUT_KEEPING[type(module)]
 
     def sampling(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
         """A posterior sample ``mu + eps * sigma``; ``eps ~ N(0, I)`` of ``(B, 4, d, h, w)`` in logical order."""

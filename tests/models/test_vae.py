@@ -99,3 +99,20 @@ def test_native_group_norm_matches_maisi_as_shipped_forward_and_backward():
     torch.testing.assert_close(mu_b, mu_a, atol=1e-5, rtol=1e-4)
     for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(grad_b, grad_a, atol=1e-5, rtol=1e-3)
+
+
+def test_blocks_keep_a_channels_last_tensor_channels_last():
+    """MAISI's residual blocks and upsampling copy their output back to NCDHW (MONAI's convert_to_tensor);
+    the next convolution copies it back, forward and backward. ``build_vae``'s blocks do not."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
+
+    channels_last = torch.channels_last_3d
+    model = build_vae(PRESETS["tiny"]).to(memory_format=channels_last)
+    layouts = []
+    for module in model.modules():
+        if isinstance(module, (MaisiResBlock, MaisiUpsample)):
+            module.register_forward_hook(lambda mod, _, out: layouts.append(
+                (type(mod).__name__, out.is_contiguous(memory_format=channels_last))))
+    model(torch.rand(2, 1, 16, 16, 16).contiguous(memory_format=channels_last))  # a batch, as train-vae runs
+    assert len(layouts) == 8  # the tiny preset's six residual blocks and two upsamplings all ran
+    assert all(kept for _, kept in layouts), layouts
