@@ -3,13 +3,16 @@
 Times the real optimizer step of ``train-vae`` (``meduet.engine.loop.optimizer_step`` over
 ``meduet.engine.vae_training.vae_trainer``: L1 + KL, gradient clipping, AdamW) on random
 crops, for each ``PRESET:BATCH`` (default: the demo's ``tiny`` at batch 2 and ``small``), in
-two variants measured alternately, each row in its own process (clean peak memory):
+three variants measured alternately, each row in its own process (clean peak memory):
 
 - ``maisi``: MONAI's ``AutoencoderKlMaisi`` as shipped (its per-group Python group norm),
   default NCDHW layout, PyTorch's default (for-loop) AdamW: the step as ``train-vae`` ran it
   before this benchmark existed;
+- ``roundtrip``: the pipeline's step with MAISI's own residual blocks and upsampling put back,
+  whose outputs go back to NCDHW and are copied to channels-last again by the next convolution
+  (what ``LayoutKeepingResBlock`` removed: this row against ``project`` is that change's size);
 - ``project``: the pipeline's (``build_vae``: native ``nn.GroupNorm``; channels-last 3-D
-  network and crops; fused AdamW).
+  network and crops, kept channels-last through every block; fused AdamW).
 
 fp32, plus bf16 autocast where the CPU has native bf16, and bf16 on a GPU when there is one
 (``--devices`` picks; ``benchmarks/gpu_check.sh`` runs the GPU rows). Printed with the machine, its matmul
@@ -40,7 +43,7 @@ from machine import (  # benchmarks/machine.py (this folder)
     run_json_row,
     spread,
 )
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiResBlock, MaisiUpsample
 from step_profile import print_profile, profile_step
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,7 +53,7 @@ from meduet.engine.loop import optimizer_step
 from meduet.engine.vae_training import vae_trainer
 from meduet.models.vae import PRESETS, build_vae, maisi_options
 
-VARIANTS = ("maisi", "project")
+VARIANTS = ("maisi", "roundtrip", "project")
 PASSES = ("forward", "backward", "clip + optimizer")
 
 
@@ -59,13 +62,23 @@ def stock_maisi(preset: str) -> AutoencoderKlMaisi:
     return AutoencoderKlMaisi(**maisi_options(PRESETS[preset]))
 
 
+def with_maisi_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with MAISI's own residual blocks and upsampling (their layout round trips) put back."""
+    for module in model.modules():
+        for maisi_class in (MaisiResBlock, MaisiUpsample):
+            if isinstance(module, maisi_class):  # the project's classes subclass MAISI's, same parameters
+                module.__class__ = maisi_class
+    return model
+
+
 def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: bool, profiled: bool,
             device: torch.device = torch.device("cpu")) -> dict:
     """One row: the step of ``variant`` on ``device``; a FLOP-counted warm-up step, then ``steps`` timed steps."""
     torch.manual_seed(0)
     cfg = VAEConfig(preset=preset, crop_size=(crop,) * 3, batch_size=batch, steps=10, amp=bf16)
-    layout = torch.channels_last_3d if variant == "project" else torch.contiguous_format
-    model = (build_vae(PRESETS[preset]) if variant == "project" else stock_maisi(preset)).to(device)
+    layout = torch.contiguous_format if variant == "maisi" else torch.channels_last_3d
+    model = stock_maisi(preset) if variant == "maisi" else build_vae(PRESETS[preset])
+    model = (with_maisi_blocks(model) if variant == "roundtrip" else model).to(device)
     model = model.to(memory_format=layout)
     x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=layout)
@@ -73,7 +86,7 @@ def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: 
     # bf16 rows: CPU autocast (the stage autocasts on GPU only); maisi rows: the for-loop AdamW the
     # stage used before, same options.
     group = trainer.optimizer.param_groups[0]
-    optimizer = trainer.optimizer if variant == "project" else torch.optim.AdamW(
+    optimizer = trainer.optimizer if variant != "maisi" else torch.optim.AdamW(
         group["params"], foreach=False, **{k: group[k] for k in ("lr", "betas", "weight_decay", "eps")})
     trainer = dataclasses.replace(trainer, optimizer=optimizer, amp_dtype=torch.bfloat16 if bf16 else None)
 
@@ -139,7 +152,7 @@ def main() -> None:
         gpu = gpu_peaks()
         print(f"gpu: {gpu_describe()}; bf16 matmul peak (8192^3, median of 10) {gpu['matmul']:.0f} GFLOP/s, "
               f"bf16 3-D convolution (64->64, 3^3, 8 x 64^3 channels-last) {gpu['conv']:.0f} GFLOP/s")
-    print(f"\n{'variant':<9}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'crop':>5}{'s/step':>24}{'steps/s':>9}"
+    print(f"\n{'variant':<10}{'device':<7}{'dtype':<6}{'preset':<8}{'batch':>6}{'crop':>5}{'s/step':>24}{'steps/s':>9}"
           f"{'peak GiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU mm':>8}{'MFU conv':>9}{'speed-up':>10}{'loss diff':>11}")
     profiles = []
     for item in args.presets:
@@ -159,7 +172,7 @@ def main() -> None:
                 diff = max_relative_difference(first["losses"], reference)
                 seconds = median(r["seconds"] for r in runs[variant])
                 rate = first["gflop"] / seconds
-                print(f"{variant:<9}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
+                print(f"{variant:<10}{device:<7}{'bf16' if bf16 else 'fp32':<6}{preset:<8}{batch:>6}{args.crop:>5}"
                       f"{spread([r['seconds'] for r in runs[variant]]):>24}{1 / seconds:>9.2f}"
                       f"{median(r['peak_gib'] for r in runs[variant]):>10.2f}{first['gflop']:>8.1f}{rate:>9.1f}"
                       f"{rate / mm_peak:>8.1%}{rate / cv_peak:>9.1%}{base_seconds / seconds:>9.2f}x{diff:>11.1e}")
