@@ -311,6 +311,8 @@ def test_ray_trains_workers_run_at_the_drivers_priority(ray_local: Any, tmp_path
     result = dist.fit(report_niceness, {}, Scaling(num_workers=1, cpus_per_worker=1),
                       spec(tmp_path / "runs", "nice0001", tmp_path))
     assert [row["nice"] for row in result.history] == [float(os.nice(0))]
+    # through the local Ray's own config: processes started later (`ray start` of a test cluster) keep Ray's default
+    assert "RAY_worker_niceness" not in os.environ
 
 
 # --------------------------------------------------------------------------- without Ray

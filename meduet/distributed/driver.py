@@ -86,12 +86,15 @@ def ensure_ray(run: RunSpec) -> None:
     # Ray starts its workers at nice 15, below the driver. The training and the task work of every
     # stage runs in those workers, so on a machine shared with other work (stages side by side in
     # the flow, another user) they got a few per cent of a core against any nice-0 process. They
-    # run at the driver's priority instead; RAY_worker_niceness in the environment still wins.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # run at the driver's priority instead (RAY_worker_niceness in the environment still wins),
+    # set through this Ray's own config: an environment variable would also reach every process
+    # this one starts later, such as a `ray start` of another cluster.
+    niceness = int(os.environ.get("RAY_worker_niceness", "0"))
     for attempt in range(1, LOCAL_START_TRIES + 1):
         try:
             ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
-                     dashboard_host="127.0.0.1", _temp_dir=str(temp_dir))
+                     dashboard_host="127.0.0.1", _temp_dir=str(temp_dir),
+                     _system_config={"worker_niceness": niceness})
             break
         except Exception as error:  # Ray raises a bare Exception for a startup timeout
             if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(error):
