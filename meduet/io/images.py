@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from isal import igzip
 
 from meduet.io.atomic import atomic_path
 from meduet.io.dicom import preserved_locale
@@ -127,44 +125,14 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
         raise ImageReadError(path, f"unreadable or corrupt image: {_itk_message(error)}") from None
 
 
-_COPY_CHUNK = 4 << 20  # bytes per read while gzipping: bounded memory for any volume size
-
-
 def write_image(image: sitk.Image, path: str | os.PathLike[str], compression_level: int = 1) -> Path:
     """Atomically write ``image``; the format follows the suffix (``.nii.gz`` compressed).
 
-    ``compression_level`` is zlib's 0-9 (0: uncompressed where the format allows). Level 1
-    compresses CT volumes nearly as well as level 6 at a fraction of the time. ``.nii.gz`` is
-    compressed by ISA-L (:func:`_write_nifti_gz`).
+    Level 1 compresses CT volumes nearly as well as level 6 at a fraction of the time.
     """
-    path = Path(path)
-    if path.name.endswith(".nii.gz") and compression_level > 0:
-        return _write_nifti_gz(image, path, compression_level)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compression_level > 0, compressionLevel=compression_level)
-    return path
-
-
-def _write_nifti_gz(image: sitk.Image, path: Path, compression_level: int) -> Path:
-    """ITK writes the NIfTI uncompressed, then ISA-L's deflate gzips it.
-
-    Compressing was most of the harmonization stage's time (README, Benchmarks): ITK's zlib at
-    level 1 managed ~60 MB/s here, ISA-L ~8x that, for files ~4 % larger. Any gzip reader reads
-    the result. zlib levels 1-3, 4-6 and 7-9 become ISA-L's 1, 2 and 3. The gzip header carries no
-    name or time, so the same image always gives the same bytes (DVC hashes, byte comparisons).
-    """
-    isal_level = min(3, 1 + (compression_level - 1) // 3)
-    with atomic_path(path) as tmp:
-        raw = tmp.with_name(tmp.name.removesuffix(".gz"))
-        try:
-            sitk.WriteImage(image, str(raw), useCompression=False)
-            with open(raw, "rb") as source, open(tmp, "wb") as target, igzip.IGzipFile(
-                filename="", mode="wb", fileobj=target, compresslevel=isal_level, mtime=0
-            ) as gz:
-                shutil.copyfileobj(source, gz, _COPY_CHUNK)
-        finally:
-            raw.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
