@@ -101,17 +101,18 @@ def run_monai(specs: list[CaseSpec], cfg: HarmonizeConfig, out_dir: Path) -> tup
     return time.perf_counter() - start, outputs
 
 
-# SimpleITK's native calls, by what they do (cProfile's names of the wrapped C++ methods).
-PHASES = {"read": "ImageFileReader_Execute", "resample": "ResampleImageFilter_Execute",
-          "write (.nii.gz)": "ImageFileWriter_Execute"}
+# Native calls by what they do: cProfile's names of SimpleITK's wrapped C++ methods, and of
+# zlib-ng's compressor (write_image has ITK write the NIfTI and zlib-ng gzip it).
+PHASES = {"read": ("ImageFileReader_Execute",), "resample": ("ResampleImageFilter_Execute",),
+          "write (.nii.gz)": ("ImageFileWriter_Execute", "zlib_ng")}
 
 
 def phase_seconds(profiler: cProfile.Profile) -> dict[str, float]:
-    """Own time of SimpleITK's read, resample and write calls, and of everything else."""
+    """Own time of the read, resample and write calls, and of everything else."""
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own, cumulative, callers)}
     total = sum(own for _, _, own, _, _ in stats.values())
-    phases = {phase: sum(own for (_, _, name), (_, _, own, _, _) in stats.items() if method in name)
-              for phase, method in PHASES.items()}
+    phases = {phase: sum(own for (_, _, name), (_, _, own, _, _) in stats.items() if any(m in name for m in methods))
+              for phase, methods in PHASES.items()}
     return {**phases, "everything else": total - sum(phases.values()), "total": total}
 
 
