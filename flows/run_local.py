@@ -2,7 +2,8 @@
 
 1. start a Prefect server on 127.0.0.1 (SQLite under ``.work/prefect``),
 2. serve the ``meduet`` flow as its deployment (``python -m flows.serve``),
-3. ``prefect deployment run meduet/<deployment> --watch``,
+3. ``prefect deployment run meduet/<deployment> --watch`` (its event stream goes to
+   ``watch.log``; the terminal shows the stages' progress from the flow's log, :mod:`flows.follow`),
 4. stop the served deployment and the server (by process group),
 5. report the flow run's final state, where the outputs are, the headline metrics and the
    path of the results report (``reports/index.html``, written by the flow); exit 1 on failure.
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.follow import LogFollower
 from flows.local import ServiceError, prefect_server, served_deployment, tool
 from flows.pipeline import DVC_PARAMS_FILE
 from meduet.config import ConfigError, Paths, load_config
@@ -68,15 +70,20 @@ def main(argv: list[str] | None = None) -> int:
             # An on-demand run: serve without the cron (see flows.serve.serve).
             with served_deployment(server, project_dir, args.params, log_path=home / "serve.log",
                                    schedule=False) as deployment:
-                print(f"Serving {deployment.name} (flow logs in {deployment.service.log_path})", flush=True)
-                watch = subprocess.run(
-                    [tool("prefect"), "deployment", "run", deployment.name, "--watch"],
-                    env=server.client_env(), cwd=project_dir, check=False,
-                )
+                watch_log = home / "watch.log"
+                print(f"Serving {deployment.name} (flow logs in {deployment.service.log_path}, "
+                      f"Prefect's events in {watch_log})", flush=True)
+                with LogFollower(deployment.service.log_path), open(watch_log, "ab") as events:
+                    watch = subprocess.run(
+                        [tool("prefect"), "deployment", "run", deployment.name, "--watch"],
+                        env=server.client_env(), cwd=project_dir, stdout=events, stderr=subprocess.STDOUT,
+                        check=False,
+                    )
                 watch_code = watch.returncode
                 run = server.latest_flow_run(deployment.id)
                 if watch_code != 0:
-                    print(f"\nLast lines of {deployment.service.log_path}:\n{deployment.service.log_tail(30)}")
+                    print(f"\nLast lines of {deployment.service.log_path}:\n{deployment.service.log_tail(30)}\n"
+                          f"(Prefect's events of the run: {watch_log})")
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
