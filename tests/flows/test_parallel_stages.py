@@ -1,6 +1,9 @@
-"""Independent stages run side by side in the flow, for real: a Prefect server (the ephemeral
-SQLite one Prefect starts for a flow called without an API URL), ``dvc repro`` per stage, and
-stage commands that record when they ran.
+"""Independent stages run side by side in the flow, for real: a local Prefect server (SQLite),
+``dvc repro`` per stage, and stage commands that record when they ran.
+
+A started server rather than the ephemeral one Prefect starts inside a flow called without an
+API URL: on a busy 2-core machine the ephemeral server once timed out starting and left the flow
+process hanging until the test's own timeout.
 
 The graph is ``a -> (b, c) -> d``. With two lanes b and c overlap, d waits for both, and DVC
 records every stage although two ``dvc repro`` processes shared the repository. When c fails,
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.local import prefect_server
 from flows.pipeline import Slots, stage_env, stage_slots
 from meduet.config import MeduetConfig
 from meduet.dvc_graph import Stage
@@ -78,10 +82,10 @@ def _times(project: Path, name: str) -> dict[str, float]:
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two lanes need two CPUs at ray.local_num_cpus 1")
 def test_independent_stages_run_side_by_side_and_a_failure_lets_the_running_ones_finish(tmp_path: Path) -> None:
     parallel, failing = _project(tmp_path / "parallel"), _project(tmp_path / "failing", failing="c")
-    env = {**stage_env(REPO_ROOT), "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("PREFECT_API_URL", None)  # Prefect starts its ephemeral server for the flow
-    done = subprocess.run([sys.executable, "-c", RUN_FLOWS, str(parallel), str(failing)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    with prefect_server(tmp_path / "prefect") as server:
+        env = {**server.client_env(stage_env(REPO_ROOT)), "PYTHONPATH": str(REPO_ROOT)}
+        done = subprocess.run([sys.executable, "-c", RUN_FLOWS, str(parallel), str(failing)], cwd=REPO_ROOT,
+                              env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, f"the flows did not finish ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     results = json.loads(lines[-1].removeprefix("RESULTS "))
