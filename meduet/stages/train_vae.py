@@ -16,6 +16,7 @@ from meduet.artifacts.vae import save_vae, vae_path
 from meduet.config import Paths, RayConfig, VAEConfig
 from meduet.data.volumes import Volume, holdout_split, load_volume, usable_volumes
 from meduet.engine.metrics import mae_raw, psnr, ssim
+from meduet.engine.progress import Progress
 from meduet.engine.training_stage import TrainedRun, finish_training_stage, fit_trainer
 from meduet.engine.vae_training import build_trainer
 from meduet.io.figures import plt, save_figure
@@ -40,8 +41,12 @@ def _pretrained(cfg: VAEConfig, paths: Paths) -> dict:
 
 
 def evaluate(model: torch.nn.Module, volumes: list[Volume], max_voxels: int) -> list[dict]:
-    """Whole-volume reconstruction metrics of each held-out case (posterior mean, no sampling)."""
+    """Whole-volume reconstruction metrics of each held-out case (posterior mean, no sampling).
+
+    A progress line after each case: a CT-sized case takes seconds to minutes on a CPU.
+    """
     rows = []
+    progress = Progress("train_vae-evaluation", len(volumes), unit="cases", every_fraction=0.0)
     for volume in volumes:
         x = load_volume(volume.path)[None]  # (1, 1, D, H, W)
         mu, _ = encode_volume(model, x, max_voxels)
@@ -50,6 +55,7 @@ def evaluate(model: torch.nn.Module, volumes: list[Volume], max_voxels: int) -> 
         rows.append({"case": volume.key, "domain": volume.domain, "psnr": psnr(x, recon, data_range),
                      "ssim": ssim(x, recon, data_range), "mae_raw": mae_raw(x, recon, volume.window),
                      "_slices": (x[0, 0, x.shape[2] // 2].numpy(), recon[0, 0, x.shape[2] // 2].numpy())})
+        progress.update(len(rows), {"psnr": rows[-1]["psnr"]})
     return rows
 
 

@@ -1,6 +1,7 @@
 """train-vae and encode-latents on a tiny harmonized dataset (a real local Ray)."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -43,14 +44,18 @@ def test_train_vae_writes_weights_metrics_and_figures(trained):
         assert (paths.reports / "train_vae" / figure).stat().st_size > 2000
 
 
-def test_pretrained_weights_skip_training_and_mismatches_are_named(trained, tmp_path):
+def test_pretrained_weights_skip_training_and_mismatches_are_named(trained, tmp_path, caplog):
     cfg, paths = trained
     weights = tmp_path / "autoencoder.pt"
     torch.save({"state_dict": torch.load(paths.models / "vae" / "vae.pt", weights_only=True)["state_dict"]}, weights)
     other = Paths.resolve(cfg, tmp_path)
     other = Paths(**{**other.__dict__, "harmonized": paths.harmonized})
-    result = train_vae.run(cfg.vae.model_copy(update={"pretrained": str(weights)}), other, ray=cfg.ray)
+    with caplog.at_level(logging.INFO, logger="meduet.progress"):
+        result = train_vae.run(cfg.vae.model_copy(update={"pretrained": str(weights)}), other, ray=cfg.ray)
     assert "final_loss" not in result.metrics
+    evaluation = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train_vae-evaluation:")]
+    assert [line.split(",")[0] for line in evaluation] == ["train_vae-evaluation: 1/2 cases (50%)",
+                                                           "train_vae-evaluation: 2/2 cases (100%)"]
     # every declared output exists, the history empty (dvc.yaml lists it as a plot)
     assert (other.reports / "train_vae" / "history.csv").read_text() == "step,loss,l1,g_adv,d_loss\n"
     supplied = torch.load(weights, weights_only=True)["state_dict"]
