@@ -35,6 +35,7 @@ def test_repository_params_are_valid():
     ({"harmonize": {"datasets": [{"name": "bad name!", "root": "a", "domain": "s"}]}}, r"harmonize.datasets.0.name"),
     ({"vae": {"crop_size": [32, 30, 32]}}, r"vae.crop_size = \[32, 30, 32\]: .*multiple of 4"),
     ({"storage": {"dvc_remote_url": "bucket/path"}}, r"storage.dvc_remote_url = 'bucket/path'"),
+    ({"evaluate_synthesis": {"ssim_window": 8}}, r"evaluate_synthesis.ssim_window = 8: .*must be odd"),
 ])
 def test_config_errors_name_file_key_and_value(tmp_path, data, message):
     path = _params(tmp_path, data)

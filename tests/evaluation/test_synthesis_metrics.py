@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from monai.metrics import SSIMMetric
 
 from meduet.data.labelled import label_classes
 from meduet.evaluation.scoring import body_crops, organ_dice, segment
@@ -18,6 +19,7 @@ from meduet.evaluation.synthesis import (
     mean_off_diagonal,
     organ_median_hu,
     pairwise_ms_ssim,
+    ssim_3d,
 )
 from meduet.models.architectures import EvaluatorArchitecture
 from meduet.models.evaluator import EvaluatorNet
@@ -88,6 +90,19 @@ def test_image_scores_in_harmonized_units_and_hu() -> None:
     assert shifted["mae_hu"] == pytest.approx(0.1 * 425, rel=1e-4)  # 0.1 of a 425 HU window
     assert shifted["psnr"] == pytest.approx(20.0, rel=1e-3) and shifted["ssim"] < 1
     assert image_scores(target[:, :4], target[:, :4], WINDOW, ssim_window=7)["ssim"] is None  # too thin
+
+
+@pytest.mark.parametrize(("shape", "window", "data_range"), [((20, 17, 23), 7, 1.0), ((11, 30, 14), 11, 425.0),
+                                                             ((9, 9, 9), 3, 2.0)])
+def test_separable_ssim_is_monais_ssim(shape: tuple[int, ...], window: int, data_range: float) -> None:
+    generator = torch.Generator().manual_seed(window)
+    target = torch.rand(1, 1, *shape, generator=generator) * data_range
+    estimate = (target + 0.2 * data_range * torch.randn(1, 1, *shape, generator=generator)).clamp(0, data_range)
+    for a, b in ((estimate, target), (target, estimate), (target, target)):
+        want = float(SSIMMetric(spatial_dims=3, data_range=data_range, win_size=window)(a, b).mean())
+        assert ssim_3d(a, b, data_range=data_range, win_size=window) == pytest.approx(want, abs=2e-6)
+    with pytest.raises(ValueError, match="must be odd and fit"):
+        ssim_3d(estimate, target, data_range=data_range, win_size=window + 1)
 
 
 def test_organ_median_hu_and_label_classes() -> None:
