@@ -42,6 +42,7 @@ from meduet.config import EvaluateSynthesisConfig, Paths, TrainEvaluatorConfig
 from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
 from meduet.data.latents import load_latent, read_manifest, read_scale
 from meduet.engine.probes import proportion_ci
+from meduet.engine.progress import Progress
 from meduet.evaluation.counterfactual import ImageCache, resample_onto
 from meduet.evaluation.retrieval import subject_ids
 from meduet.evaluation.scoring import VolumeReader, organ_dice
@@ -154,7 +155,9 @@ def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: Synth
 def translation_rows(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> list[dict]:
     """One row per translation: predicted site, organ Dice (and of ``A``, ``A``'s round trip), HU, counterfactual."""
     rows, own = [], {}
-    for record in (r for r in inputs.records if r.kind == "translation"):
+    translations = [r for r in inputs.records if r.kind == "translation"]
+    progress = Progress(STAGE, len(translations), unit="translations", every_fraction=0.0)
+    for record in translations:
         case_a = inputs.case(record.source_key)
         translation, _ = inputs.image(inputs.paths.synthesis / record.image)
         if translation.shape != inputs.images.read(case_a.image)[0].shape:
@@ -173,6 +176,7 @@ def translation_rows(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> list[dict
                                                         len(inputs.label_ids)), **own[case_a.key]},
                      "median_hu": organ_median_hu(translation[0], truth, inputs.label_ids, case_a.window),
                      "counterfactual": _counterfactual(inputs, cfg, record, case_a, translation)})
+        progress.update(len(rows))
     return rows
 
 

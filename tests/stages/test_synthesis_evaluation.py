@@ -7,6 +7,7 @@ translation can never beat it, a known answer for the counterfactual share.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,13 @@ def test_train_evaluator_saves_the_model_and_judges_it_on_the_held_out_split(pro
     assert history[0].startswith("step,loss,site_ce,seg_dice_ce,site_acc") and len(history) == 1 + 4  # 2, 3, 4, 6
 
 
-def test_evaluate_synthesis_measures_the_store_with_known_answers(project) -> None:
+def test_evaluate_synthesis_measures_the_store_with_known_answers(project, caplog) -> None:
     cfg, paths, _ = project
-    metrics = evaluate_synthesis.run(cfg.evaluate_synthesis, paths).metrics
+    with caplog.at_level(logging.INFO, logger="meduet.progress"):
+        metrics = evaluate_synthesis.run(cfg.evaluate_synthesis, paths).metrics
     assert (metrics["translations"], metrics["generated"]) == (2, 6)  # 2 held-out scans x 1 other site; 3 x 2 sites
+    progress = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "meduet.progress"]
+    assert progress == ["evaluate_synthesis: 1/2 translations (50%)", "evaluate_synthesis: 2/2 translations (100%)"]
     cf = metrics["counterfactual"]
     assert cf["pairs"] == 2 and cf["closer_than_baselines"] == 0.0  # the stand-in IS the histogram-matched baseline
     assert cf["translation"]["mae_hu"]["mean"] == pytest.approx(cf["a_histmatch"]["mae_hu"]["mean"])
