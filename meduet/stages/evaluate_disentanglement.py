@@ -41,6 +41,7 @@ from meduet.config import EvaluateDisentanglementConfig, Paths
 from meduet.data.latents import LatentRecord, load_latent, read_manifest, read_scale
 from meduet.data.windows import sliding_windows
 from meduet.engine.probes import fit_probe, pca_2d, site_probe
+from meduet.engine.progress import Progress
 from meduet.evaluation.counterfactual import Scan, counterfactual_test
 from meduet.evaluation.identifiability import covered_region, inside, volume_box, volume_means, windows_curve
 from meduet.evaluation.retrieval import cross_site_retrieval, plot_retrieval, subject_ids
@@ -204,6 +205,24 @@ def goals(metrics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- stage
+class _PartProgress:
+    """The stage's parts as progress lines (``evaluate-disentanglement: 2/6 parts (33%), …``)."""
+
+    def __init__(self, parts: int) -> None:
+        self.done, self._progress = 0, Progress("evaluate-disentanglement", parts, unit="parts", every_fraction=0.0)
+
+    def finished(self, part: str) -> None:
+        self.done += 1
+        log.info("evaluate-disentanglement: %s done", part)
+        self._progress.update(self.done)
+
+    def end(self) -> None:
+        """Parts skipped (a model that decodes normalised patches) count as done."""
+        if self.done < self._progress.total:
+            self.done = self._progress.total
+            self._progress.update(self.done)
+
+
 def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     """Probe the factors for site information, retrieve subjects across sites and run the swap tests."""
     arrays, records, meta = load_factors(paths.factors)
@@ -219,17 +238,27 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     latents = _scaled_latents(paths, latent_records)
     subjects = subject_ids([r.case_id for r in records], cfg.subject_pattern)
     region_windows, region = _region(arrays, latent_records)
-    per_weights = {w: factor_report(arrays, w, y, subjects, region_windows, cfg) for w in all_weights}
-    probes = dict(per_weights[primary])
     too_few = _too_few_for_probes(y)
+    # A line after each part (probes per weights, the input baseline, two window curves, the swap
+    # and counterfactual tests): the stage runs minutes with permutation nulls and decodes.
+    progress = _PartProgress(len(all_weights) + 3 + (cfg.swap_pairs > 0 and not too_few)
+                             + (cfg.counterfactual_pairs > 0))
+    per_weights = {}
+    for weights in all_weights:
+        per_weights[weights] = factor_report(arrays, weights, y, subjects, region_windows, cfg)
+        progress.finished(f"site probes and retrieval of the {weights} factors")
+    probes = dict(per_weights[primary])
     probes["latent_statistics"] = {"skipped": too_few} if too_few else site_probe(
         latent_statistics(latents), y, folds=cfg.folds, l2=cfg.l2, max_iter=cfg.max_iter,
         permutations=cfg.permutations, seed=cfg.seed, jobs=cfg.jobs)
+    progress.finished("site probe of the latents' mean and std (input baseline)")
     curve_probe = {"folds": cfg.folds, "l2": cfg.l2, "max_iter": cfg.max_iter, "jobs": cfg.jobs}
-    curves = {factor: [] if too_few else windows_curve(
-        arrays[f"{primary}_window_{factor}"].astype(np.float64), arrays["window_volume"], y, cfg.window_counts,
-        draws=cfg.curve_draws, permutations=cfg.curve_permutations, probe=curve_probe, seed=cfg.seed)
-        for factor in ("content", "style")}
+    curves = {}
+    for factor in ("content", "style"):
+        curves[factor] = [] if too_few else windows_curve(
+            arrays[f"{primary}_window_{factor}"].astype(np.float64), arrays["window_volume"], y, cfg.window_counts,
+            draws=cfg.curve_draws, permutations=cfg.curve_permutations, probe=curve_probe, seed=cfg.seed)
+        progress.finished(f"probe accuracy against windows averaged ({factor})")
 
     metrics: dict = {
         "volumes": len(y), "sites": domains, "chance": 1.0 / len(domains),
@@ -265,11 +294,14 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
         swap = functools.partial(swapped_factors, model, batch_size=cfg.batch_size, seed=cfg.seed)
         metrics["swap"] = swap_test(swap, windows, arrays["content"], y, style_probe, cfg.swap_pairs, cfg.seed)
         metrics["swap_accuracy"] = metrics["swap"]["style_closer_to_b_roundtrip"]
+        progress.finished("swap test")
     if model is not None and cfg.counterfactual_pairs > 0:
         metrics["counterfactual"] = _counterfactual(cfg, paths, model, latent_records, latents, subjects)
         metrics["counterfactual_closer_than_a"] = metrics["counterfactual"].get("swap_closer_than_a")
         metrics["counterfactual_closer_than_a_ci95"] = metrics["counterfactual"].get("swap_closer_than_a_ci95")
         metrics["counterfactual_closer_than_roundtrip"] = metrics["counterfactual"].get("swap_closer_than_roundtrip")
+        progress.finished("counterfactual against the real scans")
+    progress.end()
     metrics["goals"] = goals(metrics)
 
     reports = paths.reports / "evaluate_disentanglement"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -147,11 +148,15 @@ def test_ray_tasks_give_the_factors_of_one_process(project) -> None:
     np.testing.assert_array_equal(two["window_volume"], one["window_volume"])
 
 
-def test_evaluate_writes_metrics_and_figure(project) -> None:
+def test_evaluate_writes_metrics_and_figure(project, caplog) -> None:
     cfg, paths, _ = project
     if not (paths.factors / "factors.npz").is_file():
         extract_factors.run(cfg.extract_factors, paths, ray=cfg.ray)
-    result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
+    with caplog.at_level(logging.INFO, logger="meduet.progress"):
+        result = evaluate_disentanglement.run(cfg.evaluate_disentanglement, paths)
+    # two weights' probes, the input baseline, two window curves, the swap and counterfactual tests
+    progress = [r.getMessage().split(",")[0] for r in caplog.records if r.name == "meduet.progress"]
+    assert progress == [f"evaluate-disentanglement: {i}/7 parts ({100 * i / 7:.0f}%)" for i in range(1, 8)]
     reports = paths.reports / "evaluate_disentanglement"
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["chance"] == 0.5 and metrics["volumes"] == 6
