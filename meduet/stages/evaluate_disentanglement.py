@@ -241,8 +241,8 @@ def run(cfg: EvaluateDisentanglementConfig, paths: Paths) -> StageResult:
     too_few = _too_few_for_probes(y)
     # A line after each part (probes per weights, the input baseline, two window curves, the swap
     # and counterfactual tests): the stage runs minutes with permutation nulls and decodes.
-    progress = _PartProgress(len(all_weights) + 3 + (cfg.swap_pairs > 0 and not too_few)
-                             + (cfg.counterfactual_pairs > 0))
+    swap_part, counterfactual_part = cfg.swap_pairs > 0 and not too_few, cfg.counterfactual_pairs > 0
+    progress = _PartProgress(len(all_weights) + 3 + int(swap_part) + int(counterfactual_part))
     per_weights = {}
     for weights in all_weights:
         per_weights[weights] = factor_report(arrays, weights, y, subjects, region_windows, cfg)
