@@ -23,6 +23,7 @@ import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from meduet.data.latents import save_array
+from meduet.models.architectures import MAX_VOXELS_PER_SPLIT
 from meduet.models.vae import PRESETS, build_vae, encode_volume, maisi_options
 
 LATENT_SHAPE = (4, 40, 48, 40)  # (C, d, h, w): a 160 × 192 × 160 voxel volume at 4× compression
@@ -68,11 +69,11 @@ def encode_throughput(model: torch.nn.Module, shape: tuple[int, int, int], repea
     torch.manual_seed(0)
     model = model.eval()
     volume = torch.rand(1, 1, *shape)
-    encode_volume(model, volume, max_voxels=4_000_000)  # warm-up
+    encode_volume(model, volume, max_voxels=MAX_VOXELS_PER_SPLIT)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        encode_volume(model, volume, max_voxels=4_000_000)
+        encode_volume(model, volume, max_voxels=MAX_VOXELS_PER_SPLIT)
         best = min(best, time.perf_counter() - start)
     return float(np.prod(shape)) / best
 

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from meduet.diffusion import RectifiedFlow
 from meduet.diffusion.sampling import Guidance, TiledPredictor, crop_predictor, sample
 from meduet.engine.precision import native_bf16
-from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS, VAE_PRESETS
+from meduet.models.architectures import DIT_PRESETS, MAX_VOXELS_PER_SPLIT, MEDUET_PRESETS, VAE_PRESETS
 from meduet.models.dit import ConditionedDiT
 from meduet.models.meduet import MeduetModel
 from meduet.models.vae import build_vae, decode_latent
@@ -79,7 +79,7 @@ def decode_seconds(preset: str, shape: tuple[int, ...]) -> float:
     latent = torch.randn(1, 4, *shape)
     with torch.no_grad():
         start = time.perf_counter()
-        decode_latent(vae, latent, 4_000_000)
+        decode_latent(vae, latent, MAX_VOXELS_PER_SPLIT)
     return time.perf_counter() - start
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from meduet.models.architectures import DIT_PRESETS, MEDUET_PRESETS
+from meduet.models.architectures import DIT_PRESETS, MAX_VOXELS_PER_SPLIT, MEDUET_PRESETS
 from meduet.stages import STAGES, report_dir_name
 
 # Pretrained weights enter here: dvc.yaml lists this folder as a dependency of train-vae.
@@ -227,7 +227,7 @@ class VAEConfig(StrictModel):
     amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.25
     max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
-        default=4_000_000, description="memory bound for whole-volume encode/decode (MAISI tensor splitting)"
+        default=MAX_VOXELS_PER_SPLIT, description="memory bound for whole-volume encode/decode (MAISI tensor splitting)"
     )
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
@@ -256,7 +256,7 @@ class EncodeLatentsConfig(StrictModel):
     """Encoding every harmonized volume with the frozen VAE (stage ``encode-latents``)."""
 
     store_std: bool = Field(default=False, description="also store the posterior standard deviation")
-    max_voxels_per_split: Annotated[int, Field(ge=1)] = 4_000_000
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = MAX_VOXELS_PER_SPLIT
     workers: Annotated[int, Field(ge=1)] = Field(default=1, description="parallel encoders (Ray tasks)")
 
 
@@ -483,6 +483,9 @@ class EvaluateDisentanglementConfig(StrictModel):
         default=8, description="of the counterfactual pairs, how many are also decoded with the VAE and scored by "
         "PSNR against the real image (about 4 s per decode on 2 CPU cores; 0: latent space only)"
     )
+    max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
+        default=MAX_VOXELS_PER_SPLIT, description="whole-volume VAE decode memory bound (the counterfactual's decodes)"
+    )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=16, description="sliding windows per forward pass")
     seed: int = 0
 
@@ -706,7 +709,7 @@ class SynthesizeConfig(StrictModel):
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=64, description="windows per DiT forward")
     max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
-        default=4_000_000, description="whole-volume decode memory bound (the VAE's tensor splitting)"
+        default=MAX_VOXELS_PER_SPLIT, description="whole-volume decode memory bound (the VAE's tensor splitting)"
     )
     workers: Annotated[int, Field(ge=1)] = Field(default=2, description="parallel sampling tasks on Ray (1: here)")
     seed: int = 0
@@ -792,7 +795,7 @@ class EvaluateSynthesisConfig(StrictModel):
         "translation of s@A (as evaluate_disentanglement.subject_pattern)"
     )
     max_voxels_per_split: Annotated[int, Field(ge=1)] = Field(
-        default=4_000_000, description="whole-volume VAE decode memory bound (round trips)"
+        default=MAX_VOXELS_PER_SPLIT, description="whole-volume VAE decode memory bound (round trips)"
     )
     figure_pairs: Annotated[int, Field(ge=0)] = Field(default=6, description="translation pairs drawn in pairs.png")
     seed: int = 0

@@ -37,12 +37,12 @@ from meduet.harmonize.settings import case_settings
 from meduet.io.atomic import write_json, write_text
 from meduet.io.images import ImageReadError, read_image, write_image
 from meduet.io.storage import fetch_file, is_remote, mirror
+from meduet.models.architectures import MAX_VOXELS_PER_SPLIT
 from meduet.models.vae import encode_volume
 from meduet.stages import StageError
 
 log = logging.getLogger(__name__)
 
-_MAX_VOXELS = 4_000_000  # VAE memory bound per tensor split (result-neutral)
 
 
 @dataclass
@@ -144,7 +144,8 @@ def predict_case(source: Path, output: Path, *, model: torch.nn.Module, vae: tor
 
     started = time.perf_counter()
     volume = torch.from_numpy(harmonized.image)[None, None]  # (1, 1, D, H, W)
-    latent = encode_volume(vae, volume, _MAX_VOXELS)[0][0].numpy() * np.float32(meta["scale_factor"])  # (C, d, h, w)
+    mu = encode_volume(vae, volume, MAX_VOXELS_PER_SPLIT)[0][0]  # (C, d, h, w)
+    latent = mu.numpy() * np.float32(meta["scale_factor"])
     result.seconds["encode"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -32,6 +32,7 @@ from meduet.data.windows import sliding_windows, window_origins, world_boxes
 from meduet.engine.probes import proportion_ci
 from meduet.io.images import ras_affine
 from meduet.losses.mixing import random_mix_mask
+from meduet.models.architectures import MAX_VOXELS_PER_SPLIT
 from meduet.models.meduet import MeduetModel
 from meduet.models.vae import decode_latent
 
@@ -187,7 +188,7 @@ def same_subject_pairs(scans: list[Scan], limit: int, seed: int) -> list[tuple[i
 
 def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, batch_size: int, seed: int,
                         vae: torch.nn.Module | None = None, decode_pairs: int = 0, scale: float = 1.0,
-                        max_voxels: int = 4_000_000) -> dict:
+                        max_voxels: int = MAX_VOXELS_PER_SPLIT) -> dict:
     """Run the counterfactual swap on up to ``pairs`` same-subject pairs (see the module docstring).
 
     Args:

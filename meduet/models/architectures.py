@@ -56,6 +56,14 @@ class VAEArchitecture(_Architecture):
         return 2 ** (len(self.num_channels) - 1)
 
 
+# Default bound on the input voxels of one MAISI tensor split in whole-volume VAE encoding and
+# decoding (``meduet.models.vae.num_splits_for``; splitting changes results by float rounding at
+# most). On CPU with the tiny preset, splitting saves little memory and costs time: a 4.4 M-voxel
+# demo volume decoded at 1 thread in 5.3 s unsplit against 6.9 s in 2 splits (peak RSS 1.72 vs
+# 1.67 GiB); a 16.8 M-voxel one peaked at 4.5 GiB unsplit, 4.0 in 8 splits. The maisi preset's
+# full-resolution tensors are 8x wider (64 channels against 8): give it a bound near 2 M voxels.
+MAX_VOXELS_PER_SPLIT = 16_000_000
+
 VAE_PRESETS: dict[str, VAEArchitecture] = {
     # The published MAISI autoencoder shape (loads MAISI's autoencoder.pt).
     "maisi": VAEArchitecture((64, 128, 256), (2, 2, 2), 4, 32),

@@ -3,8 +3,8 @@
 Built on MONAI's MAISI autoencoder (``AutoencoderKlMaisi``): three resolution levels, i.e.
 4× compression per axis, so a ``(B, 1, D, H, W)`` volume becomes ``(B, 4, D/4, H/4, W/4)``.
 MAISI's tensor splitting (``num_splits``) runs convolutions chunk by chunk, which bounds
-memory without changing the result; the encoding stage picks the split count from the volume
-size. MAISI's group norm (a Python loop of ~10 small operations per group, built to convert
+memory and changes the result by float rounding at most; the encoding stage picks the split count from
+the volume size. MAISI's group norm (a Python loop of ~10 small operations per group, built to convert
 each group to fp16 on a GPU) is replaced by PyTorch's one-kernel ``nn.GroupNorm``: same
 parameters and state dict, same statistics (fp32, biased variance), half its peak memory (no
 per-group copies to concatenate). Residual blocks and upsampling keep channels-last tensors
@@ -168,7 +168,7 @@ def num_splits_for(shape: tuple[int, ...], max_voxels: int, downsample: int = 4)
 
 
 def set_num_splits(model: torch.nn.Module, num_splits: int) -> None:
-    """Change MAISI tensor splitting in place (an inference-time memory knob, result-neutral)."""
+    """Change MAISI tensor splitting in place (an inference-time memory knob; results move by rounding at most)."""
     for module in model.modules():
         if hasattr(module, "num_splits"):
             module.num_splits = num_splits

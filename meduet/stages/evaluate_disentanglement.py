@@ -176,7 +176,7 @@ def _counterfactual(cfg: EvaluateDisentanglementConfig, paths: Paths, model: tor
     vae = load_vae(vae_path(paths))[0].eval() if cfg.counterfactual_decode and vae_path(paths).is_file() else None
     return counterfactual_test(model, scans, pairs=cfg.counterfactual_pairs, batch_size=cfg.batch_size,
                                seed=cfg.seed, vae=vae, decode_pairs=cfg.counterfactual_decode,
-                               scale=read_scale(paths.latents))
+                               scale=read_scale(paths.latents), max_voxels=cfg.max_voxels_per_split)
 
 
 def goals(metrics: dict) -> dict:
