@@ -44,7 +44,6 @@ from meduet.stages import StageError
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class CaseResult:
     """What ``predict`` did with one input."""
