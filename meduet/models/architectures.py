@@ -58,9 +58,9 @@ class VAEArchitecture(_Architecture):
 
 # Default bound on the input voxels of one MAISI tensor split in whole-volume VAE encoding and
 # decoding (``meduet.models.vae.num_splits_for``; splitting changes results by float rounding at
-# most). On CPU with the tiny preset, splitting saves little memory and costs time: a 4.4 M-voxel
-# demo volume decoded at 1 thread in 5.3 s unsplit against 6.9 s in 2 splits (peak RSS 1.72 vs
-# 1.67 GiB); a 16.8 M-voxel one peaked at 4.5 GiB unsplit, 4.0 in 8 splits. The maisi preset's
+# most). On CPU with the tiny preset, splitting saves little memory and costs time
+# (benchmarks/vae_split.py: a 4.4 M-voxel demo-sized volume at 1 thread decodes in 0.82x the
+# time unsplit, peak RSS 1.57 against 1.48 GiB; README, stage times). The maisi preset's
 # full-resolution tensors are 8x wider (64 channels against 8): give it a bound near 2 M voxels.
 MAX_VOXELS_PER_SPLIT = 16_000_000
 
