@@ -8,40 +8,66 @@ init, the final validation loss (mean ± sd over seeds) and the steps it needs t
 scratch's final value (first validation point at or below it; ``>N`` when it never does), and
 writes the curves to ``<work>/convergence/results.json`` and a figure.
 
-    python benchmarks/diffusion_convergence.py [--params params.yaml] [--seeds 0 1 2]
-        [--figure docs/figures/diffusion_convergence.png] [--set train_diffusion.steps=1500 ...]
+With ``--frechet-every N`` the run also keeps a checkpoint every ``N`` steps, and each kept
+checkpoint's EMA weights go through the ``synthesize`` stage (generated crops only:
+``samples_per_site`` per site) and the ``evaluate-synthesis`` stage, whose overall
+evaluator-space Fréchet distance (and its real-vs-real floor) becomes a second curve, with
+the same summary: final distance per init and steps to reach scratch's final distance.
 
-Needs the latent cache and the pretrained MeDUET (``dvc repro pretrain`` or ``make run`` first).
+    python benchmarks/diffusion_convergence.py [--params params.yaml] [--seeds 0 1 2]
+        [--frechet-every 300] [--figure docs/figures/diffusion_convergence.png]
+        [--set train_diffusion.steps=1500 ...]
+
+Needs the latent cache and the pretrained MeDUET (``dvc repro pretrain`` or ``make run`` first);
+``--frechet-every`` also the teacher factors, the VAE and the synthesis evaluator
+(``dvc repro extract_factors train_evaluator``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
 
+from meduet.artifacts.diffusion import dit_path, save_dit
+from meduet.artifacts.evaluator import evaluator_path
 from meduet.artifacts.pretrained import meduet_path
-from meduet.config import Paths, load_config
+from meduet.artifacts.vae import vae_path
+from meduet.config import MeduetConfig, Paths, load_config
+from meduet.engine.checkpoint import checkpoint_step, read_checkpoint
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
-from meduet.stages import train_diffusion
+from meduet.models.architectures import DiTArchitecture
+from meduet.stages import evaluate_synthesis, synthesize, train_diffusion
 
 INITS = ("scratch", "meduet", "meduet_repa")
 
 
-def run_init(params: Path, overrides: list[str], init: str, seed: int) -> dict:
-    """Train one init with one seed; its validation curve and final numbers."""
+def _link_models(folder: Path, shared: Paths, which: tuple[str, ...]) -> None:
+    """``folder/models/<x>`` -> the shared store's model folder, for each ``x`` in ``which``."""
+    files = {"pretrain": meduet_path, "vae": vae_path, "evaluator": evaluator_path}
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    for name in which:
+        link = folder / "models" / name
+        if not link.exists():
+            link.symlink_to(files[name](shared).parent)
+
+
+def run_init(params: Path, overrides: list[str], init: str, seed: int, frechet_every: int = 0) -> dict:
+    """Train one init with one seed; its validation curve, final numbers and (``frechet_every``) Fréchet curve."""
     base = load_config(params, overrides)
     folder = (params.resolve().parent / base.paths.work_dir / "convergence" / f"{init}-seed{seed}").resolve()
-    shared = meduet_path(Paths.resolve(base, params.resolve().parent))
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    link = folder / "models" / "pretrain"
-    if not link.exists():
-        link.symlink_to(shared.parent)
+    shared = Paths.resolve(base, params.resolve().parent)
+    _link_models(folder, shared, ("pretrain",))
+    if frechet_every:  # keep a checkpoint every frechet_every steps (they do not change the run's weights)
+        overrides = [*overrides, f"ray.checkpoint_every={frechet_every}",
+                     f"ray.keep_checkpoints={base.train_diffusion.steps // frechet_every + 1}"]
     cfg = load_config(params, [*overrides, f"train_diffusion.init={init}", f"train_diffusion.seed={seed}",
                                f"paths.models_dir={folder / 'models'}", f"paths.reports_dir={folder / 'reports'}",
                                f"paths.work_dir={folder / 'work'}"])
@@ -53,8 +79,50 @@ def run_init(params: Path, overrides: list[str], init: str, seed: int) -> dict:
     seconds = time.perf_counter() - start
     with open(paths.reports / "train_diffusion" / "history.csv") as fh:
         curve = [(int(row["step"]), float(row["val_loss"])) for row in csv.DictReader(fh) if row.get("val_loss")]
-    return {"init": init, "seed": seed, "seconds": seconds, "curve": curve, "val_loss": result.metrics["val_loss"],
-            "val_loss_ema": result.metrics["val_loss_ema"], "steps": result.metrics["steps"]}
+    row = {"init": init, "seed": seed, "seconds": seconds, "curve": curve, "val_loss": result.metrics["val_loss"],
+           "val_loss_ema": result.metrics["val_loss_ema"], "steps": result.metrics["steps"]}
+    if frechet_every:
+        _link_models(folder, shared, ("vae", "evaluator"))
+        start = time.perf_counter()
+        points = [frechet_point(cfg, paths, state) for state in kept_checkpoints(paths.work / "ray_results")]
+        row |= {"frechet": [(p["step"], p["fd"]) for p in points], "frechet_points": points,
+                "frechet_seconds": time.perf_counter() - start}
+        row["fd"] = points[-1]["fd"] if points else None
+    return row
+
+
+def kept_checkpoints(storage: Path) -> list[Path]:
+    """Checkpoint folders of the newest run under ``storage``, by step."""
+    runs = {state.parent.parent for state in storage.glob("*/checkpoint_*/state.pt")}
+    if not runs:
+        raise SystemExit(f"{storage}: no checkpoint kept")
+    newest = max(runs, key=lambda run: max(s.stat().st_mtime for s in run.glob("checkpoint_*/state.pt")))
+    return sorted((s.parent for s in newest.glob("checkpoint_*/state.pt")), key=lambda c: checkpoint_step(str(c)))
+
+
+def frechet_point(cfg: MeduetConfig, paths: Paths, checkpoint: Path) -> dict:
+    """One checkpoint's EMA weights through ``synthesize`` (generated crops only) and ``evaluate-synthesis``.
+
+    Everything lands in ``<work>/frechet/<step>/``; the DiT file there is the trained one's
+    with the checkpoint's weights, so the stages check and read it as they would the final one.
+    """
+    step = checkpoint_step(str(checkpoint))
+    state = read_checkpoint(str(checkpoint))
+    final = torch.load(dit_path(paths), map_location="cpu", weights_only=True)
+    point = paths.work / "frechet" / f"{step:06d}"
+    _link_models(point, paths, ("pretrain", "vae", "evaluator"))
+    here = dataclasses.replace(paths, models=point / "models", reports=point / "reports",
+                               synthesis=point / "synthesis", work=point / "work")
+    save_dit(dit_path(here), model=state["dit"], ema=state["ema"],
+             architecture=DiTArchitecture.from_dict(final["architecture"]), config=final["config"],
+             scale_factor=final["scale_factor"], meduet_sha256=final["meduet_sha256"],
+             init_report=final["init_report"], steps=int(state["step"]), validation={"model": None, "ema": None})
+    sampling = cfg.synthesize.model_copy(update={"translations": 0, "augmentations_per_scan": 0, "workers": 1})
+    # in this process (workers 1), on all of its threads
+    synthesize.run(sampling, here, cfg.ray.model_copy(update={"cpus_per_task": torch.get_num_threads()}))
+    fd = evaluate_synthesis.run(cfg.evaluate_synthesis, here).metrics["generation"]["frechet_distance"]["overall"]
+    return {"step": int(state["step"]), "fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"],
+            "ratio": fd["ratio"], "samples": fd["samples"]}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -62,37 +130,56 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, loss in curve if loss <= target), None)
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per init: final loss over seeds, and steps to reach scratch's final loss (same seed)."""
-    scratch = {r["seed"]: r["val_loss"] for r in rows if r["init"] == "scratch"}
+    """Per init: final loss (and Fréchet distance) over seeds, and steps to reach scratch's final one (same seed)."""
+    scratch = {r["seed"]: r for r in rows if r["init"] == "scratch"}
     table = []
     for init in INITS:
         runs = [r for r in rows if r["init"] == init]
         if not runs:
             continue
-        reach = [steps_to_reach(r["curve"], scratch[r["seed"]]) for r in runs if r["seed"] in scratch]
-        table.append({"init": init, "val_loss_mean": float(np.mean([r["val_loss"] for r in runs])),
-                      "val_loss_sd": float(np.std([r["val_loss"] for r in runs], ddof=1)) if len(runs) > 1 else 0.0,
-                      "steps_to_scratch_final": reach, "steps": runs[0]["steps"],
-                      "seconds_mean": float(np.mean([r["seconds"] for r in runs]))})
+        paired = [r for r in runs if r["seed"] in scratch]
+        entry = {"init": init, "steps": runs[0]["steps"], "seconds_mean": float(np.mean([r["seconds"] for r in runs])),
+                 "steps_to_scratch_final": [steps_to_reach(r["curve"], scratch[r["seed"]]["val_loss"]) for r in paired]}
+        entry["val_loss_mean"], entry["val_loss_sd"] = _mean_sd([r["val_loss"] for r in runs])
+        if all(r.get("fd") is not None for r in runs):
+            entry["fd_mean"], entry["fd_sd"] = _mean_sd([r["fd"] for r in runs])
+            entry["fd_ratio_mean"], _ = _mean_sd([r["frechet_points"][-1]["ratio"] for r in runs])
+            entry["fd_steps_to_scratch_final"] = [steps_to_reach(r["frechet"], scratch[r["seed"]]["fd"])
+                                                  for r in paired if scratch[r["seed"]].get("fd") is not None]
+        table.append(entry)
     return table
 
 
 def plot(rows: list[dict], target: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for init, colour in zip(INITS, ("tab:gray", "tab:blue", "tab:orange"), strict=True):
-        curves = [r["curve"] for r in rows if r["init"] == init]
-        if not curves:
-            continue
-        steps = [s for s, _ in curves[0]]
-        losses = np.array([[loss for _, loss in c] for c in curves])  # (seeds, points)
-        ax.plot(steps, losses.mean(0), color=colour, label=f"{init} ({len(curves)} seed(s))")
-        if len(curves) > 1:
-            ax.fill_between(steps, losses.min(0), losses.max(0), color=colour, alpha=0.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out validation loss")
-    ax.set_title("DiT convergence by initialisation (band: seed range)", fontsize=9)
-    ax.legend(fontsize=8)
+    """Validation loss (and, when measured, the Fréchet distance) against steps; band: the seeds' range."""
+    panels = [("curve", "held-out validation loss")]
+    if any(r.get("frechet") for r in rows):
+        panels.append(("frechet", "evaluator-space Fréchet distance"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for init, colour in zip(INITS, ("tab:gray", "tab:blue", "tab:orange"), strict=True):
+            curves = [r[key] for r in rows if r["init"] == init and r.get(key)]
+            if not curves:
+                continue
+            steps = [s for s, _ in curves[0]]
+            values = np.array([[v for _, v in c] for c in curves])  # (seeds, points)
+            ax.plot(steps, values.mean(0), color=colour, marker="." if key == "frechet" else None,
+                    label=f"{init} ({len(curves)} seed(s))")
+            if len(curves) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
+        if key == "frechet":
+            floors = [p["floor"] for r in rows for p in r.get("frechet_points", [])]
+            ax.axhline(np.mean(floors), color="black", lw=0.8, ls="--", label="real vs real (floor)")
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("DiT convergence by initialisation (band: seed range)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, target, dpi=100)
 
@@ -102,21 +189,33 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--frechet-every", type=int, default=0, metavar="N",
+                        help="also the Fréchet distance of generated crops every N steps (0: off)")
     parser.add_argument("--figure", type=Path, default=None, help="also write the curves here (PNG)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    rows = [run_init(args.params, args.overrides, init, seed) for seed in args.seeds for init in args.inits]
+    rows = [run_init(args.params, args.overrides, init, seed, args.frechet_every)
+            for seed in args.seeds for init in args.inits]
     table = summarise(rows)
     work = args.params.resolve().parent / load_config(args.params, args.overrides).paths.work_dir / "convergence"
     write_json(work / "results.json", {"cpu": cpu_name(), "overrides": args.overrides, "rows": rows, "table": table})
     if args.figure:
         plot(rows, args.figure)
     print(f"CPU: {cpu_name()}; seeds {args.seeds}; {table[0]['steps'] if table else 0} steps each")
-    print(f"{'init':<13}{'final val loss':>20}{'steps to scratch final':>26}{'s/run':>8}")
+    frechet = all("fd_mean" in row for row in table)
+    print(f"{'init':<13}{'final val loss':>20}{'steps to scratch final':>26}{'s/run':>8}"
+          + (f"{'final Fréchet':>20}{'(x floor)':>10}{'steps to scratch final':>26}" if frechet else ""))
+
+    def reach(steps: list[int | None], total: int) -> str:
+        return ", ".join(str(s) if s is not None else f">{total}" for s in steps)
+
     for row in table:
-        reach = ", ".join(str(s) if s is not None else f">{row['steps']}" for s in row["steps_to_scratch_final"])
-        print(f"{row['init']:<13}{row['val_loss_mean']:>12.4f} ± {row['val_loss_sd']:.4f}{reach:>26}"
-              f"{row['seconds_mean']:>8.0f}")
+        line = (f"{row['init']:<13}{row['val_loss_mean']:>12.4f} ± {row['val_loss_sd']:.4f}"
+                f"{reach(row['steps_to_scratch_final'], row['steps']):>26}{row['seconds_mean']:>8.0f}")
+        if frechet:
+            line += (f"{row['fd_mean']:>13.1f} ± {row['fd_sd']:<5.1f}{row['fd_ratio_mean']:>9.1f}x"
+                     f"{reach(row['fd_steps_to_scratch_final'], row['steps']):>26}")
+        print(line)
 
 
 if __name__ == "__main__":
