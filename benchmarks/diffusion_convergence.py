@@ -27,36 +27,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
+from synthesis_scoring import link_models, score_samples
 
-from meduet.artifacts.diffusion import dit_path, save_dit
-from meduet.artifacts.evaluator import evaluator_path
-from meduet.artifacts.pretrained import meduet_path
-from meduet.artifacts.vae import vae_path
 from meduet.config import MeduetConfig, Paths, load_config
 from meduet.engine.checkpoint import checkpoint_step, read_checkpoint
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
-from meduet.models.architectures import DiTArchitecture
-from meduet.stages import evaluate_synthesis, synthesize, train_diffusion
+from meduet.stages import train_diffusion
 
 INITS = ("scratch", "meduet", "meduet_repa")
-
-
-def _link_models(folder: Path, shared: Paths, which: tuple[str, ...]) -> None:
-    """``folder/models/<x>`` -> the shared store's model folder, for each ``x`` in ``which``."""
-    files = {"pretrain": meduet_path, "vae": vae_path, "evaluator": evaluator_path}
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    for name in which:
-        link = folder / "models" / name
-        if not link.exists():
-            link.symlink_to(files[name](shared).parent)
 
 
 def run_init(params: Path, overrides: list[str], init: str, seed: int, frechet_every: int = 0) -> dict:
@@ -64,7 +48,8 @@ def run_init(params: Path, overrides: list[str], init: str, seed: int, frechet_e
     base = load_config(params, overrides)
     folder = (params.resolve().parent / base.paths.work_dir / "convergence" / f"{init}-seed{seed}").resolve()
     shared = Paths.resolve(base, params.resolve().parent)
-    _link_models(folder, shared, ("pretrain",))
+    # the run's own models folder: the shared MeDUET (and, for the samples' scores, VAE and evaluator)
+    link_models(folder, shared, ("pretrain", "vae", "evaluator") if frechet_every else ("pretrain",))
     if frechet_every:  # keep a checkpoint every frechet_every steps (they do not change the run's weights)
         overrides = [*overrides, f"ray.checkpoint_every={frechet_every}",
                      f"ray.keep_checkpoints={base.train_diffusion.steps // frechet_every + 1}"]
@@ -82,7 +67,6 @@ def run_init(params: Path, overrides: list[str], init: str, seed: int, frechet_e
     row = {"init": init, "seed": seed, "seconds": seconds, "curve": curve, "val_loss": result.metrics["val_loss"],
            "val_loss_ema": result.metrics["val_loss_ema"], "steps": result.metrics["steps"]}
     if frechet_every:
-        _link_models(folder, shared, ("vae", "evaluator"))
         start = time.perf_counter()
         points = [frechet_point(cfg, paths, state) for state in kept_checkpoints(paths.work / "ray_results")]
         row |= {"frechet": [(p["step"], p["fd"]) for p in points], "frechet_points": points,
@@ -101,28 +85,14 @@ def kept_checkpoints(storage: Path) -> list[Path]:
 
 
 def frechet_point(cfg: MeduetConfig, paths: Paths, checkpoint: Path) -> dict:
-    """One checkpoint's EMA weights through ``synthesize`` (generated crops only) and ``evaluate-synthesis``.
-
-    Everything lands in ``<work>/frechet/<step>/``; the DiT file there is the trained one's
-    with the checkpoint's weights, so the stages check and read it as they would the final one.
-    """
-    step = checkpoint_step(str(checkpoint))
+    """One checkpoint's EMA weights: generated crops (``synthesize``) and their Fréchet distance
+    (``evaluate-synthesis``), under ``<work>/frechet/<step>/``."""
     state = read_checkpoint(str(checkpoint))
-    final = torch.load(dit_path(paths), map_location="cpu", weights_only=True)
-    point = paths.work / "frechet" / f"{step:06d}"
-    _link_models(point, paths, ("pretrain", "vae", "evaluator"))
-    here = dataclasses.replace(paths, models=point / "models", reports=point / "reports",
-                               synthesis=point / "synthesis", work=point / "work")
-    save_dit(dit_path(here), model=state["dit"], ema=state["ema"],
-             architecture=DiTArchitecture.from_dict(final["architecture"]), config=final["config"],
-             scale_factor=final["scale_factor"], meduet_sha256=final["meduet_sha256"],
-             init_report=final["init_report"], steps=int(state["step"]), validation={"model": None, "ema": None})
-    sampling = cfg.synthesize.model_copy(update={"translations": 0, "augmentations_per_scan": 0, "workers": 1})
-    # in this process (workers 1), on all of its threads
-    synthesize.run(sampling, here, cfg.ray.model_copy(update={"cpus_per_task": torch.get_num_threads()}))
-    fd = evaluate_synthesis.run(cfg.evaluate_synthesis, here).metrics["generation"]["frechet_distance"]["overall"]
+    metrics = score_samples(cfg, paths, paths.work / "frechet" / f"{checkpoint_step(str(checkpoint)):06d}",
+                            dit_state=state)
+    fd = metrics["generation"]["frechet_distance"]["overall"]
     return {"step": int(state["step"]), "fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"],
-            "ratio": fd["ratio"], "samples": fd["samples"]}
+            "ratio": fd["ratio"], "samples": fd["samples"], "style_accuracy": metrics["generation_style_accuracy"]}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
