@@ -700,8 +700,9 @@ class SynthesizeConfig(StrictModel):
         default=12, description="(held-out scan, other site) translations, whole volume; 0 skips them"
     )
     samples_per_site: Annotated[int, Field(ge=0)] = Field(
-        default=8, description="new crops per site from a training volume's content vector and the site's "
-        "style (generation as the authors do it); 0 skips it"
+        default=32, description="new crops per site from a training volume's content vector and the site's "
+        "style (generation as the authors do it); 0 skips it. The Fréchet distance needs more crops in all than "
+        "the evaluator has features (56 by default), or its covariance is rank-deficient"
     )
     augmentations_per_scan: Annotated[int, Field(ge=0)] = Field(
         default=0, description="each labelled training scan translated into this many other sites' styles, whole "
@@ -770,7 +771,8 @@ class EvaluateSynthesisConfig(StrictModel):
         default=200, description="bootstrap resamples of every interval (Fréchet distance, Dice, MS-SSIM, HU)"
     )
     real_crops_per_volume: Annotated[int, Field(ge=1)] = Field(
-        default=8, description="random body crops (the generated crops' size) drawn from each real volume"
+        default=32, description="random body crops (the generated crops' size) drawn from each real volume; "
+        "the held-out ones (floor of the Fréchet distance) should outnumber the evaluator's features (56)"
     )
     ms_ssim_kernel: Annotated[int, Field(ge=3)] = Field(
         default=5, description="MS-SSIM Gaussian window (odd); with ms_ssim_scales it must fit the generated "
