@@ -67,8 +67,11 @@ def run_init(params: Path, overrides: list[str], init: str, seed: int, frechet_e
     row = {"init": init, "seed": seed, "seconds": seconds, "curve": curve, "val_loss": result.metrics["val_loss"],
            "val_loss_ema": result.metrics["val_loss_ema"], "steps": result.metrics["steps"]}
     if frechet_every:
+        if cfg.ray.storage and "://" in cfg.ray.storage:
+            raise SystemExit(f"--frechet-every reads checkpoints from a local folder, not {cfg.ray.storage}")
+        storage = Path(paths.local(cfg.ray.storage)) if cfg.ray.storage else paths.work / "ray_results"
         start = time.perf_counter()
-        points = [frechet_point(cfg, paths, state) for state in kept_checkpoints(paths.work / "ray_results")]
+        points = [frechet_point(cfg, paths, state) for state in kept_checkpoints(storage)]
         row |= {"frechet": [(p["step"], p["fd"]) for p in points], "frechet_points": points,
                 "frechet_seconds": time.perf_counter() - start}
         row["fd"] = points[-1]["fd"] if points else None
