@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
-from synthesis_scoring import link_models, score_samples
+from synthesis_scoring import generation_scores, link_models, score_samples
 
 from meduet.config import MeduetConfig, Paths, load_config
 from meduet.engine.checkpoint import checkpoint_step, read_checkpoint
@@ -93,9 +93,7 @@ def frechet_point(cfg: MeduetConfig, paths: Paths, checkpoint: Path) -> dict:
     state = read_checkpoint(str(checkpoint))
     metrics = score_samples(cfg, paths, paths.work / "frechet" / f"{checkpoint_step(str(checkpoint)):06d}",
                             dit_state=state)
-    fd = metrics["generation"]["frechet_distance"]["overall"]
-    return {"step": int(state["step"]), "fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"],
-            "ratio": fd["ratio"], "samples": fd["samples"], "style_accuracy": metrics["generation_style_accuracy"]}
+    return {"step": int(state["step"]), **generation_scores(metrics)}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
-from synthesis_scoring import score_samples
+from synthesis_scoring import generation_scores, score_samples
 
 from meduet.config import Paths, load_config
 from meduet.io.atomic import write_json
@@ -43,13 +43,7 @@ def main() -> None:
         start = time.perf_counter()
         metrics = score_samples(cfg, paths, paths.work / "guidance" / f"c{content:g}-s{style:g}",
                                 sampling={"content_scale": content, "style_scale": style})
-        generation = metrics["generation"]
-        fd = generation["frechet_distance"]["overall"]
-        rows.append({"content_scale": content, "style_scale": style, "fd": fd["fd"], "fd_ci95": fd["fd_ci95"],
-                     "floor": fd["floor"], "ratio": fd["ratio"], "samples": fd["samples"],
-                     "style_accuracy": generation["style_accuracy"],
-                     "style_accuracy_ci95": generation["style_accuracy_ci95"],
-                     "style_accuracy_per_site": generation["style_accuracy_per_site"],
+        rows.append({"content_scale": content, "style_scale": style, **generation_scores(metrics),
                      "seconds": time.perf_counter() - start})
     write_json(paths.work / "guidance" / "results.json", {"cpu": cpu_name(), "overrides": args.overrides,
                                                           "rows": rows})

@@ -63,3 +63,14 @@ def score_samples(cfg: MeduetConfig, paths: Paths, folder: Path, *, dit_state: d
     # workers 1 samples in this process: on all of its threads
     synthesize.run(section, here, cfg.ray.model_copy(update={"cpus_per_task": torch.get_num_threads()}))
     return evaluate_synthesis.run(cfg.evaluate_synthesis, here).metrics
+
+
+def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The generated crops' headline numbers from ``evaluate-synthesis``'s metrics: the overall Fréchet
+    distance (interval, floor, ratio, sample count) and the style accuracy (Wilson interval, per site)."""
+    generation = metrics["generation"]
+    fd = generation["frechet_distance"]["overall"]
+    return {"fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"], "ratio": fd["ratio"],
+            "samples": fd["samples"], "style_accuracy": generation["style_accuracy"],
+            "style_accuracy_ci95": generation["style_accuracy_ci95"],
+            "style_accuracy_per_site": generation["style_accuracy_per_site"]}
