@@ -3,7 +3,8 @@
 # that fits; the VAE step). Run from the repository root on a machine with a CUDA GPU and PyTorch:
 #
 #   bash benchmarks/gpu_check.sh [OUT]          # OUT: where the tables go (default /tmp/gpu_check)
-#   GPU_CHECK_PARTS=vae bash benchmarks/gpu_check.sh    # only some parts (default: "pretrain vae";
+#   GPU_CHECK_PARTS=vae bash benchmarks/gpu_check.sh    # only some parts (default: "pretrain vae",
+#                                                       # in the order: base:32, VAE, small batches;
 #                                                       # "profile": base's kernels at batch 128)
 #
 # Needs the project's imports but not Ray, Prefect or DVC (the step benchmarks import no driver code).
@@ -34,14 +35,16 @@ if [[ $parts == *" pretrain "* ]]; then
     # base at the batch a training run would use, beside the authors' step; then doubling to the memory limit.
     python3 pretrain_step.py --devices cuda --presets base:32 --steps 10 --repeats 2 --max-batch "${reference[@]}" \
         2>&1 | tee "$out/pretrain_step_gpu.txt"
-    # the CPU comparison's batch (launch-bound on a GPU) and the demo's small preset.
-    python3 pretrain_step.py --devices cuda --presets base:2 small:8 --steps 10 --repeats 2 "${reference[@]}" \
-        2>&1 | tee "$out/pretrain_step_gpu_small_batches.txt"
 fi
 if [[ $parts == *" vae "* ]]; then
     # the VAE step: the demo's tiny preset and the published MAISI shape on 64^3 crops.
     python3 vae_step.py --devices cuda --presets tiny:2 maisi:2 --crop 64 --steps 10 --repeats 2 \
         2>&1 | tee "$out/vae_step_gpu.txt"
+fi
+if [[ $parts == *" pretrain "* ]]; then
+    # the CPU comparison's batch (launch-bound on a GPU) and the demo's small preset: last, as the least needed.
+    python3 pretrain_step.py --devices cuda --presets base:2 small:8 --steps 10 --repeats 2 "${reference[@]}" \
+        2>&1 | tee "$out/pretrain_step_gpu_small_batches.txt"
 fi
 if [[ $parts == *" profile "* ]]; then
     # where base's step spends GPU time once the GPU, not the host, is the limit
