@@ -4,8 +4,11 @@
   evaluator's pooled features, so "evaluator-space Fréchet distance", not an FID);
 - :func:`bootstrap_interval`: percentile intervals of any statistic of independently
   resampled sample sets;
+- :func:`kernel_distance`: the kernel inception distance's unbiased estimator on feature sets; unlike the
+  Fréchet distance it needs no full-rank covariance, so it holds for sets smaller than the feature count;
 - :func:`fd_against_floor`: generated vs real next to real vs real at the same sample size
-  (the distance of two finite samples is biased upwards, more so the smaller they are);
+  (the Fréchet distance of two finite samples is biased upwards, more so the smaller they are), in both
+  distances;
 - :func:`pairwise_ms_ssim` and :func:`mean_off_diagonal`: 3-D MS-SSIM among samples (diversity);
 - :func:`histogram_match`: the SimpleITK histogram-matching baseline;
 - :func:`image_scores`: PSNR, SSIM (:func:`ssim_3d`) and MAE in HU of one image against another;
@@ -22,6 +25,7 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric
 from monai.metrics.fid import get_fid_score
 from monai.networks.layers import separable_filtering
+from sklearn.metrics.pairwise import polynomial_kernel
 
 from meduet.engine.metrics import mae_raw, psnr
 
@@ -33,6 +37,42 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance of Gaussians fitted to feature sets ``a (n, F)`` and ``b (m, F)``."""
     return float(get_fid_score(torch.from_numpy(np.asarray(a, dtype=np.float64)),
                                torch.from_numpy(np.asarray(b, dtype=np.float64))))
+
+
+def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased squared MMD of feature sets ``a (n, F)`` and ``b (m, F)`` under the cubic polynomial kernel
+    ``(x·y / F + 1)³``: the kernel inception distance's estimator (Bińkowski et al., 2018). Its expectation is
+    0 for samples of one distribution at any sample size (so an estimate can be slightly negative)."""
+    return _kernel_distance(*_kernels(a, b), np.ones(len(a)), np.ones(len(b)))
+
+
+def _kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three kernel matrices of ``kernel_distance``: within ``a``, within ``b`` and across."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    kernel = {"degree": 3, "gamma": 1.0 / a.shape[1], "coef0": 1.0}
+    return polynomial_kernel(a, **kernel), polynomial_kernel(b, **kernel), polynomial_kernel(a, b, **kernel)
+
+
+def _kernel_distance(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray, ca: np.ndarray, cb: np.ndarray) -> float:
+    """``kernel_distance`` of a resample given as counts: ``ca[i]`` copies of ``a[i]``, ``cb[j]`` of ``b[j]``."""
+    def within(k: np.ndarray, c: np.ndarray) -> float:
+        # pairs of distinct original samples only: a resample repeats some, and a sample scored
+        # against itself adds k(x, x) and biases the estimate upwards
+        same = c**2
+        pairs = c.sum() ** 2 - same.sum()
+        return float((c @ k @ c - same @ np.diag(k)) / pairs) if pairs else np.nan  # nan: one sample drawn n times
+    return within(k_aa, ca) + within(k_bb, cb) - 2.0 * float(ca @ k_ab @ cb / (ca.sum() * cb.sum()))
+
+
+def kernel_distance_interval(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int) -> list[float]:
+    """95 % percentile bootstrap interval of ``kernel_distance(a, b)``, both sets resampled with
+    replacement (the kernels computed once; repeated samples never scored against themselves)."""
+    kernels, rng = _kernels(a, b), np.random.default_rng(seed)
+    values = [_kernel_distance(*kernels, np.bincount(rng.integers(len(a), size=len(a)), minlength=len(a)),
+                               np.bincount(rng.integers(len(b), size=len(b)), minlength=len(b)))
+              for _ in range(resamples)]
+    values = np.asarray(values)[np.isfinite(values)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [np.nan] * 2
 
 
 def bootstrap_interval(statistic: Callable[..., float], samples: Sequence[np.ndarray], *, resamples: int,
@@ -60,7 +100,10 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
             ``real`` held-out real crops.
 
     Returns:
-        ``fd``, ``fd_ci95``, ``floor``, ``floor_ci95``, ``ratio`` (fd / floor) and the sample counts.
+        ``fd``, ``fd_ci95``, ``floor``, ``floor_ci95``, ``ratio`` (fd / floor), the same in the kernel
+        distance (``kid``, ``kid_ci95``, ``kid_floor``, ``kid_floor_ci95``: valid where the sets are
+        smaller than the feature count and the Fréchet distance's covariances are singular), and the
+        sample counts.
     """
     n = min(len(generated), len(real))
     if n < 2 or len(reference) < 2:
@@ -74,7 +117,12 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
                                                     seed=seed),
             "floor": floor, "floor_ci95": bootstrap_interval(frechet_distance, [real, reference],
                                                              resamples=resamples, seed=seed),
-            "ratio": fd / floor if floor > 0 else None, "samples": n, "reference_samples": len(reference)}
+            "ratio": fd / floor if floor > 0 else None,
+            "kid": kernel_distance(generated, reference),
+            "kid_ci95": kernel_distance_interval(generated, reference, resamples=resamples, seed=seed),
+            "kid_floor": kernel_distance(real, reference),
+            "kid_floor_ci95": kernel_distance_interval(real, reference, resamples=resamples, seed=seed),
+            "samples": n, "reference_samples": len(reference), "features": generated.shape[1]}
 
 
 def pairwise_ms_ssim(crops: torch.Tensor, *, kernel_size: int, scales: int) -> np.ndarray:

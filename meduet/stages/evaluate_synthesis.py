@@ -343,8 +343,8 @@ def plot_pairs(rows: list[dict], target: Path, limit: int) -> Path:
 
 
 def plot_summary(metrics: dict, target: Path) -> Path:
-    """Fréchet distance vs floor, Dice, counterfactual MAE and style accuracy, each with its interval."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    """Fréchet and kernel distances vs floor, Dice, counterfactual MAE and style accuracy, each with its interval."""
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
 
     def bars(ax, labels: list[str], values: list[float], intervals: list[list[float]], offset: float = 0.0,
              label: str | None = None) -> None:
@@ -363,6 +363,15 @@ def plot_summary(metrics: dict, target: Path) -> Path:
              "real (floor)")
         axes[0].legend(fontsize=7)
     axes[0].set_title("evaluator-space Fréchet distance", fontsize=9)
+    kid = {k: v for k, v in fd.items() if "kid" in v}
+    if kid:
+        names = list(kid)
+        bars(axes[4], names, [kid[n]["kid"] for n in names], [kid[n]["kid_ci95"] for n in names], label="generated")
+        bars(axes[4], names, [kid[n]["kid_floor"] for n in names], [kid[n]["kid_floor_ci95"] for n in names], 0.38,
+             "real (floor)")
+        axes[4].axhline(0, color="grey", lw=0.8)
+        axes[4].legend(fontsize=7)
+    axes[4].set_title("evaluator-space kernel distance (unbiased; 0 = same distribution)", fontsize=9)
     content = metrics.get("content", {})
     if "translation" in content:
         names = ["translation", "a_vae", "a"]

@@ -16,6 +16,8 @@ from meduet.evaluation.synthesis import (
     frechet_distance,
     histogram_match,
     image_scores,
+    kernel_distance,
+    kernel_distance_interval,
     mean_off_diagonal,
     organ_median_hu,
     pairwise_ms_ssim,
@@ -43,7 +45,36 @@ def test_fd_against_floor_separates_a_shifted_set_from_real_samples() -> None:
     assert same["samples"] == 20 and same["reference_samples"] == 80
     assert same["ratio"] < 3 < shifted["ratio"]
     assert shifted["fd_ci95"][0] > shifted["floor_ci95"][1]  # the intervals do not overlap
+    assert shifted["kid_ci95"][0] > shifted["kid_floor_ci95"][1] and same["kid_ci95"][0] < 0 < same["kid_ci95"][1]
+    assert same["features"] == 4
     assert "skipped" in fd_against_floor(reference[:1], reference, real, resamples=10, seed=0)
+
+
+def test_kernel_distance_is_the_unbiased_mmd_and_needs_no_more_samples_than_features() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(12, 20)), rng.normal(size=(30, 20)) + 0.2
+    kernel = lambda x, y: (x @ y.T / 20 + 1) ** 3  # noqa: E731 -- the cubic kernel, written out
+    k_aa, k_bb = kernel(a, a), kernel(b, b)
+    written_out = ((k_aa.sum() - np.trace(k_aa)) / (12 * 11) + (k_bb.sum() - np.trace(k_bb)) / (30 * 29)
+                   - 2 * kernel(a, b).mean())
+    assert kernel_distance(a, b) == pytest.approx(written_out, rel=1e-10)
+    # 16 samples of 56 features (a site's crops against the evaluator's features): the Fréchet distance of
+    # two samples of one distribution sits far above 0, the kernel distance averages 0; a shift stands out.
+    same = [kernel_distance(rng.normal(size=(16, 56)), rng.normal(size=(64, 56))) for _ in range(100)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / 10
+    assert frechet_distance(rng.normal(size=(16, 56)), rng.normal(size=(64, 56))) > 20
+    shifted = [kernel_distance(rng.normal(size=(16, 56)) + 0.5, rng.normal(size=(64, 56))) for _ in range(20)]
+    assert min(shifted) > max(same)
+
+
+def test_kernel_distance_interval_never_scores_a_repeated_sample_against_itself() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(60, 8))
+    low, high = kernel_distance_interval(a, b, resamples=400, seed=0)
+    assert low < kernel_distance(a, b) < high
+    # Resamples of one distribution stay centred on 0: with self-pairs counted, every resample's
+    # within-set terms would gain k(x, x) and the whole interval would sit above 0.
+    assert low < 0 < high and abs(low) / high == pytest.approx(1, abs=0.6)
 
 
 def test_bootstrap_interval_brackets_the_statistic() -> None:

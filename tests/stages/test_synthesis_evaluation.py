@@ -104,6 +104,9 @@ def test_evaluate_synthesis_measures_the_store_with_known_answers(project, caplo
         content["ratio_to_roundtrip_ci95"][1]
     fd = metrics["generation"]["frechet_distance"]
     assert set(fd) == {"site_a", "site_b", "overall"} and fd["overall"]["fd"] >= 0 and fd["overall"]["floor"] >= 0
+    measured = [v for v in fd.values() if "skipped" not in v]
+    assert fd["overall"] in measured and all(
+        np.isfinite([v["kid"], v["kid_floor"], *v["kid_ci95"], *v["kid_floor_ci95"]]).all() for v in measured)
     assert set(metrics["generation"]["ms_ssim"]["site_a"]) == {"generated", "real"}
     assert 0 <= metrics["translation_style_accuracy"] <= 1 and 0 <= metrics["generation_style_accuracy"] <= 1
     assert set(metrics["median_hu"]) == {"site_a", "site_b"}
