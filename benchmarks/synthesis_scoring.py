@@ -67,10 +67,12 @@ def score_samples(cfg: MeduetConfig, paths: Paths, folder: Path, *, dit_state: d
 
 def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     """The generated crops' headline numbers from ``evaluate-synthesis``'s metrics: the overall Fréchet
-    distance (interval, floor, ratio, sample count) and the style accuracy (Wilson interval, per site)."""
+    distance (interval, floor, ratio, sample count), the kernel distance (interval, floor) and the style
+    accuracy (Wilson interval, per site)."""
     generation = metrics["generation"]
     fd = generation["frechet_distance"]["overall"]
     return {"fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"], "ratio": fd["ratio"],
-            "samples": fd["samples"], "style_accuracy": generation["style_accuracy"],
+            "samples": fd["samples"], "kid": fd["kid"], "kid_ci95": fd["kid_ci95"], "kid_floor": fd["kid_floor"],
+            "style_accuracy": generation["style_accuracy"],
             "style_accuracy_ci95": generation["style_accuracy_ci95"],
             "style_accuracy_per_site": generation["style_accuracy_per_site"]}
