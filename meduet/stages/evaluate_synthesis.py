@@ -370,8 +370,9 @@ def plot_summary(metrics: dict, target: Path) -> Path:
         bars(axes[4], names, [kid[n]["kid_floor"] for n in names], [kid[n]["kid_floor_ci95"] for n in names], 0.38,
              "real (floor)")
         axes[4].axhline(0, color="grey", lw=0.8)
+        axes[4].set_yscale("symlog", linthresh=1.0)  # one site's distance can be 1000x another's; signs matter
         axes[4].legend(fontsize=7)
-    axes[4].set_title("evaluator-space kernel distance (unbiased; 0 = same distribution)", fontsize=9)
+    axes[4].set_title("kernel distance (KID; 0: same distribution)", fontsize=9)
     content = metrics.get("content", {})
     if "translation" in content:
         names = ["translation", "a_vae", "a"]
