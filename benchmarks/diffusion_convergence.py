@@ -120,6 +120,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         if all(r.get("fd") is not None for r in runs):
             entry["fd_mean"], entry["fd_sd"] = _mean_sd([r["fd"] for r in runs])
             entry["fd_ratio_mean"], _ = _mean_sd([r["frechet_points"][-1]["ratio"] for r in runs])
+            entry["kid_mean"], entry["kid_sd"] = _mean_sd([r["frechet_points"][-1]["kid"] for r in runs])
             entry["fd_steps_to_scratch_final"] = [steps_to_reach(r["frechet"], scratch[r["seed"]]["fd"])
                                                   for r in paired if scratch[r["seed"]].get("fd") is not None]
         table.append(entry)
@@ -175,7 +176,8 @@ def main() -> None:
     print(f"CPU: {cpu_name()}; seeds {args.seeds}; {table[0]['steps'] if table else 0} steps each")
     frechet = all("fd_mean" in row for row in table)
     print(f"{'init':<13}{'final val loss':>20}{'steps to scratch final':>26}{'s/run':>8}"
-          + (f"{'final Fréchet':>20}{'(x floor)':>10}{'steps to scratch final':>26}" if frechet else ""))
+          + (f"{'final Fréchet':>20}{'(x floor)':>10}{'steps to scratch final':>26}{'final kernel':>20}"
+             if frechet else ""))
 
     def reach(steps: list[int | None], total: int) -> str:
         return ", ".join(str(s) if s is not None else f">{total}" for s in steps)
@@ -185,7 +187,8 @@ def main() -> None:
                 f"{reach(row['steps_to_scratch_final'], row['steps']):>26}{row['seconds_mean']:>8.0f}")
         if frechet:
             line += (f"{row['fd_mean']:>13.1f} ± {row['fd_sd']:<5.1f}{row['fd_ratio_mean']:>9.1f}x"
-                     f"{reach(row['fd_steps_to_scratch_final'], row['steps']):>26}")
+                     f"{reach(row['fd_steps_to_scratch_final'], row['steps']):>26}"
+                     f"{row['kid_mean']:>12.2f} ± {row['kid_sd']:<5.2f}")
         print(line)
 
 
