@@ -67,11 +67,23 @@ def _kernel_distance(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray, ca: n
 def kernel_distance_interval(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int) -> list[float]:
     """95 % percentile bootstrap interval of ``kernel_distance(a, b)``, both sets resampled with
     replacement (the kernels computed once; repeated samples never scored against themselves)."""
+    return _kernel_distance_and_interval(a, b, resamples=resamples, seed=seed)[1]
+
+
+def _kernel_distance_and_interval(a: np.ndarray, b: np.ndarray, *, resamples: int,
+                                  seed: int) -> tuple[float, list[float]]:
+    """``kernel_distance`` and ``kernel_distance_interval`` from one computation of the kernels."""
     kernels, rng = _kernels(a, b), np.random.default_rng(seed)
     values = [_kernel_distance(*kernels, np.bincount(rng.integers(len(a), size=len(a)), minlength=len(a)),
                                np.bincount(rng.integers(len(b), size=len(b)), minlength=len(b)))
               for _ in range(resamples)]
-    values = np.asarray(values)[np.isfinite(values)]
+    return _kernel_distance(*kernels, np.ones(len(a)), np.ones(len(b))), _percentile_interval(values)
+
+
+def _percentile_interval(values: Sequence[float]) -> list[float]:
+    """The 2.5th and 97.5th percentiles of the finite ``values`` (NaN, NaN when none is)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [np.nan] * 2
 
 
@@ -83,10 +95,8 @@ def bootstrap_interval(statistic: Callable[..., float], samples: Sequence[np.nda
     which shrinks each covariance's rank and inflates the distance (more so for small sets).
     """
     rng = np.random.default_rng(seed)
-    values = [statistic(*(s[rng.integers(len(s), size=len(s))] for s in samples)) for _ in range(resamples)]
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [np.nan] * 2
+    return _percentile_interval([statistic(*(s[rng.integers(len(s), size=len(s))] for s in samples))
+                                 for _ in range(resamples)])
 
 
 def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndarray, *, resamples: int,
@@ -113,15 +123,14 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
     generated = generated[np.sort(rng.choice(len(generated), n, replace=False))]
     real = real[np.sort(rng.choice(len(real), n, replace=False))]
     fd, floor = frechet_distance(generated, reference), frechet_distance(real, reference)
+    kid, kid_ci95 = _kernel_distance_and_interval(generated, reference, resamples=resamples, seed=seed)
+    kid_floor, kid_floor_ci95 = _kernel_distance_and_interval(real, reference, resamples=resamples, seed=seed)
     return {"fd": fd, "fd_ci95": bootstrap_interval(frechet_distance, [generated, reference], resamples=resamples,
                                                     seed=seed),
             "floor": floor, "floor_ci95": bootstrap_interval(frechet_distance, [real, reference],
                                                              resamples=resamples, seed=seed),
             "ratio": fd / floor if floor > 0 else None,
-            "kid": kernel_distance(generated, reference),
-            "kid_ci95": kernel_distance_interval(generated, reference, resamples=resamples, seed=seed),
-            "kid_floor": kernel_distance(real, reference),
-            "kid_floor_ci95": kernel_distance_interval(real, reference, resamples=resamples, seed=seed),
+            "kid": kid, "kid_ci95": kid_ci95, "kid_floor": kid_floor, "kid_floor_ci95": kid_floor_ci95,
             "samples": n, "reference_samples": len(reference), "features": generated.shape[1]}
 
 
