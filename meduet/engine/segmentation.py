@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 from monai.metrics import compute_dice
-from monai.metrics.utils import get_edge_surface_distance
+from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 from meduet.data.windows import window_starts
 from meduet.models.segmenter import LatentSegmenter
@@ -100,9 +100,13 @@ def surface_scores(pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float
     same sets again, and the nearest-edge queries are most of a case's scoring time. The
     formulas are theirs (undirected 95th percentile; edges within tolerance over all edges);
     ``tests/engine/test_segmentation_metrics.py`` checks the values against those functions.
+    The edges and distances are MONAI's two steps called directly: its one-call
+    ``get_edge_surface_distance`` passes an argument MONAI itself deprecated and so printed a
+    FutureWarning in every scoring process.
     """
-    _, (pred_to_truth, truth_to_pred), _ = get_edge_surface_distance(
-        pred, truth, distance_metric="euclidean", spacing=spacing, symmetric=True)
+    pred_edges, truth_edges = get_mask_edges(pred, truth, crop=True)  # (d, h, w) bool each, cropped to both
+    pred_to_truth = get_surface_distance(pred_edges, truth_edges, distance_metric="euclidean", spacing=spacing)
+    truth_to_pred = get_surface_distance(truth_edges, pred_edges, distance_metric="euclidean", spacing=spacing)
     hd95 = max(float(torch.quantile(d.float(), 0.95)) if len(d) else float("nan")
                for d in (pred_to_truth, truth_to_pred))
     edges = len(pred_to_truth) + len(truth_to_pred)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -45,3 +47,16 @@ def test_a_class_never_predicted_has_infinite_hd95_and_zero_surface_dice() -> No
     truth[3:8, 3:8, 3:8] = 4
     scores = organ_metrics(np.zeros_like(truth), truth, [4], (1.0, 1.0, 1.0))
     assert scores == {4: {"dice": 0.0, "hd95": float("inf"), "surface_dice": 0.0}}
+
+
+def test_scoring_warns_about_nothing() -> None:
+    """A stage that scores masks prints only its own messages (MONAI's one-call edge distances warned about
+    an argument MONAI itself passes)."""
+    truth = np.zeros((16, 16, 16), np.uint8)
+    truth[3:10, 4:12, 2:9] = 1
+    pred = np.roll(truth, 2, axis=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, each time: none hidden by an earlier identical one
+        scores = organ_metrics(pred, truth, [1], (1.0, 1.0, 1.0), workers=1)
+    assert 0.0 < scores[1]["dice"] < 1.0 and scores[1]["hd95"] > 0
+    assert [str(w.message) for w in caught] == []
