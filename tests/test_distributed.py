@@ -9,6 +9,7 @@ the generators (or the optimizer, or the LR schedule) would not repeat the losse
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 import shutil
@@ -480,6 +481,39 @@ def test_map_tasks_survives_a_killed_task_process_and_names_one_that_always_dies
                                   run=run, errors="yield"))
     assert sorted(r for r in results if isinstance(r, int)) == [1, 9]
     assert [r.index for r in results if isinstance(r, dist.TaskError)] == [1]
+
+
+def test_a_local_ray_start_drops_only_rays_notice_of_its_default_authentication(monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    """Ray's "token authentication is enabled" notice (its default, printed by every stage) is dropped; its
+    warning that authentication is off still shows."""
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from meduet.distributed import driver
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(driver.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(driver, "_STARTED_LOCAL", False)
+    seen = Seen()
+    ray_auth.logger.addHandler(seen)
+    try:
+        for _ in range(2):  # (an earlier test's local Ray may have started already: the filter is added once)
+            driver.ensure_ray(spec(tmp_path / "runs", "auth", tmp_path))
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+    finally:
+        ray_auth.logger.removeHandler(seen)
+    assert len(seen.messages) == 1 and "authentication is disabled" in seen.messages[0]
+    assert ray_auth.logger.filters.count(driver._drop_auth_default_notice) == 1
 
 
 def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -43,6 +43,15 @@ LOCAL_START_TRIES = 3
 # Ray Train reads its controller's poll interval from the driver's environment when a run starts
 # and passes it on to the controller and the workers.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Ray announces at every local start that it chose token authentication, its default, which is also this
+# pipeline's choice (README: "Running on a cluster"); the announcement is dropped, every other record of Ray's kept.
+# RAY_AUTH_MODE cannot be set here instead: Ray reads it once, at import.
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_RAY_AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+def _drop_auth_default_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_RAY_AUTH_DEFAULT_NOTICE)
 
 
 def _ray_temp_dir(preferred: Path) -> Path:
@@ -83,6 +92,9 @@ def ensure_ray(run: RunSpec) -> None:
     # run out ("timed out during startup"). Agents get longer to register, and a start that
     # still times out is tried again from scratch.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    auth_log = logging.getLogger(_RAY_AUTH_LOGGER)
+    if _drop_auth_default_notice not in auth_log.filters:
+        auth_log.addFilter(_drop_auth_default_notice)
     # Ray starts its workers at nice 15, below the driver. The training and the task work of every
     # stage runs in those workers, so on a machine shared with other work (stages side by side in
     # the flow, another user) they got a few per cent of a core against any nice-0 process. They
