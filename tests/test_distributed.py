@@ -307,13 +307,26 @@ def report_niceness() -> None:
     dist.report({"nice": float(os.nice(0))}, {"step": 1})
 
 
-def test_ray_trains_workers_run_at_the_drivers_priority(ray_local: Any, tmp_path: Path) -> None:
+def _preemption_watchers() -> int:
+    """Ray Train preemption-watcher actors this Ray has had, dead or alive (the State API)."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000))
+
+
+def test_a_local_rays_training_runs_at_the_drivers_priority_without_a_preemption_watcher(
+        ray_local: Any, tmp_path: Path) -> None:
     # Ray's default (nice 15) starved a stage's training whenever other work shared the cores.
+    watchers = _preemption_watchers()
     result = dist.fit(report_niceness, {}, Scaling(num_workers=1, cpus_per_worker=1),
                       spec(tmp_path / "runs", "nice0001", tmp_path))
     assert [row["nice"] for row in result.history] == [float(os.nice(0))]
     # through the local Ray's own config: processes started later (`ray start` of a test cluster) keep Ray's default
     assert "RAY_worker_niceness" not in os.environ
+    # One node, the driver's: nothing to preempt, so no watcher actor (Ray Train starts one per run by default);
+    # set for the run only, so a cluster started later by this process keeps Ray's default.
+    assert _preemption_watchers() == watchers
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
 
 
 # --------------------------------------------------------------------------- without Ray

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ LOCAL_START_TRIES = 3
 # Ray Train reads its controller's poll interval from the driver's environment when a run starts
 # and passes it on to the controller and the workers.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# A local Ray is one node, the driver's own: no node of it can be preempted (drained) while the run goes on,
+# so Ray Train's preemption watcher has nothing to watch there. It costs an actor process per run, whose
+# start logs an error-level line about its own restart policy. A joined cluster keeps it (Ray's default).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray announces at every local start that it chose token authentication, its default, which is also this
 # pipeline's choice (README: "Running on a cluster"); the announcement is dropped, every other record of Ray's kept.
 # RAY_AUTH_MODE cannot be set here instead: Ray reads it once, at import.
@@ -150,6 +155,21 @@ class FitResult:
         return read_checkpoint(self.checkpoint, self.run.s3_options, self.run.config_hash)
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block only (not for processes started later)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _training_error(error: Exception, run: RunSpec) -> DistributedError:
     """Our error for Ray's: a worker's CheckpointError keeps its type and message."""
     # WorkerGroupError.worker_failures maps rank -> the exception the loop raised.
@@ -218,8 +238,10 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
         ),
     )
+    local = {PREEMPTION_WATCHER_ENV: "0"} if _STARTED_LOCAL and PREEMPTION_WATCHER_ENV not in os.environ else {}
     try:
-        result = trainer.fit()
+        with _environment(local):  # Ray Train reads it when the run starts
+            result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise _training_error(error, run) from error
 
