@@ -6,13 +6,15 @@ back. This measures that fixed cost with a loop that only reports ``--checkpoint
 back to back, for each controller poll interval given (``ray.train_poll_s``, which ``fit`` passes
 to Ray Train as ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; Ray's own default is 2 s). Back-to-back
 checkpoints each wait for a poll; in a real run they are further apart than a poll, so
-``--checkpoints 1`` is the fixed cost a stage pays per run.
+``--checkpoints 1`` is the fixed cost a stage pays per run. ``--watcher on off`` also compares Ray
+Train's preemption watcher (an actor per run; Ray's default, which ``fit`` turns off on a local Ray)
+with the pipeline's setting.
 
 Each (repeat, interval) is its own process, with its own local Ray, the intervals alternating,
-so that both see the same machine. Prints, per interval: Ray start-up, the median and range of
-the fits, and the ratio against the first interval.
+so that both see the same machine. Prints, per interval (and watcher setting): Ray start-up, the
+median and range of the fits, and the ratio against the first row.
 
-    python benchmarks/ray_fit_overhead.py [--poll 2.0 0.25] [--fits 3] [--repeats 2] [--checkpoints 3]
+    python benchmarks/ray_fit_overhead.py [--poll 2.0 0.25] [--watcher off] [--fits 3] [--repeats 2] [--checkpoints 3]
 """
 
 from __future__ import annotations
@@ -68,30 +70,39 @@ def main() -> None:
     parser.add_argument("--fits", type=int, default=3, help="fits per process (the first pays for cold caches)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per interval")
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoint reports per fit")
+    parser.add_argument("--watcher", nargs="+", choices=["on", "off"], default=["off"],
+                        help="Ray Train's preemption watcher: on (Ray's default) or off (fit's choice on a local Ray)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)  # one process at this poll interval
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(child(args.fits, args.checkpoints, args.child)))
         return
 
-    runs: dict[float, list[dict]] = {poll: [] for poll in args.poll}
+    from meduet.distributed.driver import PREEMPTION_WATCHER_ENV
+
+    rows_of = [(poll, watcher) for poll in args.poll for watcher in args.watcher]
+    runs: dict[tuple[float, str], list[dict]] = {row: [] for row in rows_of}
     for repeat in range(args.repeats):
-        for poll in args.poll:
-            runs[poll].append(run_json_row([sys.executable, __file__, "--child", str(poll), "--fits", str(args.fits),
-                                            "--checkpoints", str(args.checkpoints)]))
-            print(f"repeat {repeat + 1}, poll {poll} s: {runs[poll][-1]}", file=sys.stderr, flush=True)
+        for poll, watcher in rows_of:
+            # "on" is a user's own setting, which fit keeps; "off" is what fit sets on a local Ray by itself
+            env = {**os.environ, PREEMPTION_WATCHER_ENV: "1"} if watcher == "on" else None
+            runs[poll, watcher].append(run_json_row(
+                [sys.executable, __file__, "--child", str(poll), "--fits", str(args.fits),
+                 "--checkpoints", str(args.checkpoints)], env=env))
+            print(f"repeat {repeat + 1}, poll {poll} s, watcher {watcher}: {runs[poll, watcher][-1]}",
+                  file=sys.stderr, flush=True)
 
     print(f"# {cpu_name()} ({', '.join(cpu_flags())}), {os.cpu_count()} CPUs; local Ray with 2 CPUs; "
           f"{args.repeats} processes x {args.fits} fits per interval, {args.checkpoints} checkpoints per fit")
-    print("| poll interval | Ray start-up s (median) | fit s, median (range) | fit ratio |")
-    print("|---|---|---|---|")
+    print("| poll interval | preemption watcher | Ray start-up s (median) | fit s, median (range) | fit ratio |")
+    print("|---|---|---|---|---|")
     baseline = None
-    for poll, rows in runs.items():
+    for (poll, watcher), rows in runs.items():
         fits = [s for row in rows for s in row["fits"]]
         fit = median(fits)
         baseline = baseline or fit
-        print(f"| {poll:g} s | {median(r['ray_start'] for r in rows):.2f} | {fit:.2f} ({min(fits):.2f}-{max(fits):.2f})"
-              f" | {fit / baseline:.2f}x |")
+        print(f"| {poll:g} s | {watcher} | {median(r['ray_start'] for r in rows):.2f} | "
+              f"{fit:.2f} ({min(fits):.2f}-{max(fits):.2f}) | {fit / baseline:.2f}x |")
 
 
 if __name__ == "__main__":
