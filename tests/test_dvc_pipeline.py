@@ -33,6 +33,15 @@ def test_repro_reproduces_every_declared_output(reproduced_project: tuple[Path, 
     assert set(lock) == {stage.name for stage in load_stages(project)}  # every stage recorded with its hashes
 
 
+def test_repro_prints_no_error_line_about_ray_trains_preemption_watcher(
+        reproduced_project: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """It came with every training stage; each starts a local Ray, where fit turns the watcher off."""
+    _, first = reproduced_project
+    output = first.stdout + first.stderr
+    assert "Started training worker group" in output  # the Ray Train stages ran here, their lines shown
+    assert "PreemptionWatcher" not in output
+
+
 def test_second_repro_runs_nothing(reproduced_copy: Path, dvc) -> None:
     assert _status(dvc, reproduced_copy) == {}
     again = dvc(reproduced_copy, "repro")
