@@ -64,15 +64,10 @@ def _kernel_distance(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray, ca: n
     return within(k_aa, ca) + within(k_bb, cb) - 2.0 * float(ca @ k_ab @ cb / (ca.sum() * cb.sum()))
 
 
-def kernel_distance_interval(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int) -> list[float]:
-    """95 % percentile bootstrap interval of ``kernel_distance(a, b)``, both sets resampled with
+def kernel_distance_and_interval(a: np.ndarray, b: np.ndarray, *, resamples: int,
+                                 seed: int) -> tuple[float, list[float]]:
+    """``kernel_distance(a, b)`` and its 95 % percentile bootstrap interval, both sets resampled with
     replacement (the kernels computed once; repeated samples never scored against themselves)."""
-    return _kernel_distance_and_interval(a, b, resamples=resamples, seed=seed)[1]
-
-
-def _kernel_distance_and_interval(a: np.ndarray, b: np.ndarray, *, resamples: int,
-                                  seed: int) -> tuple[float, list[float]]:
-    """``kernel_distance`` and ``kernel_distance_interval`` from one computation of the kernels."""
     kernels, rng = _kernels(a, b), np.random.default_rng(seed)
     values = [_kernel_distance(*kernels, np.bincount(rng.integers(len(a), size=len(a)), minlength=len(a)),
                                np.bincount(rng.integers(len(b), size=len(b)), minlength=len(b)))
@@ -123,8 +118,8 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
     generated = generated[np.sort(rng.choice(len(generated), n, replace=False))]
     real = real[np.sort(rng.choice(len(real), n, replace=False))]
     fd, floor = frechet_distance(generated, reference), frechet_distance(real, reference)
-    kid, kid_ci95 = _kernel_distance_and_interval(generated, reference, resamples=resamples, seed=seed)
-    kid_floor, kid_floor_ci95 = _kernel_distance_and_interval(real, reference, resamples=resamples, seed=seed)
+    kid, kid_ci95 = kernel_distance_and_interval(generated, reference, resamples=resamples, seed=seed)
+    kid_floor, kid_floor_ci95 = kernel_distance_and_interval(real, reference, resamples=resamples, seed=seed)
     return {"fd": fd, "fd_ci95": bootstrap_interval(frechet_distance, [generated, reference], resamples=resamples,
                                                     seed=seed),
             "floor": floor, "floor_ci95": bootstrap_interval(frechet_distance, [real, reference],
