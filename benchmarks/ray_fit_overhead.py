@@ -10,7 +10,7 @@ checkpoints each wait for a poll; in a real run they are further apart than a po
 Train's preemption watcher (an actor per run; Ray's default, which ``fit`` turns off on a local Ray)
 with the pipeline's setting.
 
-Each (repeat, interval) is its own process, with its own local Ray, the intervals alternating,
+Each (repeat, row) is its own process, with its own local Ray, the rows alternating,
 so that both see the same machine. Prints, per interval (and watcher setting): Ray start-up, the
 median and range of the fits, and the ratio against the first row.
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--poll", type=float, nargs="+", default=[2.0, 0.25], help="controller poll intervals (s)")
     parser.add_argument("--fits", type=int, default=3, help="fits per process (the first pays for cold caches)")
-    parser.add_argument("--repeats", type=int, default=2, help="processes per interval")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per row")
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoint reports per fit")
     parser.add_argument("--watcher", nargs="+", choices=["on", "off"], default=["off"],
                         help="Ray Train's preemption watcher: on (Ray's default) or off (fit's choice on a local Ray)")
@@ -93,7 +93,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)
 
     print(f"# {cpu_name()} ({', '.join(cpu_flags())}), {os.cpu_count()} CPUs; local Ray with 2 CPUs; "
-          f"{args.repeats} processes x {args.fits} fits per interval, {args.checkpoints} checkpoints per fit")
+          f"{args.repeats} processes x {args.fits} fits per row, {args.checkpoints} checkpoints per fit")
     print("| poll interval | preemption watcher | Ray start-up s (median) | fit s, median (range) | fit ratio |")
     print("|---|---|---|---|---|")
     baseline = None
