@@ -16,11 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import ray
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -298,6 +300,8 @@ def test_the_run_specs_poll_interval_reaches_ray_trains_workers(ray_local: Any, 
     assert run.train_poll_s == 0.5
     result = dist.fit(report_poll_interval, {}, Scaling(num_workers=1, cpus_per_worker=1), run)
     assert [row["poll"] for row in result.history] == [0.5]
+    # for that run only: the next fit (another stage's interval) or a process started later does not inherit it
+    assert TRAIN_POLL_ENV not in os.environ
     with pytest.raises(ValueError, match="train_poll_s"):
         spec(tmp_path, "x", tmp_path, train_poll_s=0.0)
 
@@ -327,6 +331,45 @@ def test_a_local_rays_training_runs_at_the_drivers_priority_without_a_preemption
     # set for the run only, so a cluster started later by this process keeps Ray's default.
     assert _preemption_watchers() == watchers
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+
+
+# Another local Ray in its own process, as another stage's beside this one in the flow; prints "up" once started.
+_OTHER_RAY = ("import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1]); "
+              "print('up', flush=True); sys.stdin.read()")
+
+
+def test_ray_trains_placement_group_cleaner_finds_its_own_ray_beside_another(
+        ray_local: Any, tmp_path: Path) -> None:
+    # Two stages side by side in the flow are two local Rays on one machine. Ray Train's placement-group cleaner
+    # asks the State API for the local Ray without naming it, so its monitor died with "Found multiple active Ray
+    # instances" (a traceback in the stage's log, and no clean-up after a dead controller).
+    from ray.util.state import get_log, list_actors
+
+    other_dir = tempfile.TemporaryDirectory(prefix="meduet-other-ray-", ignore_cleanup_errors=True)  # short: sockets
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_RAY, other_dir.name],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "up"
+        cleaners_before = {a.actor_id for a in _cleaners(list_actors)}
+        dist.fit(report_niceness, {}, Scaling(num_workers=1, cpus_per_worker=1),
+                 spec(tmp_path / "runs", "pgcl0001", tmp_path))
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(timeout=120)
+        other_dir.cleanup()
+    cleaners = [a for a in _cleaners(list_actors) if a.actor_id not in cleaners_before]
+    assert cleaners, "Ray Train started no placement-group cleaner"
+    gcs = ray.get_runtime_context().gcs_address
+    errors = "".join(line for a in cleaners for line in get_log(address=gcs, actor_id=a.actor_id, suffix="err"))
+    assert "Traceback" not in errors and "Failed to query" not in errors, errors
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the local Ray's processes know it; this one keeps its own
+
+
+def _cleaners(list_actors: Any) -> list[Any]:
+    """Ray Train's placement-group cleaner actors of this process's Ray, dead or alive (named by its address)."""
+    return list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
+                       filters=[("class_name", "=", "PlacementGroupCleaner")])
 
 
 # --------------------------------------------------------------------------- without Ray
@@ -530,7 +573,8 @@ def test_a_local_ray_start_drops_only_rays_notice_of_its_default_authentication(
 
 
 def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Ray's own start-up timeout on a busy machine: tried again (up to 3 times); other errors are not."""
+    """Ray's own start-up timeout on a busy machine, or a dashboard port taken in the meantime: tried again (up to
+    3 times); other errors are not."""
     from meduet.distributed import driver
 
     attempts: list[dict] = []
@@ -547,6 +591,19 @@ def test_a_local_ray_start_that_times_out_is_tried_again(monkeypatch: pytest.Mon
     monkeypatch.setattr(driver, "_STARTED_LOCAL", False)
     driver.ensure_ray(spec(tmp_path / "runs", "retry", tmp_path))
     assert len(attempts) == 3 and driver._STARTED_LOCAL
+    attempts.clear()
+
+    def taken_port(**kwargs: Any) -> None:  # the dashboard port was free when picked, taken when Ray bound it
+        attempts.append({**kwargs, "api_server": os.environ[driver._API_SERVER_ENV]})
+        if len(attempts) < 2:
+            raise ValueError(f"Failed to bind to 127.0.0.1:{kwargs['dashboard_port']} because it's already occupied.")
+
+    monkeypatch.setattr(driver.ray, "init", taken_port)
+    driver.ensure_ray(spec(tmp_path / "runs", "retry", tmp_path))
+    # each try on a port of its own, which the local Ray's processes are told (they inherit ray.init's environment)
+    assert len(attempts) == 2 and attempts[0]["dashboard_port"] != attempts[1]["dashboard_port"]
+    assert all(a["api_server"] == f"http://127.0.0.1:{a['dashboard_port']}" for a in attempts)
+    assert driver._API_SERVER_ENV not in os.environ
     attempts.clear()
     monkeypatch.setattr(driver.ray, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("port in use")))
     with pytest.raises(RuntimeError, match="port in use"):

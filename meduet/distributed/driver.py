@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # pipeline's choice (README: "Running on a cluster"); the announcement is dropped, every other record of Ray's kept.
 # RAY_AUTH_MODE cannot be set here instead: Ray reads it once, at import.
 _RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray's State API client, given no address, looks for "the" Ray running on the machine, and Ray Train's
+# placement-group cleaner asks it without one: with two local Rays (two stages side by side in the flow) the
+# cleaner's monitor died with "Found multiple active Ray instances". A local Ray's processes are started with its
+# own API server's address in this variable, which the client reads first (they inherit ray.init's environment).
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 _RAY_AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
 
 
@@ -75,7 +81,8 @@ def ensure_ray(run: RunSpec) -> None:
     ``RAY_ADDRESS`` (environment) or ``run.address`` names a cluster to join; otherwise a
     local Ray starts with ``run.local_num_cpus`` CPUs, its dashboard on 127.0.0.1 only, and
     its session files under ``run.temp_dir`` (or a short /tmp folder if that path is too long
-    for Unix sockets), and its workers at the driver's priority. Usage statistics are switched off
+    for Unix sockets), and its workers at the driver's priority; its processes are told its own
+    State API address (another local Ray may run beside it). Usage statistics are switched off
     first.
     """
     global _STARTED_LOCAL
@@ -108,18 +115,29 @@ def ensure_ray(run: RunSpec) -> None:
     # this one starts later, such as a `ray start` of another cluster.
     niceness = int(os.environ.get("RAY_worker_niceness", "0"))
     for attempt in range(1, LOCAL_START_TRIES + 1):
+        port = _free_port("127.0.0.1")
         try:
-            ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
-                     dashboard_host="127.0.0.1", _temp_dir=str(temp_dir),
-                     _system_config={"worker_niceness": niceness})
+            with _environment({_API_SERVER_ENV: f"http://127.0.0.1:{port}"}):
+                ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
+                         dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=str(temp_dir),
+                         _system_config={"worker_niceness": niceness})
             break
         except Exception as error:  # Ray raises a bare Exception for a startup timeout
-            if attempt == LOCAL_START_TRIES or "timed out during startup" not in str(error):
+            # a port free a moment ago can be taken by another process before the dashboard binds it
+            if attempt == LOCAL_START_TRIES or not any(
+                    reason in str(error) for reason in ("timed out during startup", "already occupied")):
                 raise
-            log.warning("local Ray did not start in time (attempt %d of %d); trying again", attempt,
-                        LOCAL_START_TRIES)
+            log.warning("local Ray did not start (attempt %d of %d: %s); trying again", attempt,
+                        LOCAL_START_TRIES, str(error).splitlines()[0])
             ray.shutdown()
     _STARTED_LOCAL = True
+
+
+def _free_port(host: str) -> int:
+    """A TCP port on ``host`` that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def shutdown_ray() -> None:
@@ -218,7 +236,6 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
     log.info("%s: %d worker(s), %g CPU(s) and %d torch thread(s) each%s", run.name, scaling.num_workers,
              scaling.cpus_per_worker, scaling.threads, ", GPU" if scaling.use_gpu else "")
     claim_run_folder(run)
-    os.environ[TRAIN_POLL_ENV] = f"{run.train_poll_s:g}"
     fs, root = run.filesystem()
     session = worker.Session(stage=run.stage, config_hash=run.config_hash, checkpoint_every=run.checkpoint_every,
                              scheme="s3://" if run.storage.startswith("s3://") else "", storage=run.storage,
@@ -238,9 +255,13 @@ def fit(loop: Callable[..., Any], loop_kwargs: dict[str, Any], scaling: Scaling,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
         ),
     )
-    local = {PREEMPTION_WATCHER_ENV: "0"} if _STARTED_LOCAL and PREEMPTION_WATCHER_ENV not in os.environ else {}
+    # Both for this run only: Ray Train reads them when the run starts and passes them on to its controller
+    # and workers, so nothing of one stage's settings is left to the next fit or to processes started later.
+    environment = {TRAIN_POLL_ENV: f"{run.train_poll_s:g}"}
+    if _STARTED_LOCAL and PREEMPTION_WATCHER_ENV not in os.environ:
+        environment[PREEMPTION_WATCHER_ENV] = "0"
     try:
-        with _environment(local):  # Ray Train reads it when the run starts
+        with _environment(environment):
             result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         raise _training_error(error, run) from error
