@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,21 +25,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from meduet.env import offline_env
+from meduet.env import free_port, offline_env
 
 HOST = "127.0.0.1"
+# Prefect puts an artifact's data into the event it emits for it and drops events over its limit (1.5 MB by default)
+# with a warning: the results report embeds every figure (3.2 MB for the demo), and its event is what an automation
+# on the report reacts to. A server of your own needs the same setting (README: "Running on a cluster").
+EVENT_LIMIT_BYTES = 32 * 1024 * 1024
 BIN = Path(sys.executable).parent  # prefect, moto_server, dvc of this venv
 
 
 class ServiceError(RuntimeError):
     """A local service failed to start or stopped working."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def tool(name: str) -> str:
@@ -204,6 +200,7 @@ def prefect_server(home: Path, port: int | None = None, timeout_s: float = 120.0
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",  # nothing to look at after the run; saves start time
+        PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES=str(EVENT_LIMIT_BYTES),
     )
     args = [tool("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     with background("prefect server", args, env, home / "server.log", cwd=home) as service:

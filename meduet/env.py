@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 # Analytics, update checks and cloud metadata probes all reach out to the internet;
 # hospitals' clusters and CI have no route there, and we never want to leak usage data.
@@ -25,3 +26,10 @@ def offline_env(base: dict[str, str] | None = None) -> dict[str, str]:
 def apply_offline_env() -> None:
     """Set the offline settings in this process (called by entry points, never at import)."""
     os.environ.update(OFFLINE_ENV)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

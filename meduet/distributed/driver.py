@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from meduet.distributed import worker
 from meduet.engine.checkpoint import CheckpointError, read_checkpoint
 from meduet.engine.history import write_history_csv
 from meduet.engine.runs import RunSpec, Scaling, claim_run_folder
-from meduet.env import apply_offline_env
+from meduet.env import apply_offline_env, free_port
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def ensure_ray(run: RunSpec) -> None:
     # this one starts later, such as a `ray start` of another cluster.
     niceness = int(os.environ.get("RAY_worker_niceness", "0"))
     for attempt in range(1, LOCAL_START_TRIES + 1):
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         try:
             with _environment({_API_SERVER_ENV: f"http://127.0.0.1:{port}"}):
                 ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
@@ -131,13 +130,6 @@ def ensure_ray(run: RunSpec) -> None:
                         LOCAL_START_TRIES, str(error).splitlines()[0])
             ray.shutdown()
     _STARTED_LOCAL = True
-
-
-def _free_port(host: str) -> int:
-    """A TCP port on ``host`` that nothing listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def shutdown_ray() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,25 @@ def test_served_deployment_runs_pipeline_and_pushes(reproduced_copy: Path, s3_se
 
     # Leaving the context managers stopped both process groups, children included.
     assert not server.service.group_alive() and not deployment.service.group_alive()
+
+
+def _artifact_events(server: PrefectServer, key: str) -> list[dict]:
+    """The events the server has stored for the artifact collection ``key``."""
+    page = server.api("POST", "/events/filter", {
+        "filter": {"event": {"prefix": ["prefect.artifact-collection."]}}, "limit": 50})
+    return [event for event in page["events"] if event["resource"].get("prefect.resource.name") == key]
+
+
+@pytest.mark.services
+def test_the_server_keeps_the_event_of_an_artifact_as_large_as_the_demo_report(tmp_path: Path) -> None:
+    # Prefect puts an artifact's data into the event it emits for it and by default drops events over 1.5 MB, with
+    # a warning in the server's log: the demo's results report (every figure embedded) is 3.2 MB, so the event that
+    # an automation on the report would react to was lost at the end of every `make run`.
+    key = "large-report"
+    with prefect_server(tmp_path / "prefect-home") as server:
+        server.api("POST", "/artifacts/", {"key": key, "type": "markdown", "data": "x" * 3_200_000})
+        deadline = time.monotonic() + 120  # events are stored in batches; this guards against a hang only
+        while not _artifact_events(server, key):
+            assert "Refusing to publish" not in server.service.log_tail(50), server.service.log_tail(50)
+            assert time.monotonic() < deadline, server.service.log_tail(50)
+            time.sleep(1)
