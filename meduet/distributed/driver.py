@@ -52,12 +52,13 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # pipeline's choice (README: "Running on a cluster"); the announcement is dropped, every other record of Ray's kept.
 # RAY_AUTH_MODE cannot be set here instead: Ray reads it once, at import.
 _RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_RAY_AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
 # Ray's State API client, given no address, looks for "the" Ray running on the machine, and Ray Train's
 # placement-group cleaner asks it without one: with two local Rays (two stages side by side in the flow) the
 # cleaner's monitor died with "Found multiple active Ray instances". A local Ray's processes are started with its
 # own API server's address in this variable, which the client reads first (they inherit ray.init's environment).
 _API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-_RAY_AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
+_LOCAL_HOST = "127.0.0.1"  # a local Ray's dashboard listens on loopback only
 
 
 def _drop_auth_default_notice(record: logging.LogRecord) -> bool:
@@ -114,11 +115,11 @@ def ensure_ray(run: RunSpec) -> None:
     # this one starts later, such as a `ray start` of another cluster.
     niceness = int(os.environ.get("RAY_worker_niceness", "0"))
     for attempt in range(1, LOCAL_START_TRIES + 1):
-        port = free_port("127.0.0.1")
+        port = free_port(_LOCAL_HOST)
         try:
-            with _environment({_API_SERVER_ENV: f"http://127.0.0.1:{port}"}):
+            with _environment({_API_SERVER_ENV: f"http://{_LOCAL_HOST}:{port}"}):
                 ray.init(address="local", num_cpus=run.local_num_cpus, include_dashboard=True,
-                         dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=str(temp_dir),
+                         dashboard_host=_LOCAL_HOST, dashboard_port=port, _temp_dir=str(temp_dir),
                          _system_config={"worker_niceness": niceness})
             break
         except Exception as error:  # Ray raises a bare Exception for a startup timeout
