@@ -7,6 +7,7 @@ threads and the precision it was measured with, and next to this machine's own m
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -154,6 +155,17 @@ def run_json_row(command: list[str], env: dict[str, str] | None = None) -> dict:
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def machine_busy_cpu_seconds() -> float:
+    """CPU seconds every process on this machine has used since boot (Linux ``/proc/stat``, all CPUs, idle
+    and I/O wait excluded). The difference around a piece of work counts the helper processes it starts
+    (Ray's actors, raylet, dashboard), which this process's own resource usage does not; on an otherwise
+    idle machine it is that work's CPU cost."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest is inside user
 
 
 def spread(values: list[float]) -> str:

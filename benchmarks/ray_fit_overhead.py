@@ -12,7 +12,9 @@ with the pipeline's setting.
 
 Each (repeat, row) is its own process, with its own local Ray, the rows alternating,
 so that both see the same machine. Prints, per interval (and watcher setting): Ray start-up, the
-median and range of the fits, and the ratio against the first row.
+median and range of the fits, and the ratio against the first row, each with the CPU seconds the
+whole machine spent meanwhile (Ray's controller, worker and helper actors are processes of their
+own, so the driver's own CPU time misses most of it; run it on an otherwise idle machine).
 
     python benchmarks/ray_fit_overhead.py [--poll 2.0 0.25] [--watcher off] [--fits 3] [--repeats 2] [--checkpoints 3]
 """
@@ -25,10 +27,11 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from statistics import median
 
-from machine import cpu_flags, cpu_name, run_json_row  # benchmarks/machine.py (this script's folder)
+from machine import cpu_flags, cpu_name, machine_busy_cpu_seconds, run_json_row  # benchmarks/machine.py
 
 
 def report_checkpoints(checkpoints: int) -> None:
@@ -40,7 +43,8 @@ def report_checkpoints(checkpoints: int) -> None:
 
 
 def child(fits: int, checkpoints: int, poll: float) -> dict:
-    """One process: start local Ray, then ``fits`` runs of the loop; seconds of each."""
+    """One process: start local Ray, then ``fits`` runs of the loop; wall seconds of each, and the CPU seconds
+    the whole machine spent meanwhile (Ray's actors are processes of their own)."""
     from meduet.distributed import driver
     from meduet.engine.runs import RunSpec, Scaling
 
@@ -51,15 +55,22 @@ def child(fits: int, checkpoints: int, poll: float) -> dict:
                        local_num_cpus=2, max_failures=0, checkpoint_every=1, keep_checkpoints=checkpoints,
                        train_poll_s=poll)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), machine_busy_cpu_seconds()
     driver.ensure_ray(spec("start"))
-    seconds = {"ray_start": time.perf_counter() - start, "fits": []}
+    seconds = {"ray_start": time.perf_counter() - start, "ray_start_cpu": machine_busy_cpu_seconds() - cpu,
+               "fits": [], "fits_cpu": []}
     for index in range(fits):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), machine_busy_cpu_seconds()
         result = driver.fit(report_checkpoints, {"checkpoints": checkpoints}, Scaling(num_workers=1),
                             spec(f"run{index}"))
         seconds["fits"].append(time.perf_counter() - start)
+        seconds["fits_cpu"].append(machine_busy_cpu_seconds() - cpu)
         assert len(result.history) == checkpoints, result.history
+    # Every actor the fits started, alive or finished, by class (Ray's State API; the local Ray serves it).
+    from ray.util.state import list_actors
+
+    actors = list_actors(limit=10_000, raise_on_missing_output=False)
+    seconds["actors"] = dict(Counter(actor.class_name for actor in actors))
     driver.shutdown_ray()
     return seconds
 
@@ -94,15 +105,25 @@ def main() -> None:
 
     print(f"# {cpu_name()} ({', '.join(cpu_flags())}), {os.cpu_count()} CPUs; local Ray with 2 CPUs; "
           f"{args.repeats} processes x {args.fits} fits per row, {args.checkpoints} checkpoints per fit")
-    print("| poll interval | preemption watcher | Ray start-up s (median) | fit s, median (range) | fit ratio |")
-    print("|---|---|---|---|---|")
+    print("# CPU s: what the whole machine used meanwhile (every process; run it on an idle machine)")
+    print("| poll interval | preemption watcher | Ray start-up s (median) | its CPU s | fit s, median (range) "
+          "| fit ratio | fit CPU s, median (range) |")
+    print("|---|---|---|---|---|---|---|")
     baseline = None
     for (poll, watcher), rows in runs.items():
         fits = [s for row in rows for s in row["fits"]]
+        cpus = [s for row in rows for s in row["fits_cpu"]]
         fit = median(fits)
         baseline = baseline or fit
         print(f"| {poll:g} s | {watcher} | {median(r['ray_start'] for r in rows):.2f} | "
-              f"{fit:.2f} ({min(fits):.2f}-{max(fits):.2f}) | {fit / baseline:.2f}x |")
+              f"{median(r['ray_start_cpu'] for r in rows):.1f} | {fit:.2f} ({min(fits):.2f}-{max(fits):.2f}) | "
+              f"{fit / baseline:.2f}x | {median(cpus):.1f} ({min(cpus):.1f}-{max(cpus):.1f}) |")
+    for (poll, watcher), rows in runs.items():
+        started = Counter()
+        for row in rows:
+            started.update(row["actors"])
+        per_fit = ", ".join(f"{name} {count / (args.fits * len(rows)):g}" for name, count in sorted(started.items()))
+        print(f"# actors started per fit (poll {poll:g} s, watcher {watcher}; one-offs count a fraction): {per_fit}")
 
 
 if __name__ == "__main__":
