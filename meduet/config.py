@@ -639,6 +639,11 @@ class TrainDiffusionConfig(StrictModel):
         default=True, description="also condition on MeDUET's content tokens (translation: A's layout, B's style); "
         "false = global content and style vectors only, as the authors"
     )
+    style_condition: Literal["crop", "volume"] = Field(
+        default="crop", description="the style a training crop is conditioned on: crop = the crop's own teacher "
+        "style (token mean, as the authors condition on the sample's own factors); volume = the style of the whole "
+        "volume it came from (window mean, as extract-factors pools it and synthesize's site styles are made)"
+    )
     ema_decay: Annotated[float, Field(ge=0, le=1)] = Field(default=0.9999, description="EMA of the DiT's weights")
     amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
     cpu_bf16: bool = Field(default=False, description="bf16 autocast on CPUs with native bf16 too")

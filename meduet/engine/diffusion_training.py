@@ -2,7 +2,9 @@
 
 Per micro-batch: random crops of the train split's latents (``LatentCropSampler``); the frozen
 MeDUET teacher encodes each clean crop into content tokens, pooled content and pooled style
-(token means, as ``extract-factors`` pools them); noise, timesteps and condition drops come
+(token means, as ``extract-factors`` pools them); with ``style_condition: volume`` the crop's
+style is replaced by its whole volume's (the window mean ``synthesize``'s site styles are made
+of, computed once per volume before training); noise, timesteps and condition drops come
 from a second step-indexed stream. Everything is drawn from ``(seed, index, rank)``, so a
 resumed run sees exactly the batches of an uninterrupted one. The DiT regresses the process's
 target (``ε`` for DDPM, the velocity for rectified flow); with ``meduet_repa`` an intermediate
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from meduet.engine.loop import Trainer
 from meduet.engine.optim import adamw
 from meduet.engine.precision import amp_dtype
 from meduet.engine.schedules import warmup_cosine
+from meduet.engine.volume_factors import pooled_factors
 from meduet.models.architectures import DiTArchitecture
 from meduet.models.dit import ConditionedDiT
 from meduet.models.dit_init import init_from_meduet
@@ -44,9 +48,18 @@ TERMS = ("diffusion", "repa", "total")
 _NOISE_STREAM = 1  # generator stream of noise, timesteps and drops (stream 0 = the crops)
 _VALIDATION_STREAM = 2
 
-# One micro-batch: clean latents x0 (B, C, d, h, w), noise like x0, timesteps t (B,), and the
-# drops of content, style and content tokens, (B,) bool each.
-DiffusionBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DiffusionBatch(NamedTuple):
+    """One micro-batch (a plain 6-tuple of the first fields is one too)."""
+
+    x0: torch.Tensor  # clean latents (B, C, d, h, w)
+    noise: torch.Tensor  # like x0
+    t: torch.Tensor  # timesteps (B,)
+    drop_content: torch.Tensor  # (B,) bool, each
+    drop_style: torch.Tensor
+    drop_tokens: torch.Tensor
+    style: torch.Tensor | None = None  # (B, S): the style to condition on; None: each crop's own
 
 
 @torch.no_grad()
@@ -110,9 +123,10 @@ def diffusion_trainer(*, cfg: TrainDiffusionConfig, objective: nn.Module, teache
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
 
     def loss(batch: DiffusionBatch) -> dict[str, torch.Tensor]:
-        x0, noise, t, *drops = batch
-        tokens, content, style = teacher_factors(teacher, x0)  # before the DiT's forward: no stacked temporaries
-        return objective(x0, noise, t, tokens, content, style, *drops)
+        b = DiffusionBatch(*batch)
+        tokens, content, style = teacher_factors(teacher, b.x0)  # before the DiT's forward: no stacked temporaries
+        return objective(b.x0, b.noise, b.t, tokens, content, style if b.style is None else b.style, b.drop_content,
+                         b.drop_style, b.drop_tokens)
 
     def update_ema(step: int) -> dict[str, float]:
         ema_update(ema, inner.dit, cfg.ema_decay)
@@ -136,6 +150,18 @@ def build_dit(cfg: TrainDiffusionConfig, architecture: DiTArchitecture, teacher:
     return dit
 
 
+@torch.no_grad()
+def volume_styles(teacher: MeduetModel, sampler: LatentCropSampler, batch_size: int = 16) -> torch.Tensor:
+    """``(V, S)``: the teacher style of each of ``sampler``'s whole latents (the mean over its windows)."""
+    return torch.stack([torch.from_numpy(pooled_factors(teacher, array, sampler.scale, batch_size)[1])
+                        for array in sampler.arrays])
+
+
+def indexed_sampler(latents: list[str], crop: int, scale: float, seed: int) -> LatentCropSampler:
+    """Crops of ``latents`` labelled with their volume's index (so a crop's volume style can be looked up)."""
+    return LatentCropSampler([Path(p) for p in latents], list(range(len(latents))), crop, scale, seed)
+
+
 def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, meduet_file: str, latents: list[str],
                   scale: float, val_latents: list[str] | None = None) -> Trainer:
     """The conditioned DiT trained on crops of the latent cache.
@@ -157,30 +183,31 @@ def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, m
     process = build_process(cfg.objective, flow_time=cfg.flow_time)
     objective = dist.prepare_model(DiffusionObjective(dit, process, projector=projector, repa_layer=cfg.repa_block,
                                                       repa_weight=cfg.repa_weight))
-    sampler = LatentCropSampler([Path(p) for p in latents], [0] * len(latents), architecture.input_size[0], scale,
-                                cfg.seed)
+    sampler = indexed_sampler(latents, architecture.input_size[0], scale, cfg.seed)
+    styles = volume_styles(teacher, sampler) if cfg.style_condition == "volume" else None  # (V, S)
     rank = dist.world_rank()
 
     def batches(step: int) -> Iterable[DiffusionBatch]:
         for micro in range(cfg.grad_accumulation):
             index = step * cfg.grad_accumulation + micro  # micro-batch index: resumable, like the step
-            x0, _ = sampler.batch(index, cfg.batch_size, rank)  # (B, C, d, h, w)
+            x0, volume = sampler.batch(index, cfg.batch_size, rank)  # (B, C, d, h, w), (B,)
             gen = step_generator(cfg.seed, index, rank, _NOISE_STREAM)
             noise = torch.randn(x0.shape, generator=gen)
             t = process.sample_time(cfg.batch_size, gen)
             drops = condition_drops(cfg.batch_size, cfg.cond_drop, gen)
-            yield tuple(v.to(device) for v in (x0, noise, t, drops.content, drops.style, drops.tokens))
+            yield DiffusionBatch(*(v.to(device) for v in (x0, noise, t, drops.content, drops.style, drops.tokens)),
+                                 style=None if styles is None else styles[volume].to(device))
 
     validate = None
     if val_latents and cfg.val_every and cfg.val_crops:
-        crops, _ = LatentCropSampler([Path(p) for p in val_latents], [0] * len(val_latents), architecture.input_size[0],
-                                     scale, cfg.seed).batch(0, cfg.val_crops)
+        crops, val_styles = validation_crops(cfg, teacher, val_latents, architecture.input_size[0], scale)
 
         def validate() -> float:
             # its own noise stream and eval mode for the pass only: the training run is unchanged
             model = dist.unwrap(objective).dit
             try:
-                return validation_loss(model.eval(), teacher, process, crops.to(device), seed=cfg.seed)
+                return validation_loss(model.eval(), teacher, process, crops.to(device), seed=cfg.seed,
+                                       styles=val_styles)
             finally:
                 model.train()
 
@@ -188,9 +215,20 @@ def build_trainer(*, cfg: TrainDiffusionConfig, architecture: DiTArchitecture, m
                              validate=validate)
 
 
+def validation_crops(cfg: TrainDiffusionConfig, teacher: MeduetModel, latents: list[str], crop: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed held-out crops ``(n, C, d, h, w)`` of the validation loss and, with ``style_condition:
+    volume``, their volumes' styles ``(n, S)`` (else ``None``: each crop's own)."""
+    sampler = indexed_sampler(latents, crop, scale, cfg.seed)
+    crops, volume = sampler.batch(0, cfg.val_crops)
+    if cfg.style_condition == "crop":
+        return crops, None
+    return crops, volume_styles(teacher, sampler)[volume]
+
+
 @torch.no_grad()
 def validation_loss(dit: ConditionedDiT, teacher: MeduetModel, process: Process, crops: torch.Tensor, *, seed: int,
-                    batch_size: int = 16) -> float:
+                    batch_size: int = 16, styles: torch.Tensor | None = None) -> float:
     """Mean diffusion loss on fixed crops with fixed noise and timesteps, every condition kept.
 
     The timesteps are the process's evenly spread grid (shuffled over the crops), so the loss
@@ -200,6 +238,7 @@ def validation_loss(dit: ConditionedDiT, teacher: MeduetModel, process: Process,
     Args:
         crops: ``(n, C, d, h, w)`` scaled clean latents (held-out crops).
         seed: fixes noise and the timestep order.
+        styles: ``(n, S)`` the style each crop is conditioned on; ``None``: its own (teacher token mean).
     """
     gen = step_generator(seed, 0, 0, _VALIDATION_STREAM)
     noise = torch.randn(crops.shape, generator=gen)
@@ -208,6 +247,8 @@ def validation_loss(dit: ConditionedDiT, teacher: MeduetModel, process: Process,
     for start in range(0, len(crops), batch_size):
         x0, eps, tt = (v[start:start + batch_size] for v in (crops, noise, t))
         tokens, content, style = teacher_factors(teacher, x0)
+        if styles is not None:
+            style = styles[start:start + batch_size].to(style)
         x_t, target = process.corrupt(x0, tt, eps)
         pred = dit(x_t, process.model_time(tt), content, style, tokens if dit.config.spatial_content else None)
         total += F.mse_loss(pred, target, reduction="sum").item()

@@ -139,7 +139,7 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- planning
-def _site_styles(arrays: dict[str, np.ndarray], records: list, sites: list[str]) -> dict[str, np.ndarray]:
+def site_styles(arrays: dict[str, np.ndarray], records: list, sites: list[str]) -> dict[str, np.ndarray]:
     """Each site's style: the mean teacher style of its training volumes (all its volumes if none is train)."""
     styles = {}
     for site in sites:
@@ -246,7 +246,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     scale = read_scale(paths.latents)
     harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
     sites = list(factor_meta["domains"])
-    styles = _site_styles(arrays, factor_records, sites)
+    styles = site_styles(arrays, factor_records, sites)
     planned = plan(cfg, latents=latents, factor_records=factor_records, sites=sites,
                    rng=np.random.default_rng(cfg.seed), labelled={k for k, r in harmonized.items() if r.label})
     if not planned:

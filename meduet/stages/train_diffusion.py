@@ -25,10 +25,9 @@ import torch
 from meduet.artifacts.diffusion import dit_path, save_dit
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import Paths, RayConfig, TrainDiffusionConfig
-from meduet.data.latent_crops import LatentCropSampler
 from meduet.data.latents import MANIFEST, SCALE, read_manifest, read_scale
 from meduet.diffusion import build_process
-from meduet.engine.diffusion_training import TERMS, build_trainer, validation_loss
+from meduet.engine.diffusion_training import TERMS, build_trainer, validation_crops, validation_loss
 from meduet.engine.training_stage import finish_training_stage, fit_trainer
 from meduet.io.atomic import write_json
 from meduet.models.architectures import DIT_PRESETS, DiTArchitecture, MeduetArchitecture
@@ -111,13 +110,14 @@ def run(cfg: TrainDiffusionConfig, paths: Paths, ray: RayConfig) -> StageResult:
 
     validation: dict[str, float | None] = {"model": None, "ema": None}
     if held_out and cfg.val_crops:
-        crops, _ = LatentCropSampler.from_cache(paths.latents, held_out, arch.input_size[0], cfg.seed).batch(
-            0, cfg.val_crops)  # (n, C, d, h, w): the same crops for every run of this seed
+        # (n, C, d, h, w): the same crops for every run of this seed
+        crops, styles = validation_crops(cfg, teacher, [str(paths.latents / r.latent) for r in held_out],
+                                         arch.input_size[0], scale)
         process = build_process(cfg.objective, flow_time=cfg.flow_time)
         for which in validation:
             dit = ConditionedDiT(arch)
             dit.load_state_dict(state["dit" if which == "model" else "ema"])
-            validation[which] = validation_loss(dit.eval(), teacher, process, crops, seed=cfg.seed)
+            validation[which] = validation_loss(dit.eval(), teacher, process, crops, seed=cfg.seed, styles=styles)
         log.info("%s: held-out validation loss %.5f (EMA %.5f) on %d crops of %d latents", STAGE,
                  validation["model"], validation["ema"], cfg.val_crops, len(held_out))
     else:

@@ -11,7 +11,13 @@ from meduet.config import TrainDiffusionConfig
 from meduet.data.latent_crops import step_generator
 from meduet.diffusion import build_process
 from meduet.diffusion.repa import RepaProjector
-from meduet.engine.diffusion_training import DiffusionObjective, diffusion_trainer, teacher_factors, validation_loss
+from meduet.engine.diffusion_training import (
+    DiffusionBatch,
+    DiffusionObjective,
+    diffusion_trainer,
+    teacher_factors,
+    validation_loss,
+)
 from meduet.engine.ema import build_teacher
 from meduet.engine.loop import optimizer_step
 from meduet.models.architectures import MEDUET_PRESETS
@@ -61,6 +67,36 @@ def test_losses_fall_when_overfitting_one_batch(objective: str, spatial: bool, i
     assert not torch.equal(ema.blocks[0].gates.weight, torch.zeros_like(ema.blocks[0].gates.weight))  # EMA moved
     assert set(trainer.checkpointed) == {"dit", "ema", "optimizer", "scheduler"} | (
         {"projector"} if projector is not None else set())
+
+
+class _RecordingObjective(DiffusionObjective):
+    """The objective, keeping the style each call conditions on."""
+
+    def forward(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.style = args[5]
+        return super().forward(*args)
+
+
+def test_a_batchs_style_replaces_the_crops_own_and_moves_the_loss() -> None:
+    teacher = _teacher()
+    torch.manual_seed(1)
+    dit = ConditionedDiT(PRESETS["tiny"])
+    for layer in (dit.final.modulation, dit.final.linear):  # leave adaLN-Zero's start: the condition matters
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    objective = _RecordingObjective(dit, build_process("rflow"))
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(4, 4, 8, 8, 8, generator=gen)
+    kept = torch.zeros(4, dtype=torch.bool)
+    own = DiffusionBatch(x0, torch.randn(x0.shape, generator=gen), torch.rand(4, generator=gen), kept, kept, kept)
+    given = own._replace(style=torch.randn(4, PRESETS["tiny"].style_dim, generator=gen))
+    trainer = diffusion_trainer(cfg=TrainDiffusionConfig(steps=1, warmup_steps=0), objective=objective,
+                                teacher=teacher, ema=build_teacher(dit), batches=lambda step: [],
+                                device=torch.device("cpu"))
+    with torch.no_grad():
+        loss_own = trainer.loss(tuple(own[:6]))["diffusion"]  # a plain 6-tuple: the crop's own style
+        torch.testing.assert_close(objective.style, teacher_factors(teacher, x0)[2])
+        loss_given = trainer.loss(given)["diffusion"]
+    assert torch.equal(objective.style, given.style) and loss_given != loss_own
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "rflow"])

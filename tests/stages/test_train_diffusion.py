@@ -13,10 +13,12 @@ import torch
 import yaml
 
 from meduet.artifacts.diffusion import load_dit
+from meduet.artifacts.pretrained import load_meduet
 from meduet.config import ConfigError, MeduetConfig, Paths, TrainDiffusionConfig, config_from_dict
 from meduet.data.latents import read_manifest, read_scale
 from meduet.engine.checkpoint import read_checkpoint
-from meduet.engine.diffusion_training import TERMS, build_trainer
+from meduet.engine.diffusion_training import TERMS, DiffusionBatch, build_trainer, indexed_sampler, validation_crops
+from meduet.engine.volume_factors import volume_windows
 from meduet.stages import StageError, train_diffusion
 from tests.stages.test_factors import _save_tiny_model
 from tests.stages.test_pretrain import _write_cache
@@ -96,9 +98,49 @@ def test_batches_depend_on_the_step_alone(trained) -> None:
         return list(next(iter(trainer.batches(step))))
 
     again, other = batch(3), batch(4)
-    for a, b in zip(batch(3), again):
+    assert again[-1] is None  # style_condition: crop (each crop's own style, from the teacher in the loss)
+    for a, b in zip(batch(3)[:-1], again[:-1]):
         assert torch.equal(a, b)
     assert not torch.equal(again[0], other[0]) and not torch.equal(again[1], other[1])
+
+
+def _volume_style(paths: Paths, latent: str) -> torch.Tensor:
+    """The teacher style extract-factors stores for a volume (its windows' mean): synthesize's site styles
+    average these, so the trainer's volume condition must be the same vector."""
+    teacher = load_meduet(paths.models / "pretrain" / "meduet.pt", "teacher")[0]
+    _, style, _ = volume_windows(teacher, np.load(latent), read_scale(paths.latents), np.eye(4), 4)
+    return style.mean(dim=0)
+
+
+def test_volume_style_condition_gives_every_crop_its_volumes_pooled_style(trained) -> None:
+    cfg, paths = trained
+    records = read_manifest(paths.latents)
+    train = [str(paths.latents / r.latent) for r in records if r.split == "train"]
+    held_out = [str(paths.latents / r.latent) for r in records if r.split == "held_out"]
+    meduet_file = paths.models / "pretrain" / "meduet.pt"
+    arch = train_diffusion.architecture(cfg.train_diffusion, load_meduet(meduet_file)[0].config)
+    section = cfg.train_diffusion.model_copy(update={"style_condition": "volume", "batch_size": 8})
+    scale = read_scale(paths.latents)
+
+    def first_batch(section) -> DiffusionBatch:
+        trainer = build_trainer(cfg=section, architecture=arch, meduet_file=str(meduet_file), latents=train,
+                                scale=scale)
+        return next(iter(trainer.batches(3)))
+
+    by_volume, by_crop = first_batch(section), first_batch(cfg.train_diffusion.model_copy(update={"batch_size": 8}))
+    assert torch.equal(by_volume.x0, by_crop.x0) and torch.equal(by_volume.noise, by_crop.noise)  # same draws
+    _, volume = indexed_sampler(train, arch.input_size[0], scale, section.seed).batch(3, 8)
+    assert len(set(volume.tolist())) > 1  # crops of several volumes, each with its own volume's style
+    for row, index in enumerate(volume.tolist()):
+        torch.testing.assert_close(by_volume.style[row], _volume_style(paths, train[index]), rtol=1e-5, atol=1e-6)
+
+    teacher = load_meduet(meduet_file, "teacher")[0]
+    crops, styles = validation_crops(section, teacher, held_out, arch.input_size[0], scale)
+    assert validation_crops(cfg.train_diffusion, None, held_out, arch.input_size[0], scale)[1] is None
+    assert torch.equal(crops, validation_crops(cfg.train_diffusion, None, held_out, arch.input_size[0], scale)[0])
+    _, volume = indexed_sampler(held_out, arch.input_size[0], scale, section.seed).batch(0, section.val_crops)
+    for row, index in enumerate(volume.tolist()):
+        torch.testing.assert_close(styles[row], _volume_style(paths, held_out[index]), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_model_and_misaligned_preset_are_clear_errors(tmp_path: Path) -> None:
