@@ -146,7 +146,11 @@ def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: Synth
     scores = {name: image_scores(value, target, case_a.window, ssim_window=cfg.ssim_window)
               for name, value in estimates.items()}
     middle = (box[0].stop - box[0].start) // 2
-    return {"b": case_b.key, "histogram_reference": references[0].key, "scores": scores,
+    # What the style goal can be held to: the same reader on the real s@B and on its round trip
+    # (whole volumes, as the translation is read) names B or not.
+    read_as = {name: inputs.sites[int(inputs.reader.site(image).mean(0).argmax())]
+               for name, image in (("b", image_b), ("b_vae", inputs.roundtrip(case_b)))}
+    return {"b": case_b.key, "histogram_reference": references[0].key, "scores": scores, "read_as": read_as,
             "closer_than_baselines": all(scores["translation"]["mae_hu"] < scores[b]["mae_hu"] for b in BASELINES),
             "_slices": {name: value[0, middle].numpy() for name, value in estimates.items()} | {
                 "target": target[0, middle].numpy()}}
@@ -204,14 +208,20 @@ def content_summary(rows: list[dict], label_ids: list[int], cfg: EvaluateSynthes
 
 
 def counterfactual_summary(rows: list[dict], cfg: EvaluateSynthesisConfig) -> dict:
-    """Per-method mean PSNR / SSIM / MAE (HU) with intervals and the share of pairs the translation wins."""
-    pairs = [r["counterfactual"] for r in rows if r["counterfactual"] is not None]
+    """Per-method mean PSNR / SSIM / MAE (HU) with intervals, the share of pairs the translation wins, and the
+    share whose real ``s@B`` (and its VAE round trip) the evaluator reads as site B."""
+    with_pairs = [r for r in rows if r["counterfactual"] is not None]
+    pairs = [r["counterfactual"] for r in with_pairs]
     if not pairs:
         return {"skipped": "no translation has a real scan of its subject at the target site"}
     wins = sum(p["closer_than_baselines"] for p in pairs)
     summary: dict = {"pairs": len(pairs), "closer_than_baselines": wins / len(pairs),
                      "closer_than_baselines_ci95": proportion_ci(wins, len(pairs)),
                      "criterion": "MAE (HU) below s@A's and s@A histogram-matched to B's (the ceiling excepted)"}
+    for name in ("b", "b_vae"):  # the style goal's reference: is the real s@B (its round trip) read as B?
+        read = sum(p["read_as"][name] == row["target_site"] for p, row in zip(pairs, with_pairs))
+        summary[f"{name}_read_as_target_site"] = read / len(pairs)
+        summary[f"{name}_read_as_target_site_ci95"] = proportion_ci(read, len(pairs))
     for method in METHODS:
         summary[method] = {metric: _mean_ci([p["scores"][method][metric] for p in pairs], cfg)
                            for metric in ("psnr", "ssim", "mae_hu")

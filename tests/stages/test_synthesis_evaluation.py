@@ -15,9 +15,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from meduet.artifacts.evaluator import load_evaluator
+from meduet.artifacts.evaluator import evaluator_path, load_evaluator
 from meduet.artifacts.vae import save_vae
-from meduet.config import MeduetConfig, Paths
+from meduet.config import MeduetConfig, Paths, TrainEvaluatorConfig
+from meduet.data.labelled import labelled_cases
+from meduet.evaluation.counterfactual import ImageCache
+from meduet.evaluation.scoring import VolumeReader
 from meduet.models.vae import PRESETS, build_vae
 from meduet.stages import StageError, encode_latents, evaluate_synthesis, harmonize, train_evaluator
 from tests.evaluation.fake_synthesis import write_fake_store
@@ -100,9 +103,20 @@ def test_evaluate_synthesis_measures_the_store_with_known_answers(project, caplo
     cf = metrics["counterfactual"]
     assert cf["pairs"] == 2 and cf["closer_than_baselines"] == 0.0  # the stand-in IS the histogram-matched baseline
     assert cf["translation"]["mae_hu"]["mean"] == pytest.approx(cf["a_histmatch"]["mae_hu"]["mean"])
+    model, saved = load_evaluator(evaluator_path(paths))
+    reader = VolumeReader.from_section(model, TrainEvaluatorConfig.model_validate(saved["config"]))
+    images = {c.key: c.image for c in labelled_cases(paths.harmonized, paths.latents)}
+    read = 0
     for row in metrics["rows"]:  # the real s@B is the same subject at the other site
         assert row["counterfactual"]["b"].rsplit("_", 1)[1] == row["source"].rsplit("_", 1)[1]
         assert row["counterfactual"]["histogram_reference"].endswith("_0")  # a train volume, never s@B
+        # the reference reading is the evaluator's on that very s@B (and a site of the evaluator on its round trip)
+        real_b = ImageCache(None, 1.0, 0).read(images[row["counterfactual"]["b"]])[0]
+        expected = saved["sites"][int(reader.site(real_b).mean(0).argmax())]
+        assert row["counterfactual"]["read_as"]["b"] == expected and row["counterfactual"]["read_as"]["b_vae"] in \
+            saved["sites"]
+        read += expected == row["target_site"]
+    assert cf["b_read_as_target_site"] == read / 2 and cf["b_read_as_target_site_ci95"][0] <= read / 2
     content = metrics["content"]
     assert {"translation", "a_vae", "a"} <= set(content) and content["ratio_to_roundtrip_ci95"][0] <= \
         content["ratio_to_roundtrip_ci95"][1]
