@@ -640,9 +640,9 @@ class TrainDiffusionConfig(StrictModel):
         "false = global content and style vectors only, as the authors"
     )
     style_condition: Literal["crop", "volume"] = Field(
-        default="crop", description="the style a training crop is conditioned on: crop = the crop's own teacher "
-        "style (token mean, as the authors condition on the sample's own factors); volume = the style of the whole "
-        "volume it came from (window mean, as extract-factors pools it and synthesize's site styles are made)"
+        default="volume", description="the style a training crop is conditioned on: volume = the style of the whole "
+        "volume it came from (window mean, as extract-factors pools it and synthesize's site styles are made; "
+        "measured better: README); crop = the crop's own teacher style (token mean, the sample's own factors)"
     )
     ema_decay: Annotated[float, Field(ge=0, le=1)] = Field(default=0.9999, description="EMA of the DiT's weights")
     amp: bool = Field(default=True, description="bf16 autocast when training on GPU")

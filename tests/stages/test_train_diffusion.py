@@ -98,8 +98,8 @@ def test_batches_depend_on_the_step_alone(trained) -> None:
         return list(next(iter(trainer.batches(step))))
 
     again, other = batch(3), batch(4)
-    assert again[-1] is None  # style_condition: crop (each crop's own style, from the teacher in the loss)
-    for a, b in zip(batch(3)[:-1], again[:-1]):
+    assert cfg.train_diffusion.style_condition == "volume" and again[-1].shape == (4, 8)  # (B, S): the volumes' styles
+    for a, b in zip(batch(3), again):
         assert torch.equal(a, b)
     assert not torch.equal(again[0], other[0]) and not torch.equal(again[1], other[1])
 
@@ -119,7 +119,8 @@ def test_volume_style_condition_gives_every_crop_its_volumes_pooled_style(traine
     held_out = [str(paths.latents / r.latent) for r in records if r.split == "held_out"]
     meduet_file = paths.models / "pretrain" / "meduet.pt"
     arch = train_diffusion.architecture(cfg.train_diffusion, load_meduet(meduet_file)[0].config)
-    section = cfg.train_diffusion.model_copy(update={"style_condition": "volume", "batch_size": 8})
+    section = cfg.train_diffusion.model_copy(update={"batch_size": 8})  # style_condition: volume, the default
+    own = section.model_copy(update={"style_condition": "crop"})
     scale = read_scale(paths.latents)
 
     def first_batch(section) -> DiffusionBatch:
@@ -127,8 +128,9 @@ def test_volume_style_condition_gives_every_crop_its_volumes_pooled_style(traine
                                 scale=scale)
         return next(iter(trainer.batches(3)))
 
-    by_volume, by_crop = first_batch(section), first_batch(cfg.train_diffusion.model_copy(update={"batch_size": 8}))
+    by_volume, by_crop = first_batch(section), first_batch(own)
     assert torch.equal(by_volume.x0, by_crop.x0) and torch.equal(by_volume.noise, by_crop.noise)  # same draws
+    assert by_crop.style is None  # each crop's own style, from the teacher in the loss
     _, volume = indexed_sampler(train, arch.input_size[0], scale, section.seed).batch(3, 8)
     assert len(set(volume.tolist())) > 1  # crops of several volumes, each with its own volume's style
     for row, index in enumerate(volume.tolist()):
@@ -136,8 +138,8 @@ def test_volume_style_condition_gives_every_crop_its_volumes_pooled_style(traine
 
     teacher = load_meduet(meduet_file, "teacher")[0]
     crops, styles = validation_crops(section, teacher, held_out, arch.input_size[0], scale)
-    assert validation_crops(cfg.train_diffusion, None, held_out, arch.input_size[0], scale)[1] is None
-    assert torch.equal(crops, validation_crops(cfg.train_diffusion, None, held_out, arch.input_size[0], scale)[0])
+    assert validation_crops(own, None, held_out, arch.input_size[0], scale)[1] is None
+    assert torch.equal(crops, validation_crops(own, None, held_out, arch.input_size[0], scale)[0])
     _, volume = indexed_sampler(held_out, arch.input_size[0], scale, section.seed).batch(0, section.val_crops)
     for row, index in enumerate(volume.tolist()):
         torch.testing.assert_close(styles[row], _volume_style(paths, held_out[index]), rtol=1e-5, atol=1e-6)
