@@ -49,7 +49,6 @@ _NOISE_STREAM = 1  # generator stream of noise, timesteps and drops (stream 0 = 
 _VALIDATION_STREAM = 2
 
 
-
 class DiffusionBatch(NamedTuple):
     """One micro-batch (a plain 6-tuple of the first fields is one too)."""
 
