@@ -709,6 +709,19 @@ class SynthesizeConfig(StrictModel):
         "style (generation as the authors do it); 0 skips it. The Fréchet distance needs more crops in all than "
         "the evaluator has features (56 by default), or its covariance is rank-deficient"
     )
+    generation_content: Literal["window", "volume"] = Field(
+        default="volume", description="a generated crop's content vector: window = one window of a training volume "
+        "that is at least min_body_fraction body (a crop's content, the vector the DiT is trained on); volume = "
+        "the mean over a training volume's windows, as the authors generate"
+    )
+    body_threshold: float = Field(
+        default=0.05, description="window generation: harmonized intensity above which a voxel is body (as "
+        "train_evaluator's, whose body crops the generated ones are compared with)"
+    )
+    min_body_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="window generation: the content windows are at least this much body (as "
+        "train_evaluator's)"
+    )
     augmentations_per_scan: Annotated[int, Field(ge=0)] = Field(
         default=0, description="each labelled training scan translated into this many other sites' styles, whole "
         "volume, for fine-tuning with style-swapped volumes (finetune_sweep.synthetic_arm); 0 skips them"
@@ -930,6 +943,16 @@ class MeduetConfig(StrictModel):
                              "masked-autoencoder baseline is section pretrain_mae")
         if self.pretrain_mae.objective != "mae":
             raise ValueError("pretrain_mae.objective must be mae")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_reads_body_as_the_evaluator(self) -> MeduetConfig:
+        """Window generation draws crops of body as evaluate-synthesis's real crops are drawn: the same rule."""
+        mine = (self.synthesize.body_threshold, self.synthesize.min_body_fraction)
+        theirs = (self.train_evaluator.body_threshold, self.train_evaluator.min_body_fraction)
+        if self.synthesize.generation_content == "window" and mine != theirs:
+            raise ValueError(f"synthesize.body_threshold and min_body_fraction {mine} must equal train_evaluator's "
+                             f"{theirs}: the generated crops are compared with real crops of that much body")
         return self
 
 

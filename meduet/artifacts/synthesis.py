@@ -55,6 +55,7 @@ class SynthesisRecord(BaseModel):
     shape: list[int]  # image (D, H, W)
     seed: int
     seconds: float  # sampling and decoding time
+    source_window: int | None = None  # generation from a window's content: its index among source_key's windows
 
 
 def read_synthesis(folder: Path) -> tuple[list[SynthesisRecord], dict[str, Any]]:

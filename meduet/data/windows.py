@@ -72,3 +72,21 @@ def world_boxes(origins: np.ndarray, size: tuple[int, int, int], affine: np.ndar
     corners = np.stack([lo, hi], axis=1)  # (n, 2, 3)
     world = corners @ affine[:3, :3].T + affine[:3, 3]
     return np.stack([world.min(1), world.max(1)], axis=1)
+
+
+def box_fractions(mask: np.ndarray, origins: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """The share of each box that ``mask (D, H, W)`` covers: ``(n,)``.
+
+    Args:
+        origins: ``(n, 3)`` box origins in the mask's ``(D, H, W)`` indices (negative where a box
+            starts in padding, as :func:`window_origins` gives them); size: the box edge per axis.
+            Box voxels outside the mask's grid count as not covered (zero padding is air).
+    """
+    counts = np.cumsum(np.cumsum(np.cumsum(np.pad(mask.astype(np.int64), ((1, 0),) * 3), 0), 1), 2)
+    lo = np.clip(origins, 0, mask.shape)  # (n, 3)
+    hi = np.clip(origins + np.asarray(size), 0, mask.shape)
+    total = np.zeros(len(origins), dtype=np.int64)
+    for corner in itertools.product((0, 1), repeat=3):  # inclusion-exclusion over the summed-volume table
+        index = tuple(np.where(pick, hi[:, axis], lo[:, axis]) for axis, pick in enumerate(corner))
+        total += (-1) ** (3 - sum(corner)) * counts[index]
+    return total / float(np.prod(size))

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,7 +43,7 @@ from pydantic import ValidationError
 
 from meduet import distributed as dist
 from meduet.artifacts.diffusion import dit_path, load_dit
-from meduet.artifacts.factors import FACTORS, load_factors
+from meduet.artifacts.factors import FACTORS, FactorRecord, load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.artifacts.synthesis import (
     AUGMENTATIONS,
@@ -57,6 +57,7 @@ from meduet.artifacts.synthesis import (
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import Paths, RayConfig, SynthesizeConfig, config_hash
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale, save_array
+from meduet.data.windows import box_fractions, window_origins
 from meduet.diffusion import build_process
 from meduet.diffusion.sampling import Guidance, TiledPredictor, crop_predictor, sample
 from meduet.engine.progress import Progress
@@ -64,7 +65,7 @@ from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
-from meduet.io.images import sha256_file, write_image
+from meduet.io.images import read_image, sha256_file, write_image
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.models.vae import decode_latent
@@ -162,10 +163,54 @@ def _sources(latents: list[LatentRecord]) -> tuple[list[LatentRecord], str]:
     return [r for r in latents if r.split == "train"], "train"
 
 
-def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: list, sites: list[str],
+class ContentDonor(NamedTuple):
+    """Where a generated crop's content vector comes from."""
+
+    volume: FactorRecord  # a training volume of the factor store
+    array: str  # the factor store's array holding the vector
+    row: int  # its row there
+    window: int | None  # the window's index within the volume (window generation)
+
+
+def content_donors(cfg: SynthesizeConfig, *, arrays: dict[str, np.ndarray], factor_records: list[FactorRecord],
+                   harmonized_images: dict[str, Path], window: tuple[int, int, int]) -> list[ContentDonor]:
+    """The content vectors generation draws from: the training volumes' (``generation_content: volume``) or
+    each of their windows that is at least ``min_body_fraction`` body in the harmonized image (``window``:
+    the crops' content the DiT is trained on, drawn like the real body crops they are compared with).
+
+    Args:
+        harmonized_images: each volume key's harmonized image file (its body mask; the latent is a 4th of it).
+        window: the factor store's window ``(d, h, w)`` in latent voxels.
+    """
+    volumes = [r for r in factor_records if r.split == "train"] or list(factor_records)
+    if cfg.generation_content == "volume":
+        return [ContentDonor(r, "teacher_content", r.row, None) for r in volumes]
+    donors = []
+    for volume in volumes:
+        rows = np.flatnonzero(arrays["window_volume"] == volume.row)
+        latent_shape = tuple(volume.latent_shape[1:])
+        origins = window_origins(latent_shape, window)
+        path = harmonized_images[volume.key]
+        body = sitk.GetArrayFromImage(read_image(path)) > cfg.body_threshold  # (D, H, W)
+        k = body.shape[0] // latent_shape[0]  # the VAE's downsampling
+        if body.shape != tuple(k * n for n in latent_shape) or len(rows) != len(origins):
+            raise StageError(f"{path}: grid {body.shape} and {len(rows)} factor window(s) do not fit the latent "
+                             f"{latent_shape} ({len(origins)} windows); rerun encode-latents and extract-factors")
+        fractions = box_fractions(body, origins * k, tuple(k * n for n in window))
+        donors += [ContentDonor(volume, "teacher_window_content", int(rows[i]), int(i))
+                   for i in np.flatnonzero(fractions >= cfg.min_body_fraction)]
+    if not donors:
+        raise StageError(f"{STAGE}: no window of a training volume is {cfg.min_body_fraction:.0%} body "
+                         f"(intensity > {cfg.body_threshold}); lower min_body_fraction or use generation_content: "
+                         f"volume")
+    return donors
+
+
+def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], donors: list[ContentDonor], sites: list[str],
          rng: np.random.Generator, labelled: Collection[str] = ()) -> list[dict[str, Any]]:
-    """The records to make, each with its seed: translations (source, other site), generated crops per site,
-    then augmentations (the training scans among ``labelled``, into other sites' styles)."""
+    """The records to make, each with its seed: translations (source, other site), generated crops per site
+    (content from ``donors``, drawn uniformly), then augmentations (the training scans among ``labelled``,
+    into other sites' styles)."""
     sources, split = _sources(latents)
     pairs = [(a, site) for a in sources for site in sites if site != a.domain]
     if len(pairs) > cfg.translations:
@@ -177,15 +222,15 @@ def plan(cfg: SynthesizeConfig, *, latents: list[LatentRecord], factor_records: 
                         "source_split": split, "subject": _subject(a.case_id), "target_site": site,
                         "target_domain_index": sites.index(site), "image": f"{TRANSLATIONS}/{key}.nii.gz",
                         "latent": f"{LATENTS}/{key}.npy"})
-    donors = [r for r in factor_records if r.split == "train"] or list(factor_records)
     for site in sites:
         for n in range(cfg.samples_per_site):
             donor = donors[int(rng.integers(len(donors)))]
-            key = f"{site}_{n:03d}"
-            planned.append({"key": key, "kind": "generation", "source_key": donor.key, "source_site": donor.domain,
-                            "source_split": donor.split, "subject": _subject(donor.case_id), "target_site": site,
+            volume, key = donor.volume, f"{site}_{n:03d}"
+            planned.append({"key": key, "kind": "generation", "source_key": volume.key, "source_site": volume.domain,
+                            "source_split": volume.split, "subject": _subject(volume.case_id), "target_site": site,
                             "target_domain_index": sites.index(site), "image": f"{GENERATED}/{key}.nii.gz",
-                            "latent": f"{LATENTS}/{key}.npy", "donor_row": donor.row})
+                            "latent": f"{LATENTS}/{key}.npy", "source_window": donor.window,
+                            "donor": (donor.array, donor.row)})
     # Last, from their own generator: the records above keep their keys and seeds whatever this count is.
     planned += augmentation_pairs(cfg, [r for r in latents if r.split == "train" and r.key in labelled], sites)
     for index, record in enumerate(planned):
@@ -247,8 +292,11 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
     sites = list(factor_meta["domains"])
     styles = site_styles(arrays, factor_records, sites)
-    planned = plan(cfg, latents=latents, factor_records=factor_records, sites=sites,
-                   rng=np.random.default_rng(cfg.seed), labelled={k for k, r in harmonized.items() if r.label})
+    donors = content_donors(cfg, arrays=arrays, factor_records=factor_records, window=tuple(factor_meta["window"]),
+                            harmonized_images={k: paths.harmonized / r.image for k, r in harmonized.items()}) \
+        if cfg.samples_per_site else []
+    planned = plan(cfg, latents=latents, donors=donors, sites=sites, rng=np.random.default_rng(cfg.seed),
+                   labelled={k for k, r in harmonized.items() if r.label})
     if not planned:
         raise StageError(f"{STAGE}: nothing to make (translations and samples_per_site are 0, or one site only)")
 
@@ -269,14 +317,14 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     for record in planned:
         if record["key"] in done:
             continue
-        donor_row = record.pop("donor_row", None)
+        donor = record.pop("donor", None)
         translation = record["kind"] in WHOLE_SCAN_KINDS
         source = by_key[record["source_key"]] if translation else None
         jobs.append({"record": dict(record), "seed": record["seed"], "store": str(store),
                      "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),
                      "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_task)),
                      "style": styles[record["target_site"]].tolist(),
-                     "content": None if translation else arrays["teacher_content"][donor_row].tolist(),
+                     "content": None if translation else arrays[donor[0]][donor[1]].tolist(),
                      "source_latent": str(paths.latents / source.latent) if source else None,
                      "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
                      "spacing": spacing})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from meduet.data.windows import sliding_windows, window_origins, world_boxes
+from meduet.data.windows import box_fractions, sliding_windows, window_origins, world_boxes
 from meduet.evaluation.counterfactual import Scan, assemble, resample_onto, same_subject_pairs
 from meduet.evaluation.identifiability import covered_region, inside, sample_windows, volume_box, volume_means
 from meduet.evaluation.retrieval import cross_site_retrieval, subject_ids
@@ -25,6 +25,14 @@ def test_window_origins_follow_sliding_windows_including_padding() -> None:
     assert origins[:, 0].tolist() == [-1] * 6  # d = 5 < 8: padded 1 before (centred), window starts at -1
     for window, (d, h, w) in zip(windows, origins):
         np.testing.assert_array_equal(window[0, 1:6].numpy(), latent[0, :, h:h + 8, w:w + 8].numpy())
+
+
+def test_box_fractions_count_each_windows_mask_with_padding_as_outside() -> None:
+    mask = np.random.default_rng(0).random((5, 12, 20)) > 0.6
+    origins = window_origins(mask.shape, (8, 8, 8))  # the first axis is padded: boxes start at -1
+    windows = sliding_windows(torch.from_numpy(mask[None].astype(np.float32)), (8, 8, 8))  # zero-padded
+    np.testing.assert_allclose(box_fractions(mask, origins, (8, 8, 8)), windows.mean(dim=(1, 2, 3, 4)).numpy())
+    np.testing.assert_allclose(box_fractions(mask, np.array([[10, 20, 30]]), (2, 2, 2)), [0.0])  # all outside
 
 
 def test_world_boxes_map_array_axes_to_affine_columns() -> None:

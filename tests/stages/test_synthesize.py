@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from meduet.artifacts.diffusion import save_dit
+from meduet.artifacts.factors import load_factors
 from meduet.artifacts.synthesis import read_synthesis
 from meduet.artifacts.vae import save_vae
 from meduet.config import MeduetConfig, Paths
@@ -39,11 +40,18 @@ def _config(**overrides) -> MeduetConfig:
     })
 
 
+BODY = 40  # harmonized images are body in [:40, :40, :40] of 48^3: of the 8 windows of 32^3 (origins 0 and 16 per
+BODY_WINDOWS = list(range(7))  # axis), all but the last (16, 16, 16) are at least half body (0.75^k, k axes at 16)
+
+
 def _harmonized(paths: Paths) -> None:
-    """A harmonized image per latent (4x its grid, a distinct origin each) and the manifest naming them."""
+    """A harmonized image per latent (4x its grid, a distinct origin each, body in a corner block) and the
+    manifest naming them."""
     records = []
     for n, latent in enumerate(read_manifest(paths.latents)):
-        image = sitk.GetImageFromArray(np.zeros([4 * s for s in latent.latent_shape[1:]], dtype=np.float32))
+        array = np.zeros([4 * s for s in latent.latent_shape[1:]], dtype=np.float32)
+        array[:BODY, :BODY, :BODY] = 0.5
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing(SPACING)
         image.SetOrigin((10.0 * n, -5.0, 2.5 * n))
         rel = f"{latent.dataset}/imagesTr/{latent.case_id}.nii.gz"
@@ -108,6 +116,50 @@ def test_translations_lie_on_the_source_grid_and_crops_on_the_dit_input(synthesi
     assert result.metrics["latent_std_mean"] == pytest.approx(np.mean(stds), abs=1e-4)
     for figure in ("translations.png", "generated.png"):
         assert (paths.reports / "synthesize" / figure).stat().st_size > 2000
+
+
+def test_window_generation_draws_the_content_of_training_windows_that_are_mostly_body(synthesized,
+                                                                                    tmp_path: Path) -> None:
+    cfg, paths, _ = synthesized
+    arrays, factor_records, meta = load_factors(paths.factors)
+    harmonized = {r.key: paths.harmonized / r.image for r in read_harmonized(paths.harmonized / "manifest.csv")}
+    window = cfg.synthesize.model_copy(update={"generation_content": "window"})
+    donors = synthesize.content_donors(window, arrays=arrays, factor_records=factor_records,
+                                       harmonized_images=harmonized, window=tuple(meta["window"]))
+    train = [r for r in factor_records if r.split == "train"]
+    assert sorted((d.volume.key, d.window) for d in donors) == sorted((r.key, i) for r in train for i in BODY_WINDOWS)
+    for donor in donors:  # each row is that window of that volume
+        rows = np.flatnonzero(arrays["window_volume"] == donor.volume.row)
+        assert donor.array == "teacher_window_content" and donor.row == rows[donor.window]
+    volume = synthesize.content_donors(cfg.synthesize, arrays=arrays, factor_records=factor_records,
+                                       harmonized_images=harmonized, window=tuple(meta["window"]))
+    assert [(d.volume.key, d.array, d.row, d.window) for d in volume] == [
+        (r.key, "teacher_content", r.row, None) for r in train]
+    stricter = window.model_copy(update={"min_body_fraction": 0.6})  # 0.5625 windows (2 axes at 16) drop out
+    assert {d.window for d in synthesize.content_donors(stricter, arrays=arrays, factor_records=factor_records,
+                                                        harmonized_images=harmonized,
+                                                        window=tuple(meta["window"]))} == {0, 1, 2, 4}
+    air = window.model_copy(update={"body_threshold": 0.5})  # the body block is 0.5: nothing is above it
+    with pytest.raises(StageError, match="no window of a training volume is 50% body"):
+        synthesize.content_donors(air, arrays=arrays, factor_records=factor_records, harmonized_images=harmonized,
+                                  window=tuple(meta["window"]))
+    # the stage: every generated crop names its window, drawn at the seed of the volume run's crop
+    here = dataclasses.replace(paths, synthesis=tmp_path / "synthesis", reports=tmp_path / "reports")
+    synthesize.run(window.model_copy(update={"workers": 1}), here, ray=cfg.ray)
+    records, meta = read_synthesis(here.synthesis)
+    records = [r for r in records if r.kind == "generation"]
+    assert len(records) == 4 and all(r.source_window in BODY_WINDOWS for r in records)
+    assert meta["settings"]["generation_content"] == "window"
+    by_volume, _ = read_synthesis(paths.synthesis)
+    for record in records:
+        twin = next(r for r in by_volume if r.key == record.key)
+        assert twin.source_window is None and twin.seed == record.seed
+
+
+def test_window_generation_must_read_body_as_the_evaluator_does() -> None:
+    with pytest.raises(ValueError, match="must equal train_evaluator's"):
+        MeduetConfig.model_validate({"synthesize": {"generation_content": "window", "min_body_fraction": 0.3}})
+    MeduetConfig.model_validate({"synthesize": {"generation_content": "volume", "min_body_fraction": 0.3}})
 
 
 def test_a_rerun_remakes_only_what_is_missing_and_bit_identically(synthesized) -> None:
