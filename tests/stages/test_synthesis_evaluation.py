@@ -19,6 +19,7 @@ from meduet.artifacts.evaluator import evaluator_path, load_evaluator
 from meduet.artifacts.vae import save_vae
 from meduet.config import MeduetConfig, Paths, TrainEvaluatorConfig
 from meduet.data.labelled import labelled_cases
+from meduet.data.windows import sliding_windows
 from meduet.evaluation.counterfactual import ImageCache
 from meduet.evaluation.scoring import VolumeReader
 from meduet.models.vae import PRESETS, build_vae
@@ -125,6 +126,8 @@ def test_evaluate_synthesis_measures_the_store_with_known_answers(project, caplo
     measured = [v for v in fd.values() if "skipped" not in v]
     assert fd["overall"] in measured and all(
         np.isfinite([v["kid"], v["kid_floor"], *v["kid_ci95"], *v["kid_floor_ci95"]]).all() for v in measured)
+    ceiling = metrics["generation"]["frechet_distance_vae_roundtrip"]
+    assert set(ceiling) == {"site_a", "site_b", "overall"} and ceiling["overall"]["samples"] == fd["overall"]["samples"]
     assert set(metrics["generation"]["ms_ssim"]["site_a"]) == {"generated", "real"}
     assert 0 <= metrics["translation_style_accuracy"] <= 1 and 0 <= metrics["generation_style_accuracy"] <= 1
     assert set(metrics["median_hu"]) == {"site_a", "site_b"}
@@ -144,3 +147,19 @@ def test_missing_inputs_are_named(project, tmp_path) -> None:
     other = Paths(**{**paths.__dict__, "models": tmp_path / "models"})
     with pytest.raises(StageError, match=r"evaluator.pt: no synthesis evaluator; run the train-evaluator stage"):
         evaluate_synthesis.run(cfg.evaluate_synthesis, other)
+
+
+def test_the_vae_ceiling_crops_are_the_held_out_real_crops_round_trips(project) -> None:
+    cfg, paths, _ = project
+    inputs = evaluate_synthesis._Inputs(cfg.evaluate_synthesis, paths)
+    crops = evaluate_synthesis.crop_sets(inputs, cfg.evaluate_synthesis)
+    for case in (c for c in inputs.cases.values() if c.split == "held_out"):  # one held-out volume a site
+        real, trips = crops["real"][case.site, "held_out"], crops["roundtrip"][case.site]
+        assert 1 <= len(real) == len(trips) <= cfg.evaluate_synthesis.real_crops_per_volume
+        grid = sliding_windows(inputs.images.read(case.image)[0], tuple(CROP))  # (n, 1, *CROP)
+        decoded = sliding_windows(inputs.roundtrip(case), tuple(CROP))
+        assert not torch.equal(grid, decoded)
+        for crop, trip in zip(real, trips):  # the round trip's crop at the real crop's grid position
+            where = [n for n, window in enumerate(grid) if torch.equal(window, crop)]
+            assert len(where) == 1 and torch.equal(decoded[where[0]], trip)
+    assert set(crops["roundtrip"]) == {"site_a", "site_b"}
