@@ -67,11 +67,16 @@ def score_samples(cfg: MeduetConfig, paths: Paths, folder: Path, *, dit_state: d
 
 def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     """The generated crops' headline numbers from ``evaluate-synthesis``'s metrics: the overall Fréchet
-    distance (interval, floor, ratio, sample count), the kernel distance (interval, floor) and the style
-    accuracy (Wilson interval, per site)."""
+    distance (interval, floor, ratio, sample count; per site with its floor; the VAE round trips' own
+    distance, the ceiling, where measured), the kernel distance (interval, floor) and the style accuracy
+    (Wilson interval, per site)."""
     generation = metrics["generation"]
     fd = generation["frechet_distance"]["overall"]
+    ceiling = generation.get("frechet_distance_vae_roundtrip", {})
     return {"fd": fd["fd"], "fd_ci95": fd["fd_ci95"], "floor": fd["floor"], "ratio": fd["ratio"],
+            "fd_per_site": {s: [v["fd"], v["floor"]] for s, v in generation["frechet_distance"].items()
+                            if s != "overall" and "fd" in v},
+            "vae_ceiling_fd": {s: v["fd"] for s, v in ceiling.items() if "fd" in v},
             "samples": fd["samples"], "kid": fd["kid"], "kid_ci95": fd["kid_ci95"], "kid_floor": fd["kid_floor"],
             "style_accuracy": generation["style_accuracy"],
             "style_accuracy_ci95": generation["style_accuracy_ci95"],
