@@ -8,8 +8,10 @@ held-out real volumes' round trips with the store's evaluator, as ``evaluate-syn
 generated crops: the Fréchet distance of the round trips' body crops (cut where the real crops
 are) to the train split's real crops, per site and overall, against the real-vs-real floor;
 the share of those crops the site head assigns to their own site; and each whole round trip's
-site (the mean over its body crops). The VAE stage's held-out PSNR/SSIM/MAE and training time
-come with each row.
+site (the mean over its body crops); and the fine texture the site's scanner leaves (noise, kernel)
+against what the decoder re-creates: the standard deviation, over body voxels, of each volume
+minus its 3³ box mean, in HU (real and round trip, per site). The VAE stage's held-out
+PSNR/SSIM/MAE and training time come with each row.
 
     python benchmarks/vae_ceiling.py [--params params.yaml] [--variant adv vae.adv_weight=0.1 ...]
 
@@ -25,12 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
 from synthesis_scoring import link_models
 
 from meduet.config import MeduetConfig, Paths, load_config
 from meduet.io.atomic import write_json
 from meduet.stages import encode_latents, evaluate_synthesis, train_vae
+
+
+def fine_texture(image: torch.Tensor, body: torch.Tensor, hu_per_unit: float) -> float:
+    """Standard deviation (HU) over ``body (D, H, W)`` of ``image (1, D, H, W)`` minus its 3³ box mean."""
+    smooth = torch.nn.functional.avg_pool3d(image[None].float(), 3, stride=1, padding=1, count_include_pad=False)
+    return float((image[0] - smooth[0, 0])[body].std()) * hu_per_unit
 
 
 def ceiling(cfg: MeduetConfig, paths: Paths) -> dict:
@@ -45,7 +54,15 @@ def ceiling(cfg: MeduetConfig, paths: Paths) -> dict:
            for site, x in sorted(crops["roundtrip"].items())}
     volumes = {case.key: inputs.sites[int(inputs.reader.site(inputs.roundtrip(case)).mean(0).argmax())]
                for case in inputs.cases.values() if case.split == "held_out"}
-    return {"fd": fd, "crops_read_as_own_site": own,
+    window = cfg.harmonize.intensity
+    hu_per_unit = (window.a_max - window.a_min) / (window.b_max - window.b_min)
+    texture = {}
+    for case in (c for c in inputs.cases.values() if c.split == "held_out"):
+        real = inputs.images.read(case.image)[0]
+        body = real[0] > inputs.reader.threshold
+        texture[case.site] = {"real": fine_texture(real, body, hu_per_unit),
+                              "roundtrip": fine_texture(inputs.roundtrip(case), body, hu_per_unit)}
+    return {"fd": fd, "fine_texture_hu": texture, "crops_read_as_own_site": own,
             "crops_read_as_own_site_overall": float(np.mean(list(own.values()))), "volumes_read_as": volumes}
 
 
@@ -91,6 +108,12 @@ def main() -> None:
         read = ", ".join(f"{k.split('__')[0]}→{v}" for k, v in sorted(r["volumes_read_as"].items()))
         print(f"{r['variant']:<10}{seconds}{recon}{fd['fd']:>12.1f} ({fd['ratio']:>5.1f}x){per_site}"
               f"{r['crops_read_as_own_site_overall']:>9.2f}  {read}")
+    print("fine texture (HU; sd of volume - its 3^3 box mean over body voxels), real -> round trip:")
+    print(f"{'variant':<10}" + "".join(f"{s:>16}" for s in sites))
+    for r in rows:
+        texture = r["fine_texture_hu"]
+        print(f"{r['variant']:<10}" + "".join(f"{texture[s]['real']:>7.1f} -> {texture[s]['roundtrip']:>5.1f}"
+                                              for s in sites))
 
 
 if __name__ == "__main__":
