@@ -712,7 +712,8 @@ class SynthesizeConfig(StrictModel):
     generation_content: Literal["window", "volume"] = Field(
         default="volume", description="a generated crop's content vector: window = one window of a training volume "
         "that is at least min_body_fraction body (a crop's content, the vector the DiT is trained on); volume = "
-        "the mean over a training volume's windows, as the authors generate"
+        "the mean over a training volume's windows, as the authors generate (the default: window measured worse, "
+        "Fréchet 35 x the floor against 28 x over 3 seeds, benchmarks/generation_content.py)"
     )
     body_threshold: float = Field(
         default=0.05, description="window generation: harmonized intensity above which a voxel is body (as "

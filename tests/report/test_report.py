@@ -14,6 +14,7 @@ from meduet import cli
 from meduet.report import build_report, collect_report, sources
 from meduet.report.headline import HEADLINES as HEADLINE_DEFAULTS
 from meduet.report.headline import MISSING, Goal, Headline, HeadlineRow, headline_rows, headline_text, lookup
+from meduet.stages import evaluate_synthesis
 
 HEADLINES = (
     Headline("make_data", "overall.psnr", "PSNR (dB)", digits=1),
@@ -241,3 +242,26 @@ def test_the_unseen_site_headline_counts_sites_won_against_all_sites() -> None:
     assert verdict(3) == ("3", "missed") and verdict(4) == ("4", "met")
     row, = headline_rows({"finetune_sweep": [{"goals": {}}]}, unseen)  # the sweep ran no unseen sites
     assert (row.value_text, row.status) == ("—", "")
+
+
+def test_the_synthesis_headlines_judge_as_evaluate_synthesis_judges_its_goals() -> None:
+    synthesis = [h for h in HEADLINE_DEFAULTS if h.stage == "evaluate_synthesis"]
+    goal_of = {"content.ratio_to_roundtrip": "content_dice_at_least_0.9_of_roundtrip",
+               "translation_style_accuracy": "style_accuracy_at_least_0.90",
+               "counterfactual.closer_than_baselines": "counterfactual_closer_than_baselines_at_least_0.80",
+               "generation.frechet_distance.overall.ratio": "frechet_distance_at_most_2x_floor"}
+    assert {h.key for h in synthesis if h.goal} == set(goal_of)
+    for good in (True, False):
+        metrics = {"content": {"ratio_to_roundtrip": 0.95 if good else 0.85, "ratio_to_roundtrip_ci95": [0.8, 1.0]},
+                   "translation_style_accuracy": 0.92 if good else 0.25,
+                   "counterfactual": {"closer_than_baselines": 0.85 if good else 0.0},
+                   "generation": {"frechet_distance": {"overall": {"ratio": 1.5 if good else 26.7}},
+                                  "frechet_distance_vae_roundtrip": {"overall": {"ratio": 40.0}}}}
+        metrics["goals"] = evaluate_synthesis.goals(metrics)
+        rows = headline_rows({"evaluate_synthesis": [metrics]}, synthesis)
+        for row in rows:
+            if row.headline.goal:
+                assert row.status == ("met" if metrics["goals"][goal_of[row.headline.key]]["met"] else "missed")
+                assert row.status == ("met" if good else "missed")
+            else:  # the VAE's own ceiling: shown, judged by nothing
+                assert (row.value_text, row.status) == ("40.0", "")
