@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
-from synthesis_scoring import generation_scores, score_samples
+from synthesis_scoring import generation_scores, mean_sd, score_samples
 
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
@@ -85,11 +85,6 @@ def run_condition(cfg: MeduetConfig, paths: Paths, condition: str, seed: int) ->
             **generation_scores(metrics)}
 
 
-def _mean(rows: list[dict], key: str) -> str:
-    values = [r[key] for r in rows]
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -130,8 +125,8 @@ def main() -> None:
         print("mean ± sd over seeds:")
         for condition in args.conditions:
             runs = [r for r in rows if r["condition"] == condition]
-            print(f"  {condition:<8} Fréchet x floor {_mean(runs, 'ratio')}, KID {_mean(runs, 'kid')}, generated "
-                  f"style accuracy {_mean(runs, 'style_accuracy')}")
+            print(f"  {condition:<8} Fréchet x floor {mean_sd(runs, 'ratio')}, KID {mean_sd(runs, 'kid')}, generated "
+                  f"style accuracy {mean_sd(runs, 'style_accuracy')}")
 
 
 if __name__ == "__main__":

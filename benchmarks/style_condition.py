@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
-from synthesis_scoring import generation_scores, link_models, score_samples
+from synthesis_scoring import generation_scores, link_models, mean_sd, score_samples
 
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
@@ -110,13 +110,6 @@ def run_condition(params: Path, overrides: list[str], condition: str, seed: int,
     return row
 
 
-def _mean(rows: list[dict], key: str) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return "-"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -157,10 +150,10 @@ def main() -> None:
         print("mean ± sd over seeds:")
         for condition in args.conditions:
             runs = [r for r in rows if r["condition"] == condition]
-            print(f"  {condition:<8} generated style accuracy {_mean(runs, 'style_accuracy')}, Fréchet "
-                  f"x floor {_mean(runs, 'ratio')}, translation style accuracy "
-                  f"{_mean(runs, 'translation_style_accuracy')}, Dice / round trip "
-                  f"{_mean(runs, 'dice_ratio_to_roundtrip')}")
+            print(f"  {condition:<8} generated style accuracy {mean_sd(runs, 'style_accuracy')}, Fréchet "
+                  f"x floor {mean_sd(runs, 'ratio')}, translation style accuracy "
+                  f"{mean_sd(runs, 'translation_style_accuracy')}, Dice / round trip "
+                  f"{mean_sd(runs, 'dice_ratio_to_roundtrip')}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from meduet.artifacts.diffusion import dit_path, save_dit
@@ -81,3 +82,11 @@ def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
             "style_accuracy": generation["style_accuracy"],
             "style_accuracy_ci95": generation["style_accuracy_ci95"],
             "style_accuracy_per_site": generation["style_accuracy_per_site"]}
+
+
+def mean_sd(rows: list[dict[str, Any]], key: str) -> str:
+    """``mean ± sd`` (sample sd) of ``key`` over the rows that have it; the value alone for one row, ``-`` for none."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
