@@ -723,6 +723,14 @@ class SynthesizeConfig(StrictModel):
         default=0.5, description="window generation: the content windows are at least this much body (as "
         "train_evaluator's)"
     )
+    texture: Literal["none", "site"] = Field(
+        default="none", description="site: each decoded image gets the target site's fine texture (noise and grain "
+        "the VAE cannot carry), Gaussian noise fitted to what the site's training volumes lose in their VAE round "
+        "trips (meduet.diffusion.texture); none: the decoder's output as it is"
+    )
+    texture_volumes_per_site: Annotated[int, Field(ge=1)] = Field(
+        default=2, description="texture site: training volumes per site (first by key) the texture is fitted on"
+    )
     augmentations_per_scan: Annotated[int, Field(ge=0)] = Field(
         default=0, description="each labelled training scan translated into this many other sites' styles, whole "
         "volume, for fine-tuning with style-swapped volumes (finetune_sweep.synthetic_arm); 0 skips them"

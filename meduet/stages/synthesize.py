@@ -60,6 +60,7 @@ from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, re
 from meduet.data.windows import box_fractions, window_origins
 from meduet.diffusion import build_process
 from meduet.diffusion.sampling import Guidance, TiledPredictor, crop_predictor, sample
+from meduet.diffusion.texture import SiteTexture, add_texture, fit_texture, missing_variances
 from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import read_manifest as read_harmonized
@@ -124,6 +125,9 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
             noise = torch.randn((1, dit.config.in_channels, *dit.config.input_size), generator=generator)
             latent = sample(predict, process, noise, steps=settings["sampling_steps"], clip=settings["ddpm_clip"])[0]
         volume = decode_latent(_vae(job["vae"]), (latent / scale)[None], settings["max_voxels_per_split"])[0, 0]
+        if job["texture"]:  # drawn after the latent's noise: the latent is the same with or without it
+            volume = add_texture(volume, SiteTexture(**job["texture"]), threshold=settings["body_threshold"],
+                                 value_range=tuple(job["value_range"]), generator=generator)
     image = sitk.GetImageFromArray(volume.float().numpy())  # array (D, H, W) = image (x, y, z) reversed
     if job["header"]:
         header = sitk.ReadImage(job["header"])
@@ -137,6 +141,36 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
     save_array(out / job["record"]["latent"], latent.numpy())
     write_image(image, out / job["record"]["image"])
     return {**job["record"], "shape": list(volume.shape), "seconds": round(time.perf_counter() - start, 3)}
+
+
+# --------------------------------------------------------------------------- site textures
+def site_textures(cfg: SynthesizeConfig, *, latents: list[LatentRecord], harmonized_images: dict[str, Path],
+                  latent_dir: Path, vae: torch.nn.Module, sites: list[str]) -> tuple[dict[str, SiteTexture], list]:
+    """Each site's texture, fitted on its first ``texture_volumes_per_site`` training volumes (by key) against
+    their VAE round trips, and the intensity range ``[low, high]`` of those real volumes (decodes are clipped to it).
+    """
+    textures, low, high = {}, np.inf, -np.inf
+    for site in sites:
+        chosen = sorted((r for r in latents if r.domain == site and r.split == "train"),
+                        key=lambda r: r.key)[:cfg.texture_volumes_per_site]
+        if not chosen:
+            raise StageError(f"{STAGE}: texture site needs a training volume of {site} in {latent_dir / MANIFEST}")
+        pairs = []
+        for record in chosen:
+            image = read_image(harmonized_images[record.key])
+            real = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))  # (D, H, W)
+            latent = torch.from_numpy(np.load(latent_dir / record.latent).astype(np.float32))[None]
+            with torch.no_grad():
+                trip = decode_latent(vae, latent, cfg.max_voxels_per_split)[0, 0]
+            if trip.shape != real.shape:
+                raise StageError(f"{latent_dir / record.latent}: decodes to {tuple(trip.shape)}, not the harmonized "
+                                 f"{tuple(real.shape)} of {record.key}; re-encode the latent cache")
+            pairs.append((real, trip))
+            low, high = min(low, float(real.min())), max(high, float(real.max()))
+        textures[site] = fit_texture(missing_variances(pairs, cfg.body_threshold))
+        log.info("%s: %s texture: %.1f (intensity x 1000) at %.2f voxels of correlation, from %d volume(s)", STAGE,
+                 site, 1000 * textures[site].amplitude, textures[site].sigma, len(pairs))
+    return textures, [low, high]
 
 
 # --------------------------------------------------------------------------- planning
@@ -312,7 +346,10 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     spacing = list(harmonized[latents[0].key].out_spacing) if latents and latents[0].key in harmonized else [1.0] * 3
     settings = cfg.model_dump(include={"sampling_steps", "ddpm_clip", "content_scale", "style_scale", "strength",
                                        "translation_content", "window_overlap", "batch_size",
-                                       "max_voxels_per_split"})
+                                       "max_voxels_per_split", "body_threshold"})
+    textures, value_range = site_textures(
+        cfg, latents=latents, harmonized_images={k: paths.harmonized / r.image for k, r in harmonized.items()},
+        latent_dir=paths.latents, vae=_vae(str(vae_file)), sites=sites) if cfg.texture == "site" else ({}, None)
     jobs = []
     for record in planned:
         if record["key"] in done:
@@ -324,6 +361,8 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
                      "dit": str(dit_file), "weights": cfg.weights, "meduet": str(teacher_file), "vae": str(vae_file),
                      "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_task)),
                      "style": styles[record["target_site"]].tolist(),
+                     "texture": vars(textures[record["target_site"]]) if textures else None,
+                     "value_range": value_range,
                      "content": None if translation else arrays[donor[0]][donor[1]].tolist(),
                      "source_latent": str(paths.latents / source.latent) if source else None,
                      "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
@@ -347,7 +386,8 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     meta = {"run_key": run_key, "dit": str(dit_file), "dit_sha256": dit_sha, "meduet_sha256": teacher_sha,
             "vae_sha256": vae_sha, "objective": dit_meta["config"]["objective"],
             "weights": cfg.weights, "settings": cfg.model_dump(mode="json"), "scale_factor": scale, "sites": sites,
-            "site_styles": {site: style.tolist() for site, style in styles.items()}}
+            "site_styles": {site: style.tolist() for site, style in styles.items()},
+            "site_textures": {site: vars(texture) for site, texture in textures.items()}, "value_range": value_range}
     keep = {store / p for r in records for p in (r.image, r.latent)}
     keep.update(store / "records" / run_key / f"{r.key}.json" for r in records)
     keep.update({store / "manifest.csv", store / "manifest.json"})

@@ -45,12 +45,12 @@ BODY_WINDOWS = list(range(7))  # axis), all but the last (16, 16, 16) are at lea
 
 
 def _harmonized(paths: Paths) -> None:
-    """A harmonized image per latent (4x its grid, a distinct origin each, body in a corner block) and the
-    manifest naming them."""
+    """A harmonized image per latent (4x its grid, a distinct origin each, body in a corner block, with white
+    noise of sd 0.2 on it) and the manifest naming them."""
     records = []
     for n, latent in enumerate(read_manifest(paths.latents)):
         array = np.zeros([4 * s for s in latent.latent_shape[1:]], dtype=np.float32)
-        array[:BODY, :BODY, :BODY] = 0.5
+        array[:BODY, :BODY, :BODY] = 0.5 + 0.2 * np.random.default_rng(n).standard_normal((BODY,) * 3)
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(SPACING)
         image.SetOrigin((10.0 * n, -5.0, 2.5 * n))
@@ -139,7 +139,7 @@ def test_window_generation_draws_the_content_of_training_windows_that_are_mostly
     assert {d.window for d in synthesize.content_donors(stricter, arrays=arrays, factor_records=factor_records,
                                                         harmonized_images=harmonized,
                                                         window=tuple(meta["window"]))} == {0, 1, 2, 4}
-    air = window.model_copy(update={"body_threshold": 0.5})  # the body block is 0.5: nothing is above it
+    air = window.model_copy(update={"body_threshold": 2.0})  # the body block is 0.5 + N(0, 0.2): nothing is above 2
     with pytest.raises(StageError, match="no window of a training volume is 50% body"):
         synthesize.content_donors(air, arrays=arrays, factor_records=factor_records, harmonized_images=harmonized,
                                   window=tuple(meta["window"]))
@@ -154,6 +154,29 @@ def test_window_generation_draws_the_content_of_training_windows_that_are_mostly
     for record in records:
         twin = next(r for r in by_volume if r.key == record.key)
         assert twin.source_window is None and twin.seed == record.seed
+
+
+def test_site_texture_adds_noise_to_the_body_of_the_same_decodes(synthesized, tmp_path: Path) -> None:
+    cfg, paths, _ = synthesized
+    here = dataclasses.replace(paths, synthesis=tmp_path / "synthesis", reports=tmp_path / "reports")
+    synthesize.run(cfg.synthesize.model_copy(update={"texture": "site", "workers": 1}), here, ray=cfg.ray)
+    records, meta = read_synthesis(here.synthesis)
+    plain = {r.key: r for r in read_synthesis(paths.synthesis)[0]}
+    textures = meta["site_textures"]
+    assert set(textures) == {"site_a", "site_b"} and all(t["amplitude"] > 0 for t in textures.values())
+    low, high = meta["value_range"]
+    threshold = cfg.synthesize.body_threshold
+    for record in records:
+        twin = plain[record.key]
+        assert twin.seed == record.seed
+        np.testing.assert_array_equal(np.load(here.synthesis / record.latent), np.load(paths.synthesis / twin.latent))
+        image, bare = (sitk.GetArrayFromImage(sitk.ReadImage(str(root / r.image))) for root, r in
+                       ((here.synthesis, record), (paths.synthesis, twin)))
+        body = bare > threshold
+        np.testing.assert_array_equal(image[~body], bare[~body])  # air untouched
+        added = (image - bare)[body & (bare > low + 0.2) & (bare < high - 0.2)]  # away from the clipping
+        assert image[body].min() >= low and image[body].max() <= high
+        assert added.std() == pytest.approx(textures[record.target_site]["amplitude"], rel=0.25)
 
 
 def test_window_generation_must_read_body_as_the_evaluator_does() -> None:
