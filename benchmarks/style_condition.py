@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from machine import cpu_name  # benchmarks/machine.py (this script's folder)
-from synthesis_scoring import generation_scores, link_models, mean_sd, score_samples
+from synthesis_scoring import generation_scores, link_models, mean_sd, score_samples, translation_scores
 
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
@@ -99,15 +99,7 @@ def run_condition(params: Path, overrides: list[str], condition: str, seed: int,
     metrics = score_samples(cfg, paths, folder / "samples", sampling={"translations": translations})
     row = {"condition": condition, "seed": seed, "train_seconds": seconds, "score_seconds": time.perf_counter() - start,
            "val_loss": trained.metrics["val_loss"], **generation_scores(metrics)}
-    if translations:
-        content, cf = metrics["content"], metrics["counterfactual"]
-        row |= {"translations": metrics["translations"],
-                "translation_style_accuracy": metrics["translation_style_accuracy"],
-                "translation_style_accuracy_ci95": metrics["translation_style_accuracy_ci95"],
-                "dice_ratio_to_roundtrip": content["ratio_to_roundtrip"],
-                "counterfactual_closer": cf.get("closer_than_baselines"),
-                "counterfactual_mae_hu": cf["translation"]["mae_hu"]["mean"] if "translation" in cf else None}
-    return row
+    return row | translation_scores(metrics) if translations else row
 
 
 def main() -> None:

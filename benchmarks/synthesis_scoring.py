@@ -84,6 +84,18 @@ def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
             "style_accuracy_per_site": generation["style_accuracy_per_site"]}
 
 
+def translation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The translations' headline numbers from ``evaluate-synthesis``'s metrics: style accuracy (Wilson
+    interval), organ Dice against the round trip's, the counterfactual's share won and MAE (HU)."""
+    content, cf = metrics["content"], metrics["counterfactual"]
+    return {"translations": metrics["translations"],
+            "translation_style_accuracy": metrics["translation_style_accuracy"],
+            "translation_style_accuracy_ci95": metrics["translation_style_accuracy_ci95"],
+            "dice_ratio_to_roundtrip": content["ratio_to_roundtrip"],
+            "counterfactual_closer": cf.get("closer_than_baselines"),
+            "counterfactual_mae_hu": cf["translation"]["mae_hu"]["mean"] if "translation" in cf else None}
+
+
 def mean_sd(rows: list[dict[str, Any]], key: str) -> str:
     """``mean ± sd`` (sample sd) of ``key`` over the rows that have it; the value alone for one row, ``-`` for none."""
     values = [r[key] for r in rows if r.get(key) is not None]
