@@ -716,8 +716,8 @@ class SynthesizeConfig(StrictModel):
         "Fréchet 35 x the floor against 28 x over 3 seeds, benchmarks/generation_content.py)"
     )
     body_threshold: float = Field(
-        default=0.05, description="window generation: harmonized intensity above which a voxel is body (as "
-        "train_evaluator's, whose body crops the generated ones are compared with)"
+        default=0.05, description="window generation and texture: harmonized intensity above which a voxel is body "
+        "(window generation: as train_evaluator's, whose body crops the generated ones are compared with)"
     )
     min_body_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.5, description="window generation: the content windows are at least this much body (as "

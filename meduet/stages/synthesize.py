@@ -11,10 +11,15 @@ Two uses of the factors (issue 10):
   with A's content tokens window by window and site B's style (``meduet.diffusion.sampling``),
   decoded onto A's harmonized grid with A's affine: A's anatomy as site B would acquire it;
 - *generation* (``samples_per_site`` per site): a crop of the DiT's input size from one
-  training volume's content vector and the site's style, as the authors generate;
+  training volume's content vector (``generation_content: volume``, as the authors generate;
+  ``window``: one of its body windows' content) and the site's style;
 - *augmentation* (``augmentations_per_scan``, off by default): each labelled training scan
   translated like the held-out ones into other sites' styles, for fine-tuning on
   style-swapped volumes with the source's labels (``finetune-sweep``'s ``synthetic_arm``).
+
+With ``texture: site`` every decode also gets its target site's fine texture, the noise the VAE
+cannot carry (``meduet.diffusion.texture``, fitted once per run on each site's training volumes
+against their round trips); the latents are the same either way.
 
 Sources come from the latent cache's ``held_out`` split, the subjects no training stage saw
 (a cache without one falls back to ``train``, and the metrics say so). Every image has its
