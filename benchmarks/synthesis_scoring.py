@@ -86,12 +86,14 @@ def generation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def translation_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     """The translations' headline numbers from ``evaluate-synthesis``'s metrics: style accuracy (Wilson
-    interval), organ Dice against the round trip's, the counterfactual's share won and MAE (HU)."""
+    interval), organ Dice against the round trip's (and the textured round trip's, with texture), the
+    counterfactual's share won and MAE (HU)."""
     content, cf = metrics["content"], metrics["counterfactual"]
     return {"translations": metrics["translations"],
             "translation_style_accuracy": metrics["translation_style_accuracy"],
             "translation_style_accuracy_ci95": metrics["translation_style_accuracy_ci95"],
             "dice_ratio_to_roundtrip": content["ratio_to_roundtrip"],
+            "dice_ratio_to_textured_roundtrip": content.get("ratio_to_textured_roundtrip"),
             "counterfactual_closer": cf.get("closer_than_baselines"),
             "counterfactual_mae_hu": cf["translation"]["mae_hu"]["mean"] if "translation" in cf else None}
 

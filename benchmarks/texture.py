@@ -7,8 +7,9 @@ and latents are sampled with ``texture: none`` and ``site``; for each setting an
 ``synthesize`` and ``evaluate-synthesis`` run in ``<work>/texture/<setting>-seed<seed>/`` and
 report what texture can change: the generated crops' Fréchet distance (overall and per site)
 and style accuracy; with ``--translations N`` also the translations' style accuracy, their organ
-Dice against the round trip's (the evaluator segments noisier images) and the counterfactual MAE
-to the real s@B (independent noise adds error). The fitted textures come first.
+Dice against the round trip's (the evaluator segments noisier images) and, with texture, against the
+round trip's with the same texture drawn on it (the reference rendered as the translation is), and
+the counterfactual MAE to the real s@B (independent noise adds error). The fitted textures come first.
 
     python benchmarks/texture.py [--params params.yaml] [--seeds 0 1 2] [--translations 12]
 
@@ -61,13 +62,16 @@ def main() -> None:
     header = f"{'texture':<8}{'seed':>5}{'Fréchet x floor':>16}" + "".join(f"{s:>9}" for s in sites) + \
         f"{'gen. style acc.':>16}"
     if args.translations:
-        header += f"{'transl. style acc.':>19}{'Dice / round trip':>19}{'cf. won':>9}{'cf. MAE HU':>12}"
+        header += (f"{'transl. style acc.':>19}{'Dice / round trip':>19}{'/ textured':>11}{'cf. won':>9}"
+                   f"{'cf. MAE HU':>12}")
     print(header + f"{'s':>6}")
     for r in rows:
         line = (f"{r['setting']:<8}{r['seed']:>5}{r['ratio']:>16.1f}"
                 + "".join(f"{r['fd_per_site'][s][0]:>9.1f}" for s in sites) + f"{r['style_accuracy']:>16.2f}")
         if args.translations:
+            textured = r["dice_ratio_to_textured_roundtrip"]
             line += (f"{r['translation_style_accuracy']:>19.2f}{r['dice_ratio_to_roundtrip']:>19.2f}"
+                     + (f"{textured:>11.2f}" if textured is not None else f"{'-':>11}") +
                      f"{r['counterfactual_closer']:>9.2f}{r['counterfactual_mae_hu']:>12.1f}")
         print(line + f"{r['seconds']:>6.0f}")
     if len(args.seeds) > 1:
@@ -77,7 +81,8 @@ def main() -> None:
             print(f"  {setting:<5} Fréchet x floor {mean_sd(runs, 'ratio')}, generated style accuracy "
                   f"{mean_sd(runs, 'style_accuracy')}, translation style accuracy "
                   f"{mean_sd(runs, 'translation_style_accuracy')}, Dice / round trip "
-                  f"{mean_sd(runs, 'dice_ratio_to_roundtrip')}, counterfactual MAE "
+                  f"{mean_sd(runs, 'dice_ratio_to_roundtrip')} (textured "
+                  f"{mean_sd(runs, 'dice_ratio_to_textured_roundtrip')}), counterfactual MAE "
                   f"{mean_sd(runs, 'counterfactual_mae_hu')}")
 
 

@@ -12,7 +12,8 @@ harmonized images and labels, the latent cache (split, latents, scale) and the V
    and on each generated crop, against the target site.
 4. Content preservation: the evaluator's segmentation of each translation of ``s@A`` against
    ``A``'s ground-truth labels (it lies on ``A``'s grid), next to ``A``'s VAE round trip and
-   ``A`` itself.
+   ``A`` itself; with ``synthesize.texture: site`` also next to ``A``'s round trip with the target
+   site's texture drawn the same way (the reference rendered as the translation is).
 5. Counterfactual truth: the translation of ``s@A`` into site ``B`` against the real ``s@B``
    resampled onto ``A``'s grid (where both have data): PSNR, SSIM, MAE in HU, against ``s@A``
    itself, ``s@A`` histogram-matched to a train-split volume of ``B`` and ``s@B``'s VAE round
@@ -41,6 +42,7 @@ from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateSynthesisConfig, Paths, TrainEvaluatorConfig
 from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
 from meduet.data.latents import load_latent, read_manifest, read_scale
+from meduet.diffusion.texture import SiteTexture, add_texture
 from meduet.engine.probes import proportion_ci
 from meduet.engine.progress import Progress
 from meduet.evaluation.counterfactual import ImageCache, resample_onto
@@ -111,6 +113,18 @@ class _Inputs:
                              f"not the harmonized {expected} of {case.key}")
         return image
 
+    def textured_roundtrip(self, case: LabelledCase, record: SynthesisRecord) -> torch.Tensor | None:
+        """``case``'s round trip with ``record``'s target site texture, drawn as ``synthesize`` draws it on the
+        translation (same model, threshold and range; the record's seed): ``(1, D, H, W)``, or None without
+        texture."""
+        texture = (self.meta.get("site_textures") or {}).get(record.target_site)
+        if texture is None:
+            return None
+        return add_texture(self.roundtrip(case)[0], SiteTexture(**texture),
+                           threshold=self.meta["settings"]["body_threshold"],
+                           value_range=tuple(self.meta["value_range"]),
+                           generator=torch.Generator().manual_seed(record.seed))[None]
+
 
 # --------------------------------------------------------------------------- translations
 def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: SynthesisRecord, case_a: LabelledCase,
@@ -172,12 +186,15 @@ def translation_rows(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> list[dict
             own[case_a.key] = {name: organ_dice(inputs.reader.organs(image), truth, len(inputs.label_ids))
                                for name, image in (("a", inputs.images.read(case_a.image)[0]),
                                                    ("a_vae", inputs.roundtrip(case_a)))}
+        textured = inputs.textured_roundtrip(case_a, record)
+        reference = {} if textured is None else {
+            "a_vae_textured": organ_dice(inputs.reader.organs(textured), truth, len(inputs.label_ids))}
         probs = inputs.reader.site(translation).mean(0)
         rows.append({"key": record.key, "source": case_a.key, "target_site": record.target_site,
                      "predicted_site": inputs.sites[int(probs.argmax())],
                      "target_probability": float(probs[inputs.sites.index(record.target_site)]),
                      "dice": {"translation": organ_dice(inputs.reader.organs(translation), truth,
-                                                        len(inputs.label_ids)), **own[case_a.key]},
+                                                        len(inputs.label_ids)), **own[case_a.key], **reference},
                      "median_hu": organ_median_hu(translation[0], truth, inputs.label_ids, case_a.window),
                      "counterfactual": _counterfactual(inputs, cfg, record, case_a, translation)})
         progress.update(len(rows))
@@ -191,18 +208,23 @@ def _mean_ci(values: list[float] | np.ndarray, cfg: EvaluateSynthesisConfig) -> 
 
 
 def content_summary(rows: list[dict], label_ids: list[int], cfg: EvaluateSynthesisConfig) -> dict:
-    """Per-organ Dice of translations, ``A``'s round trips and ``A`` itself; the translation / round trip ratio."""
-    names = ("translation", "a_vae", "a")
+    """Per-organ Dice of translations, ``A``'s round trips and ``A`` itself; the translation / round trip ratio
+    (the goal's), and with texture also the ratio to the textured round trip."""
+    names = ("translation", "a_vae", "a") + (("a_vae_textured",) if all("a_vae_textured" in r["dice"]
+                                                                        for r in rows) else ())
     dice = {n: np.stack([r["dice"][n] for r in rows]) for n in names}  # (rows, L - 1), NaN: organ absent
     per_row = {n: np.nanmean(d, axis=1) for n, d in dice.items()}  # (rows,)
-    paired = np.stack([per_row["translation"], per_row["a_vae"]], axis=1)
 
     def ratio(pairs: np.ndarray) -> float:
         return float(pairs[:, 0].mean() / pairs[:, 1].mean()) if pairs[:, 1].mean() > 0 else float("nan")
 
-    return {**{n: _mean_ci(per_row[n], cfg) for n in names},
-            "ratio_to_roundtrip": ratio(paired),
-            "ratio_to_roundtrip_ci95": bootstrap_interval(ratio, [paired], resamples=cfg.bootstrap, seed=cfg.seed),
+    ratios = {}
+    for reference, key in (("a_vae", "ratio_to_roundtrip"), ("a_vae_textured", "ratio_to_textured_roundtrip")):
+        if reference in names:
+            paired = np.stack([per_row["translation"], per_row[reference]], axis=1)
+            ratios |= {key: ratio(paired), f"{key}_ci95": bootstrap_interval(ratio, [paired], resamples=cfg.bootstrap,
+                                                                              seed=cfg.seed)}
+    return {**{n: _mean_ci(per_row[n], cfg) for n in names}, **ratios,
             "per_organ": {str(label): {n: float(np.nanmean(dice[n][:, i])) for n in names}
                           for i, label in enumerate(label_ids[1:]) if not np.isnan(dice["a"][:, i]).all()}}
 
@@ -399,7 +421,7 @@ def plot_summary(metrics: dict, target: Path) -> Path:
     axes[4].set_title("kernel distance (KID; 0: same distribution)", fontsize=9)
     content = metrics.get("content", {})
     if "translation" in content:
-        names = ["translation", "a_vae", "a"]
+        names = [n for n in ("translation", "a_vae", "a_vae_textured", "a") if n in content]
         bars(axes[1], names, [content[n]["mean"] for n in names], [content[n]["ci95"] for n in names])
     axes[1].set_title("content: organ Dice vs A's labels", fontsize=9)
     cf = metrics.get("counterfactual", {})

@@ -163,3 +163,31 @@ def test_the_vae_ceiling_crops_are_the_held_out_real_crops_round_trips(project) 
             where = [n for n, window in enumerate(grid) if torch.equal(window, crop)]
             assert len(where) == 1 and torch.equal(decoded[where[0]], trip)
     assert set(crops["roundtrip"]) == {"site_a", "site_b"}
+
+
+def test_a_textured_store_is_also_scored_against_the_round_trip_with_the_same_texture(project) -> None:
+    cfg, paths, _ = project
+    inputs = evaluate_synthesis._Inputs(cfg.evaluate_synthesis, paths)
+    threshold = cfg.synthesize.body_threshold
+    inputs.meta |= {"settings": {"body_threshold": threshold}, "value_range": [0.0, 1.0],
+                    "site_textures": {site: {"amplitude": 0.0, "sigma": 1.0} for site in inputs.sites}}
+    rows = evaluate_synthesis.translation_rows(inputs, cfg.evaluate_synthesis)
+    content = evaluate_synthesis.content_summary(rows, inputs.label_ids, cfg.evaluate_synthesis)
+    # no noise: the textured round trip is the round trip, and so are its Dice and ratio
+    assert content["a_vae_textured"] == content["a_vae"]
+    assert content["ratio_to_textured_roundtrip"] == content["ratio_to_roundtrip"]
+    inputs.meta["site_textures"] = {site: {"amplitude": 0.05, "sigma": 0.0} for site in inputs.sites}
+    record = next(r for r in inputs.records if r.kind == "translation")
+    case = inputs.case(record.source_key)
+    bare, textured = inputs.roundtrip(case), inputs.textured_roundtrip(case, record)
+    body = bare > threshold
+    torch.testing.assert_close(textured[~body], bare[~body], rtol=0, atol=0)  # air untouched
+    inside = body & (bare > 0.2) & (bare < 0.8)  # away from the clipping to the value range
+    assert (textured - bare)[inside].std() == pytest.approx(0.05, rel=0.1)
+    torch.testing.assert_close(inputs.textured_roundtrip(case, record), textured, rtol=0, atol=0)  # the record's seed
+    rows = evaluate_synthesis.translation_rows(inputs, cfg.evaluate_synthesis)
+    assert all(set(r["dice"]) == {"translation", "a", "a_vae", "a_vae_textured"} for r in rows)
+    inputs.meta["site_textures"] = {}  # an untextured store: no textured reference
+    rows = evaluate_synthesis.translation_rows(inputs, cfg.evaluate_synthesis)
+    assert "ratio_to_textured_roundtrip" not in evaluate_synthesis.content_summary(rows, inputs.label_ids,
+                                                                                  cfg.evaluate_synthesis)
