@@ -30,7 +30,7 @@ from meduet.evaluation.sweep_tables import sweep_tables
 from meduet.stages import finetune_sweep
 
 
-def merged_metrics(folders: list[Path]) -> dict:
+def merged_metrics(folders: list[Path], large_organ_min_ml: float) -> dict:
     """One summary of several sweeps' ``scores.csv`` and ``per_cell`` rows (disjoint cells of one protocol)."""
     rows: list[dict] = []
     per_cell: list[dict] = []
@@ -49,7 +49,7 @@ def merged_metrics(folders: list[Path]) -> dict:
     summary = finetune_sweep.summarize_sweep(
         rows, labels=ordered("label_efficiency", "labels_per_site"),
         efficiency_arms=ordered("label_efficiency", "arm"), sites=ordered("leave_one_site_out", "left_out"),
-        loso_arms=ordered("leave_one_site_out", "arm"))
+        loso_arms=ordered("leave_one_site_out", "arm"), large_organ_min_ml=large_organ_min_ml)
     return {"cells": len(per_cell), "steps": runs[0]["steps"], "held_out_cases": runs[0]["held_out_cases"],
             **summary, "per_cell": per_cell}
 
@@ -62,13 +62,13 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORTS",
                         help="print one summary of these finished sweeps' report folders; run nothing")
     args = parser.parse_args()
+    cfg = load_config(args.params, args.overrides)
     if args.merge:
-        print(sweep_tables(merged_metrics(args.merge)))
+        print(sweep_tables(merged_metrics(args.merge, cfg.finetune.large_organ_min_ml)))
         return
     if args.metrics is not None:
         print(sweep_tables(json.loads(args.metrics.read_text())))
         return
-    cfg = load_config(args.params, args.overrides)
     paths = Paths.resolve(cfg, args.params.resolve().parent)
     start = time.perf_counter()
     result = finetune_sweep.run(cfg.finetune_sweep, paths, ray=cfg.ray, finetune=cfg.finetune,

@@ -9,8 +9,9 @@ site (the first by key); evaluation the ``held_out`` split: subjects no training
 
 Outputs: ``paths.models/finetune/segmenter.pt`` (see ``meduet.artifacts.segmenter``) and
 ``paths.reports/finetune/``: ``metrics.json`` (Dice, HD95 in mm and surface Dice per organ
-per site on the held-out cases, their means, the labelled cases), ``scores.csv`` (one row
-per held-out case and organ), ``history.csv`` and ``loss.png``.
+per site on the held-out cases, their means, the labelled cases; the large organs' mean Dice,
+and with all labels the analysis issue's goal on it), ``scores.csv`` (one row per held-out
+case and organ), ``history.csv`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import FinetuneConfig, HarmonizeConfig, Paths, RayConfig
 from meduet.data.latents import LatentRecord
 from meduet.engine.finetune_runs import (
+    LARGE_ORGAN_TARGET,
     fit_segmenter,
     head_architecture,
     labelled_cases,
+    large_organs,
     score_segmenter,
     segmentation_data,
     summarize,
@@ -62,7 +65,9 @@ def run(cfg: FinetuneConfig, paths: Paths, ray: RayConfig, harmonize: HarmonizeC
                "labelled_cases": len(train), "labelled_fraction": labelled_fraction(train, data.split("train"), sites),
                "held_out_cases": len(held_out), **summarize(rows),
                "first": {t: history[0][t] for t in TERMS} if history else {},
-               "final": {t: history[-1][t] for t in TERMS} if history else {}}
+               "final": {t: history[-1][t] for t in TERMS} if history else {},
+               "large_organs": large_organs(rows, cfg.large_organ_min_ml, cfg.seed)}
+    metrics |= large_organ_goal(metrics["large_organs"], cfg.labels_per_site)
     if not held_out:
         log.warning("%s: no held-out labelled case; nothing scored", STAGE)
     outputs = {"model": target, "scores": write_scores(paths.reports / STAGE / "scores.csv", rows)}
@@ -74,3 +79,14 @@ def labelled_fraction(labelled: list[LatentRecord], train: list[LatentRecord], s
     """Per site, the share of its training subjects whose labels were used."""
     return {s: round(sum(r.domain == s for r in labelled) / max(1, sum(r.domain == s for r in train)), 4)
             for s in sites}
+
+
+def large_organ_goal(large: dict, labels_per_site: int | str) -> dict:
+    """With all labels: the large organs' mean Dice as ``large_organ_dice_all_labels`` and the analysis issue's
+    goal on it (``goals``); nothing with fewer labels, where the goal does not apply."""
+    if labels_per_site != "all" or large["dice"] is None:
+        return {}
+    key = f"all_labels_large_organ_dice_at_least_{LARGE_ORGAN_TARGET}"
+    return {"large_organ_dice_all_labels": large["dice"],
+            "goals": {key: {"value": large["dice"], "target": LARGE_ORGAN_TARGET, "organs": large["organs"],
+                            "met": large["dice"] >= LARGE_ORGAN_TARGET}}}

@@ -15,7 +15,7 @@ import torch
 from meduet.artifacts.segmenter import load_segmenter
 from meduet.config import Paths, load_config
 from meduet.data.latents import LatentRecord, read_manifest, read_scale
-from meduet.engine.finetune_runs import labelled_cases
+from meduet.engine.finetune_runs import labelled_cases, large_organs
 from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
 from meduet.engine.segmentation import pad_case, segment_volume
 from meduet.stages import StageError, finetune
@@ -46,6 +46,14 @@ def test_training_scores_held_out_sites_and_saves_a_model_predict_can_load(train
     rows = list(csv.DictReader(open(paths.reports / "finetune" / "scores.csv")))
     assert sorted((r["case"], r["organ"]) for r in rows) == [
         (f"{s}__{s}_2", organ) for s in SITES for organ in ("body", "liver")]
+    for row in rows:  # each organ's true volume, from its harmonized label map
+        label = sitk.ReadImage(str(paths.harmonized / _label_file(paths, row["case"])))
+        voxels = int((sitk.GetArrayFromImage(label) == cfg.finetune.label_names.index(row["organ"])).sum())
+        assert float(row["volume_ml"]) == pytest.approx(voxels * np.prod(label.GetSpacing()) / 1000, abs=0.01)
+    large = metrics["large_organs"]
+    volumes = {o: np.mean([float(r["volume_ml"]) for r in rows if r["organ"] == o]) for o in ("body", "liver")}
+    assert large["min_ml"] == cfg.finetune.large_organ_min_ml
+    assert large["organs"] == sorted(o for o, v in volumes.items() if v >= cfg.finetune.large_organ_min_ml)
     history = (paths.reports / "finetune" / "history.csv").read_text().splitlines()
     assert history[0].startswith("step,total") and len(history) == 1 + STEPS
     assert (paths.reports / "finetune" / "loss.png").stat().st_size > 2000
@@ -57,6 +65,31 @@ def test_training_scores_held_out_sites_and_saves_a_model_predict_can_load(train
     assert meta["labelled_cases"] == [f"{s}__{s}_{i}" for s in SITES for i in (0, 1)]
     assert meta["scale_factor"] == read_scale(paths.latents) and meta["steps"] == STEPS
     assert isinstance(vae, torch.nn.Module)
+
+
+def _label_file(paths: Paths, key: str) -> str:
+    """The harmonized label map of case ``key``, relative to the harmonized folder."""
+    return next(r["label"] for r in csv.DictReader(open(paths.harmonized / "manifest.csv")) if r["key"] == key)
+
+
+def test_large_organs_are_those_of_large_true_volume_and_their_dice_is_averaged_per_case() -> None:
+    rows = [{"case": case, "organ": organ, "dice": dice, "volume_ml": ml}
+            for case, organ, dice, ml in [("a", "liver", 0.9, 900.0), ("a", "lung", 0.0, 700.0),
+                                          ("a", "spleen", 0.5, 150.0), ("b", "liver", 0.7, 1100.0),
+                                          ("b", "spleen", 0.1, 160.0), ("c", "lung", 0.4, 200.0)]]
+    large = large_organs(rows, 500.0)
+    # lung: mean volume (700 + 200) / 2 = 450 < 500; liver 1000 mL
+    assert large["organs"] == ["liver"] and large["mean_volume_ml"] == {"liver": 1000.0}
+    assert large["dice"] == pytest.approx(0.8) and large["cases"] == 2 and large["by_organ"] == {"liver": 0.8}
+    assert large["ci95"][0] <= 0.8 <= large["ci95"][1] and 0.7 <= large["ci95"][0]
+    both = large_organs(rows, 400.0)  # the lung too; case a's mean over its two large organs counts once
+    assert both["organs"] == ["liver", "lung"] and both["dice"] == round(np.mean([0.45, 0.7, 0.4]), 4)
+    assert large_organs(rows, 5000.0)["dice"] is None
+    goal = finetune.large_organ_goal(large, "all")
+    assert goal["large_organ_dice_all_labels"] == large["dice"]
+    assert goal["goals"]["all_labels_large_organ_dice_at_least_0.85"] == {
+        "value": large["dice"], "target": 0.85, "organs": ["liver"], "met": False}
+    assert finetune.large_organ_goal(large, 1) == {}  # the goal is for all labels only
 
 
 def test_labels_per_site_keeps_the_first_cases_of_each_site() -> None:

@@ -101,7 +101,8 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
         assert "meduet+synth" not in loso[site]  # translations would show the unseen site's style
     goals = metrics["goals"]
     assert set(goals) == {"one_label_meduet_minus_scratch_at_least_0.05", "one_label_meduet_minus_mae_at_least_0.02",
-                          "loso_meduet_beats_scratch_on_every_site"}
+                          "loso_meduet_beats_scratch_on_every_site", "all_labels_large_organ_dice_at_least_0.85"}
+    assert goals["all_labels_large_organ_dice_at_least_0.85"] == "not measured"  # no all-labels point swept
     assert goals["one_label_meduet_minus_scratch_at_least_0.05"]["met"] == (paired["scratch"]["mean"] >= 0.05)
     assert goals["one_label_meduet_minus_mae_at_least_0.02"] == "not measured"
     unseen = goals["loso_meduet_beats_scratch_on_every_site"]
@@ -232,3 +233,17 @@ def test_lesion_probe_scores_each_inits_pooled_content(swept) -> None:
         assert cv["folds"] == 2 and cv["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and 0.0 <= cv["auc"] <= 1.0
     again = finetune_sweep.lesion_probe(["scratch", "meduet"], paths=paths, data=data, label_names=names, seed=0)
     assert again == probe  # seeded: the random encoder and the folds
+
+
+def test_the_large_organ_goal_averages_meduets_all_label_cells_over_seeds() -> None:
+    def row(seed: int, case: str, organ: str, dice: float, ml: float, arm: str = "meduet", labels="all") -> dict:
+        return {"protocol": "label_efficiency", "arm": arm, "labels_per_site": labels, "seed": seed, "case": case,
+                "organ": organ, "dice": dice, "volume_ml": ml}
+
+    rows = [row(0, "a", "liver", 0.9, 1000.0), row(0, "a", "spleen", 0.1, 100.0), row(0, "b", "liver", 0.7, 1000.0),
+            row(1, "a", "liver", 0.6, 1000.0), row(1, "b", "liver", 0.6, 1000.0),
+            row(0, "a", "liver", 0.0, 1000.0, arm="scratch"), row(0, "a", "liver", 0.0, 1000.0, labels=1)]
+    goal = finetune_sweep.large_organ_goal(rows, 500.0)  # seed 0: 0.8, seed 1: 0.6; other arms and points ignored
+    assert goal == {"value": 0.7, "seed_values": [0.8, 0.6], "sd": round(float(np.std([0.8, 0.6], ddof=1)), 4),
+                    "target": 0.85, "organs": ["liver"], "by_organ": {"liver": 0.7}, "met": False}
+    assert finetune_sweep.large_organ_goal([r for r in rows if r["arm"] == "scratch"], 500.0) is None
