@@ -553,7 +553,8 @@ class FinetuneConfig(StrictModel):
     surface_tolerance_mm: PositiveFloat = Field(default=2.0, description="tolerance of the surface Dice (mm)")
     large_organ_min_ml: PositiveFloat = Field(
         default=500.0, description="organs whose true volume in the held-out label maps averages at least this "
-        "(mL) are the large organs of the all-labels goal (mean Dice >= 0.85); the demo's: fat, muscle, liver, lungs")
+        "(mL) are the large organs of the all-labels goal (mean Dice >= 0.85); the demo's: fat, muscle, liver, lungs, "
+        "heart")
     log_every: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
 

@@ -75,7 +75,8 @@ def goals_table(goals: Mapping[str, Any]) -> str:
         if not isinstance(verdict, Mapping):
             rows.append([name, "", str(verdict)])
             continue
-        measured = (_signed(verdict["value"]) if "value" in verdict else
+        measured = ((_number(verdict["value"], 3) if "target" in verdict else _signed(verdict["value"]))
+                    if "value" in verdict else
                     ", ".join(f"{site}: {'yes' if won else 'no'}" for site, won in verdict.get("sites", {}).items()))
         rows.append([name, measured, "met" if verdict.get("met") else "missed"])
     return _table(["goal", "measured", "verdict"], rows)

@@ -28,7 +28,8 @@ METRICS = {
     "goals": {"one_label_meduet_minus_scratch_at_least_0.05": {"value": 0.0061, "met": False},
               "one_label_meduet_minus_mae_at_least_0.02": "not measured",
               "loso_meduet_beats_scratch_on_every_site": {"arm": "meduet+style", "sites": {"site_a": True},
-                                                          "met": True}},
+                                                          "met": True},
+              "all_labels_large_organ_dice_at_least_0.85": {"value": 0.3428, "target": 0.85, "met": False}},
     "per_cell": [{"protocol": "label_efficiency", "arm": "scratch", "seconds": 100.0},
                  {"protocol": "label_efficiency", "arm": "scratch", "seconds": 140.0},
                  {"protocol": "leave_one_site_out", "arm": "meduet+style", "seconds": 60.0}],
@@ -47,6 +48,7 @@ def test_tables_carry_means_sds_differences_goals_and_times() -> None:
     assert "| one_label_meduet_minus_scratch_at_least_0.05 | +0.006 | missed |" in text
     assert "| one_label_meduet_minus_mae_at_least_0.02 |  | not measured |" in text
     assert "| loso_meduet_beats_scratch_on_every_site | site_a: yes | met |" in text
+    assert "| all_labels_large_organ_dice_at_least_0.85 | 0.343 | missed |" in text  # a level, not a difference
     assert "| label_efficiency | scratch | 2 | 120 | 100–140 | 4.0 |" in text
     assert "| all |  | 3 | 100 |  | 5.0 |" in text
 
