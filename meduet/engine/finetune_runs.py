@@ -230,6 +230,16 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def mean_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
+    """95 % percentile-bootstrap interval of the mean of ``values`` (scipy, 4 digits); None for fewer than two
+    values or no spread, where resampling says nothing."""
+    if len(values) < 2 or np.ptp(values) == 0:
+        return None
+    interval = bootstrap((np.asarray(values),), np.mean, n_resamples=_BOOTSTRAP_RESAMPLES, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval
+    return [round(float(interval.low), 4), round(float(interval.high), 4)]
+
+
 def large_organs(rows: list[dict], min_ml: float, seed: int = 0) -> dict:
     """The organs whose true volume, averaged over the rows that hold them, is at least ``min_ml``, and their Dice.
 
@@ -252,12 +262,8 @@ def large_organs(rows: list[dict], min_ml: float, seed: int = 0) -> dict:
     if not per_case:
         return out | {"dice": None, "ci95": None, "by_organ": {}, "cases": 0}
     case_means = np.array([np.mean(v) for v in per_case.values()])
-    ci = None
-    if len(case_means) > 1 and np.ptp(case_means) > 0:
-        interval = bootstrap((case_means,), np.mean, n_resamples=_BOOTSTRAP_RESAMPLES, method="percentile",
-                             rng=np.random.default_rng(seed)).confidence_interval
-        ci = [round(float(interval.low), 4), round(float(interval.high), 4)]
-    return out | {"dice": round(float(case_means.mean()), 4), "ci95": ci, "cases": len(case_means),
+    return out | {"dice": round(float(case_means.mean()), 4), "ci95": mean_ci95(case_means, seed),
+                  "cases": len(case_means),
                   "by_organ": {o: mean([r["dice"] for r in rows if r["organ"] == o]) for o in organs}}
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
@@ -55,6 +54,7 @@ from meduet.engine.finetune_runs import (
     labelled_cases,
     large_organs,
     mean,
+    mean_ci95,
     score_segmenter,
     segmentation_data,
     write_scores,
@@ -76,7 +76,6 @@ STAGE = "finetune_sweep"
 BASELINES = ("scratch", "mae")  # what MeDUET is compared with, pair by pair
 # The issue's goals with labels of one subject per site: MeDUET's mean Dice over these baselines.
 GOALS = {"scratch": 0.05, "mae": 0.02}
-_BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,9 @@ def paired_difference(rows: list[dict], *, arm: str, baseline: str, seed: int = 
     per_seed = [float(np.mean([ours[k] - theirs[k] for k in keys if k[0] == s])) for s in seeds]
     out = {"mean": round(float(diff.mean()), 4), "sd": _sd(list(diff)), "n": len(keys),
            "seed_means": [round(v, 4) for v in per_seed], "seed_sd": _sd(per_seed)}
-    if len(keys) > 1 and np.ptp(diff) > 0:
-        ci = bootstrap((diff,), np.mean, n_resamples=_BOOTSTRAP_RESAMPLES, method="percentile",
-                       rng=np.random.default_rng(seed)).confidence_interval
-        out["ci95"] = [round(float(ci.low), 4), round(float(ci.high), 4)]
+    ci = mean_ci95(diff, seed)
+    if ci is not None:
+        out["ci95"] = ci
     return out
 
 
@@ -215,7 +213,7 @@ def goals(label_efficiency: dict, loso: dict | None, large: dict | None = None) 
 
 
 def summarize_sweep(rows: list[dict], *, labels: list, efficiency_arms: list[str], sites: list[str],
-                    loso_arms: list[str], large_organ_min_ml: float = 500.0) -> dict:
+                    loso_arms: list[str], large_organ_min_ml: float) -> dict:
     """The sweep's score rows summarised: ``label_efficiency`` per label count and arm, ``leave_one_site_out``
     per unseen site and arm (None without ``sites``), and the ``goals`` they meet or miss (organs of at least
     ``large_organ_min_ml`` are the large ones)."""

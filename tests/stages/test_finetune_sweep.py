@@ -130,18 +130,20 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
 
 def test_the_written_scores_summarise_back_to_the_stage_metrics(swept) -> None:
     """scores.csv read back (types restored) gives the stage's own summary: what merging sweeps relies on."""
-    _, paths, result = swept
+    cfg, paths, result = swept
     metrics = result.metrics
     rows = read_scores(paths.reports / "finetune_sweep" / "scores.csv")
     assert {type(r["seed"]) for r in rows} == {int} and {type(r["dice"]) for r in rows} == {float}
     efficiency_arms = [a for a in metrics["label_efficiency"]["1"] if not a.endswith("_minus")]
     loso_arms = [a for a in metrics["leave_one_site_out"][FINETUNE_SITES[0]] if not a.endswith("_minus")]
     summary = finetune_sweep.summarize_sweep(rows, labels=[1], efficiency_arms=efficiency_arms,
-                                             sites=list(FINETUNE_SITES), loso_arms=loso_arms)
+                                             sites=list(FINETUNE_SITES), loso_arms=loso_arms,
+                                             large_organ_min_ml=cfg.finetune.large_organ_min_ml)
     assert summary == {key: metrics[key] for key in ("label_efficiency", "leave_one_site_out", "goals")}
     seed_one = [{**r, "seed": 1} for r in rows]  # a second seed's run of the same cells, merged
     merged = finetune_sweep.summarize_sweep(rows + seed_one, labels=[1], efficiency_arms=efficiency_arms,
-                                            sites=list(FINETUNE_SITES), loso_arms=loso_arms)
+                                            sites=list(FINETUNE_SITES), loso_arms=loso_arms,
+                                            large_organ_min_ml=cfg.finetune.large_organ_min_ml)
     dice = merged["label_efficiency"]["1"]["meduet"]["dice"]
     assert dice["seeds"] == 2 and dice["sd"] == 0.0
     assert merged["label_efficiency"]["1"]["meduet_minus"]["scratch"]["n"] == 2 * summary[
