@@ -730,9 +730,9 @@ class SynthesizeConfig(StrictModel):
     texture: Literal["none", "site"] = Field(
         default="none", description="site: each decoded image gets the target site's fine texture (noise and grain "
         "the VAE cannot carry), Gaussian noise fitted to what the site's training volumes lose in their VAE round "
-        "trips (meduet.diffusion.texture); none (the default: site lowers the Fréchet ratio 4x and lifts the "
-        "translations' style accuracy to 0.75, but drops their organ Dice ratio to 0.78; README): the decoder's "
-        "output as it is"
+        "trips (meduet.diffusion.texture); none (the default: site lowers the Fréchet ratio 4.8x and lifts the "
+        "translations' style accuracy to 0.75, but drops their organ Dice ratio to 0.77 over 3 seeds; README): the "
+        "decoder's output as it is"
     )
     texture_volumes_per_site: Annotated[int, Field(ge=1)] = Field(
         default=2, description="texture site: training volumes per site (first by key) the texture is fitted on"
