@@ -523,7 +523,11 @@ class FinetuneConfig(StrictModel):
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=4, description="windows per worker and micro-step")
     steps: Annotated[int, Field(ge=1)] = 300
-    lr: PositiveFloat = 1e-2
+    lr: PositiveFloat = Field(default=1e-2, description="learning rate of the segmentation head")
+    encoder_lr_scale: PositiveFloat = Field(
+        default=1.0, description="the encoder's learning rate as a multiple of lr (the same for every init: a "
+        "pretrained encoder trained at the head's rate may lose what pretraining gave it)"
+    )
     weight_decay: Annotated[float, Field(ge=0)] = 1e-2
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     grad_clip: PositiveFloat = 1.0

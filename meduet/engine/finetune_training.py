@@ -164,6 +164,17 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     return finetune_trainer(cfg=cfg, model=model, batches=batches, device=device)
 
 
+def parameter_groups(model: LatentSegmenter, *, lr: float, encoder_lr_scale: float) -> list[dict]:
+    """The trained parameters as two AdamW groups: the head at ``lr`` (first: the rate the history reports),
+    the encoder at ``lr * encoder_lr_scale``."""
+    head: list[torch.nn.Parameter] = []
+    encoder: list[torch.nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (encoder if name.startswith("encoder.") else head).append(param)
+    return [{"params": head, "lr": lr}, {"params": encoder, "lr": lr * encoder_lr_scale}]
+
+
 def finetune_trainer(*, cfg: FinetuneConfig, model: LatentSegmenter,
                      batches: Callable[[int], Iterable[SegmentationBatch]], device: torch.device) -> Trainer:
     """The optimizer, schedule and DiceCE loss around a built segmenter and its ``batches``.
@@ -173,8 +184,8 @@ def finetune_trainer(*, cfg: FinetuneConfig, model: LatentSegmenter,
     """
     wrapped = dist.prepare_model(model.to(device))
     inner = dist.unwrap(wrapped)
-    trained = [p for p in inner.parameters() if p.requires_grad]
-    optimizer = adamw(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(parameter_groups(inner, lr=cfg.lr, encoder_lr_scale=cfg.encoder_lr_scale),
+                      lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     checkpointed = {"model": inner, "optimizer": optimizer, "scheduler": scheduler}
