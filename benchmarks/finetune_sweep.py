@@ -2,7 +2,8 @@
 
     python benchmarks/finetune_sweep.py [--params params.yaml] [--set finetune_sweep.full=true ...]
     python benchmarks/finetune_sweep.py --metrics reports/finetune_sweep/metrics.json
-    python benchmarks/finetune_sweep.py --merge <reports of run 1>/finetune_sweep <reports of run 2>/finetune_sweep
+    python benchmarks/finetune_sweep.py --merge <reports of run 1>/finetune_sweep <reports of run 2>/finetune_sweep \
+        [--figure sweep.png]
 
 The first form runs ``finetune-sweep`` through its stage function (cells already finished
 with the same settings are reused, so an interrupted sweep goes on where it stopped) and
@@ -11,7 +12,8 @@ mean ± sd over seeds per point and arm, paired differences with bootstrap inter
 goals, seconds per cell). The second prints the tables of a run already made. The third
 summarises sweeps that ran disjoint cells of one protocol (e.g. other seeds, side by side,
 each with its own ``paths.reports_dir``) as one: their ``scores.csv`` rows through the
-stage's own summary (``finetune_sweep.summarize_sweep``). Needs the data, VAE and pretrained
+stage's own summary (``finetune_sweep.summarize_sweep``), and ``--figure`` draws it as the
+stage's ``sweep.png`` does. Needs the data, VAE and pretrained
 encoders of a ``make run`` (or ``dvc repro finetune_sweep``).
 """
 
@@ -61,10 +63,20 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, default=None, help="print this finished run's tables; run nothing")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORTS",
                         help="print one summary of these finished sweeps' report folders; run nothing")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="with --merge: also draw the merged summary as the stage's sweep.png here")
     args = parser.parse_args()
     cfg = load_config(args.params, args.overrides)
     if args.merge:
-        print(sweep_tables(merged_metrics(args.merge, cfg.finetune.large_organ_min_ml)))
+        merged = merged_metrics(args.merge, cfg.finetune.large_organ_min_ml)
+        print(sweep_tables(merged))
+        if args.figure is not None:
+            efficiency, loso = merged["label_efficiency"], merged["leave_one_site_out"] or None
+            def arms(cells: dict) -> list[str]:  # every arm scored, in the summary's order (no differences)
+                return list(dict.fromkeys(a for point in cells.values() for a, v in point.items() if "dice" in v))
+
+            efficiency_arms, loso_arms = arms(efficiency), arms(loso or {})
+            print(f"figure: {finetune_sweep.plot_sweep(efficiency, loso, efficiency_arms, loso_arms, args.figure)}")
         return
     if args.metrics is not None:
         print(sweep_tables(json.loads(args.metrics.read_text())))

@@ -310,11 +310,13 @@ def plot_sweep(efficiency: dict, loso: dict | None, inits: list[str], loso_arms:
     fig, axes = plt.subplots(1, 1 if loso is None else 2, figsize=(5 if loso is None else 10, 3.5), squeeze=False)
     ax = axes[0, 0]
     points = list(efficiency)
-    for init in inits:
+    for k, init in enumerate(inits):
         means = [efficiency[p][init]["dice"]["mean"] for p in points]
-        ax.errorbar(range(len(points)), [np.nan if m is None else m for m in means],
+        nudge = (k - (len(inits) - 1) / 2) * 0.06  # side by side, so overlapping error bars stay readable
+        ax.errorbar(np.arange(len(points)) + nudge, [np.nan if m is None else m for m in means],
                     yerr=[efficiency[p][init]["dice"]["sd"] or 0.0 for p in points], marker="o", capsize=3, label=init)
     ax.set_xticks(range(len(points)), points)
+    ax.set_xlim(-0.5, len(points) - 0.5)
     ax.set(xlabel="labelled training subjects per site", ylabel="held-out mean Dice", title="Label efficiency")
     ax.legend()
     if loso is not None:
