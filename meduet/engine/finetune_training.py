@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -67,6 +68,10 @@ class SegmentationCropSampler:
         window: the latent window ``(d, h, w)``; factor: image voxels per latent voxel.
         seed: base seed; a batch depends on ``(seed, step, rank)`` alone.
         foreground_fraction: share of windows centred on a voxel of a random present class.
+        foreground_balance: how that class is drawn: ``case`` = a random case, then one of its classes
+            (a class only some cases hold, such as the lungs of the chest-including subjects, gets that
+            share of the windows); ``dataset`` = one of the classes any case of the pool holds, then a
+            case holding it, so every class gets as many windows however few cases show it.
         synthetic: per case, whether it is synthesized; if any is (and any is not), a window comes
             from a random synthesized case with probability ``synthetic_fraction``, else from a real one
             (without synthesized cases, every case is equally likely, as before).
@@ -74,40 +79,68 @@ class SegmentationCropSampler:
 
     def __init__(self, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], window: tuple[int, int, int],
                  factor: int, seed: int, foreground_fraction: float = 0.5, synthetic: list[bool] | None = None,
-                 synthetic_fraction: float = 0.3) -> None:
+                 synthetic_fraction: float = 0.3, foreground_balance: Literal["case", "dataset"] = "case") -> None:
         if not cases:
             raise ValueError("no labelled training case")
+        if foreground_balance not in ("case", "dataset"):
+            raise ValueError(f"foreground_balance must be 'case' or 'dataset', got {foreground_balance!r}")
         self.window, self.factor, self.seed, self.foreground_fraction = window, factor, seed, foreground_fraction
+        self.foreground_balance = foreground_balance
         flags = synthetic or [False] * len(cases)
         self.pools = [[i for i, s in enumerate(flags) if not s], [i for i, s in enumerate(flags) if s]]
         self.synthetic_fraction = synthetic_fraction if all(self.pools) else None
         self.cases = [pad_case(lat, img, lab, window, factor)[:3] for lat, img, lab in cases]
         rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
-        self.positions: list[list[np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
+        self.positions: list[dict[int, np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
         for _, _, label in self.cases:
-            per_class = []
-            for c in (c for c in np.unique(label) if c > 0):  # background needs no help to be seen
+            per_class = {}
+            for c in (int(c) for c in np.unique(label) if c > 0):  # background needs no help to be seen
                 flat = np.flatnonzero(label == c)
                 flat = rng.choice(flat, min(len(flat), _SAMPLES_PER_CLASS), replace=False)
-                per_class.append(np.stack(np.unravel_index(flat, label.shape), axis=1))
+                per_class[c] = np.stack(np.unravel_index(flat, label.shape), axis=1)
             self.positions.append(per_class)
 
-    def _corner(self, case: int, gen: torch.Generator) -> list[int]:
-        """Latent corner of one window of ``case``."""
-        latent = self.cases[case][0]
-        limits = [n - k for n, k in zip(latent.shape[1:], self.window)]
-        classes = self.positions[case]
-        if classes and float(torch.rand(1, generator=gen)) < self.foreground_fraction:
-            voxels = classes[int(torch.randint(len(classes), (1,), generator=gen))]
-            centre = voxels[int(torch.randint(len(voxels), (1,), generator=gen))] // self.factor
-            return [int(min(max(c - k // 2, 0), hi)) for c, k, hi in zip(centre, self.window, limits)]
-        return [int(torch.randint(hi + 1, (1,), generator=gen)) for hi in limits]
+    def _limits(self, case: int) -> list[int]:
+        return [n - k for n, k in zip(self.cases[case][0].shape[1:], self.window)]
 
-    def _case(self, gen: torch.Generator) -> int:
+    def _centred(self, case: int, voxels: np.ndarray, gen: torch.Generator) -> list[int]:
+        """Latent corner of the window of ``case`` centred on one of ``voxels`` (image indices), inside the case."""
+        centre = voxels[int(torch.randint(len(voxels), (1,), generator=gen))] // self.factor
+        return [int(min(max(c - k // 2, 0), hi)) for c, k, hi in zip(centre, self.window, self._limits(case))]
+
+    def _uniform(self, case: int, gen: torch.Generator) -> list[int]:
+        return [int(torch.randint(hi + 1, (1,), generator=gen)) for hi in self._limits(case)]
+
+    def _corner(self, case: int, gen: torch.Generator) -> list[int]:
+        """Latent corner of one window of ``case`` (``foreground_balance: case``)."""
+        classes = list(self.positions[case].values())
+        if classes and float(torch.rand(1, generator=gen)) < self.foreground_fraction:
+            return self._centred(case, classes[int(torch.randint(len(classes), (1,), generator=gen))], gen)
+        return self._uniform(case, gen)
+
+    def _pool(self, gen: torch.Generator) -> list[int]:
+        """The cases this window comes from: all, or the synthesized or the real ones (``synthetic_fraction``)."""
         if self.synthetic_fraction is None:
-            return int(torch.randint(len(self.cases), (1,), generator=gen))
-        pool = self.pools[int(float(torch.rand(1, generator=gen)) < self.synthetic_fraction)]
-        return pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            return list(range(len(self.cases)))
+        return self.pools[int(float(torch.rand(1, generator=gen)) < self.synthetic_fraction)]
+
+    def _draw(self, gen: torch.Generator) -> tuple[int, list[int]]:
+        """One window: its case and latent corner."""
+        pool = self._pool(gen)
+        if self.foreground_balance == "case":
+            case = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            return case, self._corner(case, gen)
+        holders: dict[int, list[int]] = {}  # class -> the pool's cases that hold it
+        for case in pool:
+            for c in self.positions[case]:
+                holders.setdefault(c, []).append(case)
+        if holders and float(torch.rand(1, generator=gen)) < self.foreground_fraction:
+            classes = sorted(holders)
+            c = classes[int(torch.randint(len(classes), (1,), generator=gen))]
+            case = holders[c][int(torch.randint(len(holders[c]), (1,), generator=gen))]
+            return case, self._centred(case, self.positions[case][c], gen)
+        case = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        return case, self._uniform(case, gen)
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> SegmentationBatch:
         """This step's and worker's windows: see ``SegmentationBatch``."""
@@ -115,8 +148,7 @@ class SegmentationCropSampler:
         (wd, wh, ww), f = self.window, self.factor
         latents, images, labels = [], [], []
         for _ in range(batch_size):
-            case = self._case(gen)
-            i, j, k = self._corner(case, gen)
+            case, (i, j, k) = self._draw(gen)
             latent, image, label = self.cases[case]
             big = (slice(f * i, f * (i + wd)), slice(f * j, f * (j + wh)), slice(f * k, f * (k + ww)))
             latents.append(torch.from_numpy(np.ascontiguousarray(latent[:, i:i + wd, j:j + wh, k:k + ww])))
@@ -153,7 +185,8 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     model = build_segmenter(backbone=backbone, head=head, init=cfg.init, meduet_file=meduet_file)
     sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], model.window, head.downsample, cfg.seed,
                                       cfg.foreground_fraction, synthetic=[c.synthetic for c in cases],
-                                      synthetic_fraction=cfg.synthetic_fraction)
+                                      synthetic_fraction=cfg.synthetic_fraction,
+                                      foreground_balance=cfg.foreground_balance)
     rank = dist.world_rank()
 
     def batches(step: int) -> Iterable[SegmentationBatch]:

@@ -171,3 +171,24 @@ def test_the_saved_model_segments_a_held_out_case_as_the_stage_scored_it(trained
     body = pred == 1
     dice = 2 * (body & (label == 1)).sum() / (body.sum() + (label == 1).sum())
     assert dice == pytest.approx(metrics["dice"]["by_site"][record.domain]["body"], abs=1e-3)
+
+
+@pytest.mark.parametrize("balance, share", [("case", 1 / 6), ("dataset", 1 / 2)])
+def test_dataset_balance_gives_a_class_only_one_case_holds_as_many_windows_as_the_others(balance: str,
+                                                                                          share: float) -> None:
+    def case(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        label = np.zeros((64, 64, 64), np.uint8)
+        label[56:, 56:, 56:] = 1  # every case: class 1 in the far corner
+        if n == 0:
+            label[:4, :4, :4] = 2  # only case 0: class 2 in the near corner, never in a window with class 1
+        return np.full((4, 16, 16, 16), float(n), np.float32), np.zeros((64, 64, 64), np.float32), label
+
+    sampler = SegmentationCropSampler([case(n) for n in range(3)], (8, 8, 8), 4, seed=0, foreground_fraction=1.0,
+                                      foreground_balance=balance)
+    batches = [sampler.batch(step, 8) for step in range(100)]  # 800 windows
+    has_class_2 = np.concatenate([(lab == 2).flatten(1).any(1).numpy() for _, _, lab in batches])
+    cases = np.concatenate([x[:, 0, 0, 0, 0].numpy() for x, _, _ in batches]).astype(int)
+    assert abs(has_class_2.mean() - share) < 0.05  # case: 1/3 of the windows from case 0, half of those
+    assert set(cases[has_class_2]) == {0}
+    with pytest.raises(ValueError, match="foreground_balance"):
+        SegmentationCropSampler([case(0)], (8, 8, 8), 4, seed=0, foreground_balance="site")
