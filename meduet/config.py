@@ -538,7 +538,7 @@ class FinetuneConfig(StrictModel):
         default=0.67, description="share of training windows centred on a voxel of a random class present in the case"
     )
     foreground_balance: Literal["case", "dataset"] = Field(
-        default="case", description="how a foreground window's class is drawn: case = a random training case, then "
+        default="dataset", description="how a foreground window's class is drawn: case = a random training case, then "
         "one of its classes; dataset = one of the classes any training case holds, then a case holding it (a class "
         "only some cases show, e.g. the lungs of the chest-including subjects, gets as many windows as the others)"
     )
