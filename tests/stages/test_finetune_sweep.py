@@ -95,8 +95,14 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     assert synth["meduet"]["mean"] == pytest.approx(dice["meduet+synth"] - dice["meduet"], abs=2e-3)
     loso = metrics["leave_one_site_out"]
     assert set(loso) == set(FINETUNE_SITES)
-    for site in FINETUNE_SITES:  # the style bank changes the model: augmentation reached training
-        assert loso[site]["meduet+style"]["dice"]["mean"] != loso[site]["meduet"]["dice"]["mean"]
+    histories = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "history.csv")))
+    losses: dict[str, list[str]] = {}
+    for r in histories:
+        losses.setdefault(r["cell"], []).append(r["total"])
+    for site in FINETUNE_SITES:
+        # the style bank changes training (its losses, not necessarily a 4-digit Dice after 20 steps)
+        styled, plain = (losses[f"leave_one_site_out-{arm}-without-{site}-seed0"] for arm in ("meduet+style", "meduet"))
+        assert styled != plain and len(styled) == len(plain)
         assert set(loso[site]["meduet+style_minus"]) == {"scratch", "meduet"}
         assert "meduet+synth" not in loso[site]  # translations would show the unseen site's style
     goals = metrics["goals"]
@@ -113,7 +119,6 @@ def test_every_cell_trains_and_scores_its_own_cases(swept) -> None:
     assert (paths.reports / "finetune_sweep" / "sweep.png").stat().st_size > 5000
     table = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "label_efficiency.csv")))
     assert [r["arm"] for r in table] == [*SWEEP["inits"], "meduet+synth"]
-    histories = list(csv.DictReader(open(paths.reports / "finetune_sweep" / "history.csv")))
     by_cell = {r["cell"]: [] for r in histories}
     for r in histories:
         by_cell[r["cell"]].append(int(r["step"]))
