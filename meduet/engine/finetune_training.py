@@ -2,9 +2,10 @@
 
 Per micro-batch: windows of the labelled training cases, each a latent window ``(C, d, h, w)``
 (scaled), the image window over the same voxels ``(1, 4d, 4h, 4w)`` and its labels. A share
-``foreground_fraction`` of the windows is centred on a voxel of a random class present in the
-case (small organs would be rare in uniform windows, as MONAI's ``RandCropByLabelClasses``
-argues); the rest lie uniformly at random. No flips: they would swap left and right organs.
+``foreground_fraction`` of the windows is centred on a voxel of one class (``foreground_balance``:
+a class any labelled case holds, then a case holding it; or a random case, then one of its
+classes), since small organs would be rare in uniform windows, as MONAI's
+``RandCropByLabelClasses`` argues; the rest lie uniformly at random. No flips: they would swap left and right organs.
 Every draw comes from ``(seed, index, rank)``, so a resumed run sees the batches of an
 uninterrupted one. The loss is MONAI's ``DiceCELoss`` at image resolution.
 """
@@ -67,7 +68,7 @@ class SegmentationCropSampler:
         cases: ``(latent (C, d, h, w), image (D, H, W), label (D, H, W))`` per case, ``D = factor * d``.
         window: the latent window ``(d, h, w)``; factor: image voxels per latent voxel.
         seed: base seed; a batch depends on ``(seed, step, rank)`` alone.
-        foreground_fraction: share of windows centred on a voxel of a random present class.
+        foreground_fraction: share of windows centred on a voxel of one class present in their case.
         foreground_balance: how that class is drawn: ``case`` = a random case, then one of its classes
             (a class only some cases hold, such as the lungs of the chest-including subjects, gets that
             share of the windows); ``dataset`` = one of the classes any case of the pool holds, then a
@@ -87,8 +88,10 @@ class SegmentationCropSampler:
         self.window, self.factor, self.seed, self.foreground_fraction = window, factor, seed, foreground_fraction
         self.foreground_balance = foreground_balance
         flags = synthetic or [False] * len(cases)
-        self.pools = [[i for i, s in enumerate(flags) if not s], [i for i, s in enumerate(flags) if s]]
-        self.synthetic_fraction = synthetic_fraction if all(self.pools) else None
+        # the cases a window may come from: [all, real, synthesized] (the last two by synthetic_fraction)
+        self.pools = [list(range(len(cases))), [i for i, s in enumerate(flags) if not s],
+                      [i for i, s in enumerate(flags) if s]]
+        self.synthetic_fraction = synthetic_fraction if all(self.pools[1:]) else None
         self.cases = [pad_case(lat, img, lab, window, factor)[:3] for lat, img, lab in cases]
         rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
         self.positions: list[dict[int, np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
@@ -99,6 +102,13 @@ class SegmentationCropSampler:
                 flat = rng.choice(flat, min(len(flat), _SAMPLES_PER_CLASS), replace=False)
                 per_class[c] = np.stack(np.unravel_index(flat, label.shape), axis=1)
             self.positions.append(per_class)
+        self.holders: list[dict[int, list[int]]] = []  # per pool: class -> the pool's cases holding it
+        for pool in self.pools:
+            holders: dict[int, list[int]] = {}
+            for case in pool:
+                for c in self.positions[case]:
+                    holders.setdefault(c, []).append(case)
+            self.holders.append(dict(sorted(holders.items())))
 
     def _limits(self, case: int) -> list[int]:
         return [n - k for n, k in zip(self.cases[case][0].shape[1:], self.window)]
@@ -118,24 +128,21 @@ class SegmentationCropSampler:
             return self._centred(case, classes[int(torch.randint(len(classes), (1,), generator=gen))], gen)
         return self._uniform(case, gen)
 
-    def _pool(self, gen: torch.Generator) -> list[int]:
-        """The cases this window comes from: all, or the synthesized or the real ones (``synthetic_fraction``)."""
+    def _pool(self, gen: torch.Generator) -> int:
+        """Which of ``pools`` this window comes from: all, or the real or the synthesized (``synthetic_fraction``)."""
         if self.synthetic_fraction is None:
-            return list(range(len(self.cases)))
-        return self.pools[int(float(torch.rand(1, generator=gen)) < self.synthetic_fraction)]
+            return 0
+        return 2 if float(torch.rand(1, generator=gen)) < self.synthetic_fraction else 1
 
     def _draw(self, gen: torch.Generator) -> tuple[int, list[int]]:
         """One window: its case and latent corner."""
-        pool = self._pool(gen)
+        index = self._pool(gen)
+        pool, holders = self.pools[index], self.holders[index]
         if self.foreground_balance == "case":
             case = pool[int(torch.randint(len(pool), (1,), generator=gen))]
             return case, self._corner(case, gen)
-        holders: dict[int, list[int]] = {}  # class -> the pool's cases that hold it
-        for case in pool:
-            for c in self.positions[case]:
-                holders.setdefault(c, []).append(case)
         if holders and float(torch.rand(1, generator=gen)) < self.foreground_fraction:
-            classes = sorted(holders)
+            classes = list(holders)  # sorted by class
             c = classes[int(torch.randint(len(classes), (1,), generator=gen))]
             case = holders[c][int(torch.randint(len(holders[c]), (1,), generator=gen))]
             return case, self._centred(case, self.positions[case][c], gen)
