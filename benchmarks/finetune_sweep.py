@@ -56,6 +56,11 @@ def merged_metrics(folders: list[Path], large_organ_min_ml: float) -> dict:
             **summary, "per_cell": per_cell}
 
 
+def scored_arms(cells: dict) -> list[str]:
+    """Every arm a summary scored (``{point or site: {arm: scores, "<arm>_minus": differences}}``), in its order."""
+    return list(dict.fromkeys(arm for point in cells.values() for arm, v in point.items() if "dice" in v))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -72,10 +77,7 @@ def main() -> None:
         print(sweep_tables(merged))
         if args.figure is not None:
             efficiency, loso = merged["label_efficiency"], merged["leave_one_site_out"] or None
-            def arms(cells: dict) -> list[str]:  # every arm scored, in the summary's order (no differences)
-                return list(dict.fromkeys(a for point in cells.values() for a, v in point.items() if "dice" in v))
-
-            efficiency_arms, loso_arms = arms(efficiency), arms(loso or {})
+            efficiency_arms, loso_arms = scored_arms(efficiency), scored_arms(loso or {})
             print(f"figure: {finetune_sweep.plot_sweep(efficiency, loso, efficiency_arms, loso_arms, args.figure)}")
         return
     if args.metrics is not None:

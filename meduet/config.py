@@ -535,7 +535,7 @@ class FinetuneConfig(StrictModel):
     amp: bool = Field(default=True, description="bf16 autocast when training on GPU")
     cpu_bf16: bool = Field(default=False, description="bf16 autocast on CPUs with native bf16 too")
     foreground_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
-        default=0.67, description="share of training windows centred on a voxel of a random class present in the case"
+        default=0.67, description="share of training windows centred on a voxel of one class (foreground_balance)"
     )
     foreground_balance: Literal["case", "dataset"] = Field(
         default="dataset", description="how a foreground window's class is drawn: case = a random training case, then "
