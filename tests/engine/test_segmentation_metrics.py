@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
-from meduet.engine.segmentation import organ_metrics
+from meduet.engine.segmentation import organ_metrics, surface_scores
 
 
 def _blob(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -43,6 +43,24 @@ def test_scores_match_monais_own_functions(seed: int) -> None:
         assert values["hd95"] == pytest.approx(hd95, rel=1e-5)
         assert values["surface_dice"] == pytest.approx(nsd, rel=1e-5)
         assert 0.0 < values["dice"] < 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_distance_transform_and_the_kd_tree_give_the_same_scores(seed: int) -> None:
+    """Both ways of finding each edge voxel's nearest edge (``edge_distances``) score alike, sparse or fragmented."""
+    rng = np.random.default_rng(seed)
+    shape = (20, 26, 22)
+    truth = _blob(shape, rng.uniform(8, 12, 3), rng.uniform(4, 7, 3))
+    compact = _blob(shape, rng.uniform(8, 12, 3), rng.uniform(4, 7, 3))
+    fragmented = compact | (rng.random(shape) < 0.05)  # many edge voxels for its box: the transform's case
+    spacing = (2.0, 0.8, 1.3)
+    for pred in (compact, fragmented):
+        p, y = torch.from_numpy(pred), torch.from_numpy(truth)
+        by_tree = surface_scores(p, y, spacing, 2.0, dense=False)
+        by_transform = surface_scores(p, y, spacing, 2.0, dense=True)
+        assert by_transform == pytest.approx(by_tree, rel=1e-6)
+        assert surface_scores(p, y, spacing, 2.0) == pytest.approx(by_tree, rel=1e-6)  # whichever the rule picks
+        assert by_tree[0] > 0 and 0.0 < by_tree[1] < 1.0
 
 
 def test_a_class_never_predicted_has_infinite_hd95_and_zero_surface_dice() -> None:
