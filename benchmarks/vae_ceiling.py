@@ -45,7 +45,7 @@ def fine_texture(image: torch.Tensor, body: torch.Tensor, hu_per_unit: float) ->
 def ceiling(cfg: MeduetConfig, paths: Paths) -> dict:
     """The round trips of the held-out volumes of ``paths``'s latent cache through ``paths``'s VAE, read by
     the evaluator: Fréchet per site and overall (with floors) and site readings."""
-    inputs = evaluate_synthesis._Inputs(cfg.evaluate_synthesis, paths)
+    inputs = evaluate_synthesis.SynthesisInputs(cfg.evaluate_synthesis, paths)
     crops = evaluate_synthesis.crop_sets(inputs, cfg.evaluate_synthesis)
     summary = evaluate_synthesis.generation_summary(inputs, crops, cfg.evaluate_synthesis)
     fd = {site: {k: v[k] for k in ("fd", "fd_ci95", "floor", "ratio")}

@@ -68,8 +68,8 @@ METHODS = ("translation", *BASELINES, "b_vae")
 
 
 # --------------------------------------------------------------------------- inputs
-class _Inputs:
-    """Everything the measurements read, each volume read or decoded once."""
+class SynthesisInputs:
+    """Everything the measurements read, each volume read or decoded once (benchmarks build it to score other sets)."""
 
     def __init__(self, cfg: EvaluateSynthesisConfig, paths: Paths) -> None:
         self.records, self.meta = read_synthesis(paths.synthesis)
@@ -127,8 +127,8 @@ class _Inputs:
 
 
 # --------------------------------------------------------------------------- translations
-def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: SynthesisRecord, case_a: LabelledCase,
-                    translation: torch.Tensor) -> dict | None:
+def _counterfactual(inputs: SynthesisInputs, cfg: EvaluateSynthesisConfig, record: SynthesisRecord,
+                    case_a: LabelledCase, translation: torch.Tensor) -> dict | None:
     """Scores of the translation and its baselines against the real ``s@B`` on ``A``'s grid.
 
     None when there is no ``s@B``, no train volume of ``B`` of another subject to match histograms
@@ -170,7 +170,7 @@ def _counterfactual(inputs: _Inputs, cfg: EvaluateSynthesisConfig, record: Synth
                 "target": target[0, middle].numpy()}}
 
 
-def translation_rows(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> list[dict]:
+def translation_rows(inputs: SynthesisInputs, cfg: EvaluateSynthesisConfig) -> list[dict]:
     """One row per translation: predicted site, organ Dice (and of ``A``, ``A``'s round trip), HU, counterfactual."""
     rows, own = [], {}
     translations = [r for r in inputs.records if r.kind == "translation"]
@@ -251,7 +251,7 @@ def counterfactual_summary(rows: list[dict], cfg: EvaluateSynthesisConfig) -> di
     return summary
 
 
-def hu_summary(inputs: _Inputs, rows: list[dict], cfg: EvaluateSynthesisConfig) -> dict:
+def hu_summary(inputs: SynthesisInputs, rows: list[dict], cfg: EvaluateSynthesisConfig) -> dict:
     """Per target site and organ: median HU of translations against the real volumes of that site."""
     result: dict = {}
     for site in sorted({r["target_site"] for r in rows}):
@@ -271,7 +271,7 @@ def hu_summary(inputs: _Inputs, rows: list[dict], cfg: EvaluateSynthesisConfig) 
 
 
 # --------------------------------------------------------------------------- generated crops
-def crop_sets(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> dict:
+def crop_sets(inputs: SynthesisInputs, cfg: EvaluateSynthesisConfig) -> dict:
     """Generated crops and real body crops of the same size, by site (real ones by split too), and the
     held-out real crops' VAE round trips (the same crops of the decoded cached latent), by site."""
     generated = [r for r in inputs.records if r.kind == "generation"]
@@ -299,7 +299,7 @@ def crop_sets(inputs: _Inputs, cfg: EvaluateSynthesisConfig) -> dict:
             "roundtrip": {s: torch.stack(v) for s, v in roundtrip.items() if v}}
 
 
-def generation_summary(inputs: _Inputs, crops: dict, cfg: EvaluateSynthesisConfig) -> dict:
+def generation_summary(inputs: SynthesisInputs, crops: dict, cfg: EvaluateSynthesisConfig) -> dict:
     """Fréchet distance against its floor, diversity and style accuracy of the generated crops."""
     generated, real = crops["generated"], crops["real"]
     if not generated:
@@ -444,7 +444,7 @@ def plot_summary(metrics: dict, target: Path) -> Path:
 def run(cfg: EvaluateSynthesisConfig, paths: Paths) -> StageResult:
     """Measure the synthesis store with the frozen evaluator; write metrics, goals and figures."""
     torch.manual_seed(cfg.seed)
-    inputs = _Inputs(cfg, paths)
+    inputs = SynthesisInputs(cfg, paths)
     rows = translation_rows(inputs, cfg)
     generation = generation_summary(inputs, crop_sets(inputs, cfg), cfg)
     metrics: dict = {"translations": len(rows), "generated": sum(r.kind == "generation" for r in inputs.records),

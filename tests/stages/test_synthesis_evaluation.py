@@ -151,7 +151,7 @@ def test_missing_inputs_are_named(project, tmp_path) -> None:
 
 def test_the_vae_ceiling_crops_are_the_held_out_real_crops_round_trips(project) -> None:
     cfg, paths, _ = project
-    inputs = evaluate_synthesis._Inputs(cfg.evaluate_synthesis, paths)
+    inputs = evaluate_synthesis.SynthesisInputs(cfg.evaluate_synthesis, paths)
     crops = evaluate_synthesis.crop_sets(inputs, cfg.evaluate_synthesis)
     for case in (c for c in inputs.cases.values() if c.split == "held_out"):  # one held-out volume a site
         real, trips = crops["real"][case.site, "held_out"], crops["roundtrip"][case.site]
@@ -167,7 +167,7 @@ def test_the_vae_ceiling_crops_are_the_held_out_real_crops_round_trips(project) 
 
 def test_a_textured_store_is_also_scored_against_the_round_trip_with_the_same_texture(project) -> None:
     cfg, paths, _ = project
-    inputs = evaluate_synthesis._Inputs(cfg.evaluate_synthesis, paths)
+    inputs = evaluate_synthesis.SynthesisInputs(cfg.evaluate_synthesis, paths)
     threshold = cfg.synthesize.body_threshold
     inputs.meta |= {"settings": {"body_threshold": threshold}, "value_range": [0.0, 1.0],
                     "site_textures": {site: {"amplitude": 0.0, "sigma": 1.0} for site in inputs.sites}}
