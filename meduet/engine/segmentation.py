@@ -92,9 +92,9 @@ def segment_volume(model: LatentSegmenter, latent: np.ndarray, image: np.ndarray
     return labels.astype(np.uint8 if model.config.num_classes <= 256 else np.uint16)
 
 
-# A nearest-edge query costs ~2-6 us per edge voxel (more the farther it is from the other edge set), a
-# distance transform ~65 ns per voxel of the cropped box; the transform wins when the edge voxels
-# queried exceed about 1/30 of the box (a demo volume's fragmented lung predictions: 1.5 s -> 0.27 s).
+# Roughly (one demo volume's organs, timed once): a nearest-edge query costs 2-6 us per edge voxel, more the
+# farther it lies from the other edge set, a distance transform ~65 ns per voxel of the cropped box; so the
+# transform wins once the edge voxels queried exceed about 1/30 of the box (benchmarks/segmentation_scoring.py).
 DENSE_EDGE_SHARE = 1 / 30
 
 
@@ -149,8 +149,8 @@ def organ_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[int], spaci
         classes: labels to score (those absent from ``truth`` are skipped: nothing to find).
         spacing: voxel size along ``(D, H, W)`` in mm (SimpleITK's ``(x, y, z)`` reversed).
         workers: classes scored side by side in threads (the KD-tree queries release the GIL; a
-            demo volume's 12 organs took 4.1-4.3 s in one thread and 2.7 s in two); None = torch's
-            thread count. The scores do not depend on it.
+            demo volume took 3.7 s in one thread and 2.2 s in two: benchmarks/segmentation_scoring.py);
+            None = torch's thread count. The scores do not depend on it.
 
     Returns:
         ``{class: {"dice", "hd95", "surface_dice"}}`` in the order of ``classes``; HD95 is
