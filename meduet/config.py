@@ -521,6 +521,11 @@ class FinetuneConfig(StrictModel):
     image_features: Annotated[int, Field(ge=1)] = Field(
         default=8, description="channels of the image-resolution refinement (refine only)"
     )
+    body_context: bool = Field(
+        default=False, description="the head also reads where each window lies in the patient (inside the body "
+        "outline or not, left-right and front-back position: meduet.data.body), computed from the whole harmonized "
+        "volume; without it a window inside a lung reads as the air around the patient"
+    )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=4, description="windows per worker and micro-step")
     steps: Annotated[int, Field(ge=1)] = 300
     lr: PositiveFloat = Field(default=1e-2, description="learning rate of the segmentation head")

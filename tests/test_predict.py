@@ -73,11 +73,12 @@ def test_a_harmonized_mask_maps_back_onto_the_object_in_the_input_grid(tmp_path:
     assert (centre_error < 1.0).all(), centre_error
 
 
-def _segmenter_file(path: Path) -> Path:
+def _segmenter_file(path: Path, *, body_context: bool = False) -> Path:
     """A segmenter file with untrained (seeded) weights: predict's plumbing does not depend on training."""
     torch.manual_seed(0)
     backbone = dataclasses.replace(MEDUET_PRESETS["tiny"], num_domains=2)
-    head = SegmenterArchitecture(num_classes=3, decoder="refine", features=8, image_features=4)
+    head = SegmenterArchitecture(num_classes=3, decoder="refine", features=8, image_features=4,
+                                 body_context=body_context)
     vae = build_vae(VAE_PRESETS["tiny"])
     return save_segmenter(path, model=LatentSegmenter(backbone, head).state_dict(), architecture=head,
                           backbone=backbone, config={"overlap": 0.25, "window_batch": 4},
@@ -138,10 +139,11 @@ def _dataset(root: Path) -> Path:
     return root / "dataset.json"
 
 
-def test_predict_reads_the_cases_a_dataset_json_lists(tmp_path: Path) -> None:
+@pytest.mark.parametrize("body_context", [False, True])
+def test_predict_reads_the_cases_a_dataset_json_lists(tmp_path: Path, body_context: bool) -> None:
     index = _dataset(tmp_path / "msd")
     (tmp_path / "msd" / "imagesTs" / "unlisted.nii.gz").write_bytes(b"not listed: never read")
-    model = _segmenter_file(tmp_path / "segmenter.pt")
+    model = _segmenter_file(tmp_path / "segmenter.pt", body_context=body_context)
     out = tmp_path / "out"
     assert main(["predict", "--model", str(model), "--input", str(index), "--output", str(out)]) == 0
     summary = {r["case"]: r for r in json.loads((out / "summary.json").read_text())}

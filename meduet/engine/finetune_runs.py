@@ -140,7 +140,7 @@ def backbone_source(paths: Paths, init: str, held_out: list[LatentRecord]) -> tu
 
 def head_architecture(cfg: FinetuneConfig) -> SegmenterArchitecture:
     return SegmenterArchitecture(num_classes=len(cfg.label_names), decoder=cfg.decoder, features=cfg.features,
-                                 image_features=cfg.image_features)
+                                 image_features=cfg.image_features, body_context=cfg.body_context)
 
 
 def fit_segmenter(cfg: FinetuneConfig, *, stage: str, paths: Paths, ray: RayConfig, data: SegmentationData,

@@ -1,7 +1,8 @@
 """The segmentation fine-tuning trainer: its parts for the shared loop (``meduet.engine.loop``).
 
 Per micro-batch: windows of the labelled training cases, each a latent window ``(C, d, h, w)``
-(scaled), the image window over the same voxels ``(1, 4d, 4h, 4w)`` and its labels. A share
+(scaled), the image window over the same voxels ``(1 + X, 4d, 4h, 4w)`` (``X`` body-context channels,
+``meduet.data.body``, when the head reads them) and its labels. A share
 ``foreground_fraction`` of the windows is centred on a voxel of one class (``foreground_balance``:
 a class any labelled case holds, then a case holding it; or a random case, then one of its
 classes), since small organs would be rare in uniform windows, as MONAI's
@@ -25,6 +26,7 @@ from monai.losses import DiceCELoss
 from meduet import distributed as dist
 from meduet.artifacts.pretrained import load_meduet
 from meduet.config import FinetuneConfig
+from meduet.data.body import segmenter_image
 from meduet.data.latent_crops import step_generator
 from meduet.engine.loop import Trainer
 from meduet.engine.optim import adamw
@@ -37,7 +39,7 @@ from meduet.models.segmenter import LatentSegmenter, StyleBank
 TERMS = ("total",)
 _SAMPLES_PER_CLASS = 2000  # voxel positions kept per class and case to centre windows on
 
-# One micro-batch: latents (B, C, d, h, w), images (B, 1, 4d, 4h, 4w), labels (B, 1, 4d, 4h, 4w) int64.
+# One micro-batch: latents (B, C, d, h, w), images (B, 1 + X, 4d, 4h, 4w), labels (B, 1, 4d, 4h, 4w) int64.
 SegmentationBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -76,11 +78,13 @@ class SegmentationCropSampler:
         synthetic: per case, whether it is synthesized; if any is (and any is not), a window comes
             from a random synthesized case with probability ``synthetic_fraction``, else from a real one
             (without synthesized cases, every case is equally likely, as before).
+        body_context: image windows also carry the body channels of ``meduet.data.body``.
     """
 
     def __init__(self, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], window: tuple[int, int, int],
                  factor: int, seed: int, foreground_fraction: float = 0.5, synthetic: list[bool] | None = None,
-                 synthetic_fraction: float = 0.3, foreground_balance: Literal["case", "dataset"] = "case") -> None:
+                 synthetic_fraction: float = 0.3, foreground_balance: Literal["case", "dataset"] = "case",
+                 body_context: bool = False) -> None:
         if not cases:
             raise ValueError("no labelled training case")
         if foreground_balance not in ("case", "dataset"):
@@ -92,7 +96,9 @@ class SegmentationCropSampler:
         self.pools = [list(range(len(cases))), [i for i, s in enumerate(flags) if not s],
                       [i for i, s in enumerate(flags) if s]]
         self.synthetic_fraction = synthetic_fraction if all(self.pools[1:]) else None
-        self.cases = [pad_case(lat, img, lab, window, factor)[:3] for lat, img, lab in cases]
+        # images (1 + X, D, H, W); 0.0 is the floor pad_case pads with (the shipped windows' b_min)
+        self.cases = [(lat, segmenter_image(img, 0.0, body_context=body_context), lab)
+                      for lat, img, lab in (pad_case(*case, window, factor)[:3] for case in cases)]
         rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
         self.positions: list[dict[int, np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
         for _, _, label in self.cases:
@@ -159,7 +165,7 @@ class SegmentationCropSampler:
             latent, image, label = self.cases[case]
             big = (slice(f * i, f * (i + wd)), slice(f * j, f * (j + wh)), slice(f * k, f * (k + ww)))
             latents.append(torch.from_numpy(np.ascontiguousarray(latent[:, i:i + wd, j:j + wh, k:k + ww])))
-            images.append(torch.from_numpy(np.ascontiguousarray(image[big]))[None])
+            images.append(torch.from_numpy(np.ascontiguousarray(image[(slice(None), *big)])))
             labels.append(torch.from_numpy(label[big].astype(np.int64))[None])
         return torch.stack(latents), torch.stack(images), torch.stack(labels)
 
@@ -193,7 +199,7 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], model.window, head.downsample, cfg.seed,
                                       cfg.foreground_fraction, synthetic=[c.synthetic for c in cases],
                                       synthetic_fraction=cfg.synthetic_fraction,
-                                      foreground_balance=cfg.foreground_balance)
+                                      foreground_balance=cfg.foreground_balance, body_context=head.body_context)
     rank = dist.world_rank()
 
     def batches(step: int) -> Iterable[SegmentationBatch]:

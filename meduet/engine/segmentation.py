@@ -18,6 +18,7 @@ from monai.metrics import compute_dice
 from monai.metrics.utils import get_mask_edges, get_surface_distance
 from scipy.ndimage import distance_transform_edt
 
+from meduet.data.body import segmenter_image
 from meduet.data.windows import window_starts
 from meduet.models.segmenter import LatentSegmenter
 
@@ -67,19 +68,20 @@ def segment_volume(model: LatentSegmenter, latent: np.ndarray, image: np.ndarray
     window, factor = model.window, model.config.downsample
     shape = image.shape
     latent, image, _, before = pad_case(latent, image, None, window, factor, image_fill)
+    image = segmenter_image(image, image_fill, body_context=model.config.body_context)  # (1 + X, D', H', W')
     starts = [window_starts(n, k, max(1, round(k * (1 - overlap)))) for n, k in zip(latent.shape[1:], window)]
     big = model.image_window
     weight = compute_importance_map(big, mode="gaussian", sigma_scale=0.125, device="cpu")  # (4d, 4h, 4w)
     # Weighted sums of probabilities; the argmax needs no division by the summed weights (positive everywhere).
     # Classes last: the argmax then reduces contiguous memory, much faster than over a leading class axis.
-    probs = torch.zeros((*image.shape, model.config.num_classes))  # (D, H, W, K)
+    probs = torch.zeros((*image.shape[1:], model.config.num_classes))  # (D, H, W, K)
     lat, img = torch.from_numpy(np.ascontiguousarray(latent)), torch.from_numpy(np.ascontiguousarray(image))
     origins = list(itertools.product(*starts))
     device = next(model.parameters()).device
     for first in range(0, len(origins), batch_size):
         chunk = origins[first:first + batch_size]
         x = torch.stack([lat[:, i:i + window[0], j:j + window[1], k:k + window[2]] for i, j, k in chunk])
-        im = torch.stack([img[None, factor * i:factor * i + big[0], factor * j:factor * j + big[1],
+        im = torch.stack([img[:, factor * i:factor * i + big[0], factor * j:factor * j + big[1],
                               factor * k:factor * k + big[2]] for i, j, k in chunk])
         p = torch.softmax(model(x.to(device), im.to(device)).float(), dim=1).cpu()  # (n, K, 4d, 4h, 4w)
         for (i, j, k), pw in zip(chunk, p):

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 Grid = tuple[int, int, int]
 VAEPresetName = Literal["maisi", "small", "tiny"]
 MeduetPresetName = Literal["base", "small", "tiny"]
+# The segmenter's body context, in channel order (computed by meduet.data.body).
+BODY_CHANNELS = ("body", "lateral", "anterior")
 
 _A = TypeVar("_A", bound="_Architecture")
 
@@ -289,6 +291,9 @@ class SegmenterArchitecture(_Architecture):
         features: channels ``F`` of the latent-resolution head.
         image_features: channels ``Fi`` of the image-resolution refinement (``refine`` only).
         downsample: image voxels per latent voxel along each axis (the VAE's compression).
+        body_context: the image input carries the body channels of ``meduet.data.body`` after the
+            intensity (where the window lies in the patient), read by both the latent stem
+            (average-pooled to the latent grid) and the image-resolution path.
     """
 
     num_classes: int
@@ -296,6 +301,12 @@ class SegmenterArchitecture(_Architecture):
     features: int = 32
     image_features: int = 8
     downsample: int = 4
+    body_context: bool = False
+
+    @property
+    def context_channels(self) -> int:
+        """Channels of the image input after the intensity."""
+        return len(BODY_CHANNELS) if self.body_context else 0
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:

@@ -9,6 +9,11 @@ and returns ``N = d*h*w / p**3`` tokens. The head, in two variants (``decoder``)
   features of the harmonized image window ``(B, 1, 4d, 4h, 4w)`` next to the logits (the skip
   the latent lost: organ boundaries sit between latent voxels).
 
+With ``body_context`` the image window also carries ``X = 3`` channels saying where it lies in
+the patient (``meduet.data.body``: inside the body or not, left-right and front-back position),
+read at image resolution and, average-pooled, by the latent stem: without them a window inside
+a lung reads exactly as the air around the patient.
+
 Both return logits at image resolution ``(B, K, 4d, 4h, 4w)``. Shapes: ``E`` encoder width,
 ``F`` head channels, ``Fi`` image-resolution channels, ``K`` classes.
 """
@@ -47,9 +52,9 @@ class LatentSegmenter(nn.Module):
         self.encoder = MeduetModel(backbone)
         for name, param in self.encoder.named_parameters():
             param.requires_grad_(name.startswith(ENCODER_PREFIXES))
-        e, f, k = backbone.embed_dim, config.features, config.num_classes
-        # 1. latent grid: a stem of the latent as the skip of the upsampled tokens
-        self.latent_stem = UnetResBlock(3, backbone.in_channels, f, kernel_size=3, stride=1, norm_name=_NORM)
+        e, f, k, x = backbone.embed_dim, config.features, config.num_classes, config.context_channels
+        # 1. latent grid: a stem of the latent (and the pooled body context) as the skip of the upsampled tokens
+        self.latent_stem = UnetResBlock(3, backbone.in_channels + x, f, kernel_size=3, stride=1, norm_name=_NORM)
         self.up_tokens = UnetrUpBlock(3, e, f, kernel_size=3, upsample_kernel_size=backbone.patch_size,
                                       norm_name=_NORM, res_block=True)
         self.out = UnetOutBlock(3, f, k)
@@ -57,7 +62,7 @@ class LatentSegmenter(nn.Module):
         #    features next to those logits; zero at the start, so refine begins where upsample is
         if config.decoder == "refine":
             fi = config.image_features
-            self.image_stem = UnetResBlock(3, 1, fi, kernel_size=3, stride=1, norm_name=_NORM)
+            self.image_stem = UnetResBlock(3, 1 + x, fi, kernel_size=3, stride=1, norm_name=_NORM)
             self.refine = UnetResBlock(3, fi + k, fi, kernel_size=3, stride=1, norm_name=_NORM)
             self.refine_out = UnetOutBlock(3, fi, k)
             nn.init.zeros_(self.refine_out.conv.conv.weight)
@@ -83,8 +88,9 @@ class LatentSegmenter(nn.Module):
 
         Args:
             latent: ``(B, C, d, h, w)`` scaled latents (the encoder's input size).
-            image: ``(B, 1, 4d, 4h, 4w)`` harmonized image window over the same voxels; needed
-                by ``refine``, ignored by ``upsample``.
+            image: ``(B, 1 + X, 4d, 4h, 4w)`` harmonized image window over the same voxels (``X``
+                body-context channels, 0 without ``body_context``); needed by ``refine`` and by
+                the body context, else ignored.
             style_bank: in training, shifts the encoder tokens of some windows towards the
                 bank's style (domain generalisation; see :class:`StyleBank`).
 
@@ -96,18 +102,28 @@ class LatentSegmenter(nn.Module):
             tokens = style_bank(self.encoder, tokens)
         gd, gh, gw = self.encoder.config.grid
         grid = rearrange(tokens, "b (d h w) e -> b e d h w", d=gd, h=gh, w=gw)  # (B, E, d/p, h/p, w/p)
-        features = self.up_tokens(grid, self.latent_stem(latent))  # (B, F, d, h, w)
+        needs_image = self.config.decoder == "refine" or self.config.body_context
+        if needs_image:
+            self._check_image(image, latent)
+        stem_input = latent
+        if self.config.body_context:  # (B, C + X, d, h, w): the context averaged over each latent voxel's box
+            stem_input = torch.cat([latent, F.avg_pool3d(image[:, 1:], self.config.downsample)], dim=1)
+        features = self.up_tokens(grid, self.latent_stem(stem_input))  # (B, F, d, h, w)
         logits = self.out(features)  # (B, K, d, h, w)
         if self.config.decoder == "upsample":
             return F.interpolate(logits, scale_factor=self.config.downsample, mode="trilinear", align_corners=False)
         coarse = F.interpolate(logits.contiguous(memory_format=_IMAGE_LAYOUT), scale_factor=self.config.downsample,
                                mode="trilinear", align_corners=False)  # (B, K, 4d, 4h, 4w), channels-last
-        if image is None or tuple(image.shape[2:]) != tuple(coarse.shape[2:]):
-            raise ValueError(f"the refine decoder needs the image window (B, 1, {tuple(coarse.shape[2:])}), got "
-                             f"{None if image is None else tuple(image.shape)}")
         image = image.contiguous(memory_format=_IMAGE_LAYOUT)
         fine = self.refine(torch.cat([self.image_stem(image), coarse], dim=1))  # (B, Fi, 4d, 4h, 4w)
         return coarse + self.refine_out(fine)  # (B, K, 4d, 4h, 4w)
+
+    def _check_image(self, image: torch.Tensor | None, latent: torch.Tensor) -> None:
+        expected = (1 + self.config.context_channels, *(self.config.downsample * n for n in latent.shape[2:]))
+        if image is None or tuple(image.shape[1:]) != expected:
+            raise ValueError(f"the segmenter ({self.config.decoder} decoder, body_context "
+                             f"{self.config.body_context}) needs the image window (B, {', '.join(map(str, expected))}),"
+                             f" got {None if image is None else tuple(image.shape)}")
 
 
 class StyleBank(nn.Module):

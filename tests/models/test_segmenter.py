@@ -41,3 +41,22 @@ def test_channels_last_refinement_gives_the_logits_and_gradients_of_the_plain_la
     for name, grad in ref_grads.items():  # the same sums in another order: equal up to float32 rounding
         error = torch.linalg.vector_norm(fast_grads[name] - grad) / torch.linalg.vector_norm(grad)
         assert error < 1e-3, (name, float(error))  # a layout mix-up would be of order 1
+
+
+@pytest.mark.parametrize("decoder", ["refine", "upsample"])
+def test_body_context_is_read_by_both_stems_and_its_absence_is_a_clear_error(decoder: str) -> None:
+    torch.manual_seed(0)
+    head = SegmenterArchitecture(num_classes=3, decoder=decoder, features=8, image_features=4, body_context=True)
+    model = LatentSegmenter(MEDUET_PRESETS["tiny"], head)
+    assert head.context_channels == 3
+    assert model.latent_stem.conv1.conv.in_channels == MEDUET_PRESETS["tiny"].in_channels + 3
+    latent = torch.randn(2, 4, *model.window)
+    image = torch.rand(2, 4, *model.image_window)
+    logits = model(latent, image)
+    assert logits.shape == (2, 3, *model.image_window)
+    moved = image.clone()
+    moved[:, 1:] = -moved[:, 1:]  # the same intensities elsewhere in the body: other logits
+    assert not torch.allclose(model(latent, moved), logits)
+    for wrong in (None, image[:, :1]):
+        with pytest.raises(ValueError, match=r"body_context True\) needs the image window \(B, 4, 32, 32, 32\)"):
+            model(latent, wrong)

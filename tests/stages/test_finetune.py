@@ -14,6 +14,7 @@ import torch
 
 from meduet.artifacts.segmenter import load_segmenter
 from meduet.config import Paths, load_config
+from meduet.data.body import body_channels
 from meduet.data.latents import LatentRecord, read_manifest, read_scale
 from meduet.engine.finetune_runs import labelled_cases, large_organs
 from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
@@ -192,3 +193,33 @@ def test_dataset_balance_gives_a_class_only_one_case_holds_as_many_windows_as_th
     assert set(cases[has_class_2]) == {0}
     with pytest.raises(ValueError, match="foreground_balance"):
         SegmentationCropSampler([case(0)], (8, 8, 8), 4, seed=0, foreground_balance="site")
+
+
+def test_body_context_windows_carry_the_whole_cases_context_over_the_same_voxels() -> None:
+    rng = np.random.default_rng(1)
+    latent = rng.normal(size=(4, 8, 10, 12)).astype(np.float32)
+    image = np.zeros((32, 40, 48), np.float32)
+    image[4:28, 6:34, 8:40] = 0.5  # a box of tissue with an air-dark hole: the hole is body
+    image[10:20, 14:24, 16:30] = 0.0
+    label = (image > 0).astype(np.uint8)
+    plain = SegmentationCropSampler([(latent, image, label)], (8, 8, 8), 4, seed=3)
+    context = SegmentationCropSampler([(latent, image, label)], (8, 8, 8), 4, seed=3, body_context=True)
+    x, im, lab = context.batch(5, 6)
+    x0, im0, lab0 = plain.batch(5, 6)
+    assert im.shape == (6, 4, 32, 32, 32) and torch.equal(x, x0) and torch.equal(lab, lab0)
+    assert torch.equal(im[:, :1], im0)  # the intensity channel is the plain sampler's window
+    whole = torch.from_numpy(body_channels(image, 0.0))  # (3, D, H, W) of the whole case, not of a window
+    for window, corner in zip(im, _corners(x, latent)):
+        box = tuple(slice(4 * c, 4 * c + 32) for c in corner)
+        assert torch.equal(window[1:], whole[(slice(None), *box)])
+
+
+def _corners(windows: torch.Tensor, latent: np.ndarray) -> list[tuple[int, int, int]]:
+    """Where each latent window lies in ``latent`` (found by its values: random latents do not repeat)."""
+    corners = []
+    for w in windows.numpy():
+        hits = [(i, j, k) for i in range(latent.shape[1] - 7) for j in range(latent.shape[2] - 7)
+                for k in range(latent.shape[3] - 7) if np.array_equal(latent[:, i:i + 8, j:j + 8, k:k + 8], w)]
+        assert len(hits) == 1
+        corners.append(hits[0])
+    return corners
