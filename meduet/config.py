@@ -522,7 +522,7 @@ class FinetuneConfig(StrictModel):
         default=8, description="channels of the image-resolution refinement (refine only)"
     )
     body_context: bool = Field(
-        default=False, description="the head also reads where each window lies in the patient (inside the body "
+        default=True, description="the head also reads where each window lies in the patient (inside the body "
         "outline or not, left-right and front-back position: meduet.data.body), computed from the whole harmonized "
         "volume; without it a window inside a lung reads as the air around the patient"
     )

@@ -12,7 +12,9 @@ and returns ``N = d*h*w / p**3`` tokens. The head, in two variants (``decoder``)
 With ``body_context`` the image window also carries ``X = 3`` channels saying where it lies in
 the patient (``meduet.data.body``: inside the body or not, left-right and front-back position),
 read at image resolution and, average-pooled, by the latent stem: without them a window inside
-a lung reads exactly as the air around the patient.
+a lung reads exactly as the air around the patient. Instance normalisation removes what is
+constant over a window (inside a lung: all of the context), so the context also enters after
+the last normalisation, in a per-voxel correction of the latent logits.
 
 Both return logits at image resolution ``(B, K, 4d, 4h, 4w)``. Shapes: ``E`` encoder width,
 ``F`` head channels, ``Fi`` image-resolution channels, ``K`` classes.
@@ -58,6 +60,10 @@ class LatentSegmenter(nn.Module):
         self.up_tokens = UnetrUpBlock(3, e, f, kernel_size=3, upsample_kernel_size=backbone.patch_size,
                                       norm_name=_NORM, res_block=True)
         self.out = UnetOutBlock(3, f, k)
+        if x:  # (features, context) -> logit correction; no normalisation, zero at the start
+            self.context_out = nn.Sequential(nn.Conv3d(f + x, f, 1), nn.LeakyReLU(0.01), nn.Conv3d(f, k, 1))
+            nn.init.zeros_(self.context_out[-1].weight)
+            nn.init.zeros_(self.context_out[-1].bias)
         # 2. image grid (refine only): a residual correction of the upsampled logits from the image's own
         #    features next to those logits; zero at the start, so refine begins where upsample is
         if config.decoder == "refine":
@@ -105,11 +111,13 @@ class LatentSegmenter(nn.Module):
         needs_image = self.config.decoder == "refine" or self.config.body_context
         if needs_image:
             self._check_image(image, latent)
-        stem_input = latent
-        if self.config.body_context:  # (B, C + X, d, h, w): the context averaged over each latent voxel's box
-            stem_input = torch.cat([latent, F.avg_pool3d(image[:, 1:], self.config.downsample)], dim=1)
-        features = self.up_tokens(grid, self.latent_stem(stem_input))  # (B, F, d, h, w)
-        logits = self.out(features)  # (B, K, d, h, w)
+        if self.config.body_context:
+            context = F.avg_pool3d(image[:, 1:], self.config.downsample)  # (B, X, d, h, w): per latent voxel's box
+            features = self.up_tokens(grid, self.latent_stem(torch.cat([latent, context], dim=1)))  # (B, F, d, h, w)
+            logits = self.out(features) + self.context_out(torch.cat([features, context], dim=1))  # (B, K, d, h, w)
+        else:
+            features = self.up_tokens(grid, self.latent_stem(latent))  # (B, F, d, h, w)
+            logits = self.out(features)  # (B, K, d, h, w)
         if self.config.decoder == "upsample":
             return F.interpolate(logits, scale_factor=self.config.downsample, mode="trilinear", align_corners=False)
         coarse = F.interpolate(logits.contiguous(memory_format=_IMAGE_LAYOUT), scale_factor=self.config.downsample,
