@@ -12,9 +12,11 @@ and returns ``N = d*h*w / p**3`` tokens. The head, in two variants (``decoder``)
 With ``body_context`` the image window also carries ``X = 3`` channels saying where it lies in
 the patient (``meduet.data.body``: inside the body or not, left-right and front-back position),
 read at image resolution and, average-pooled, by the latent stem: without them a window inside
-a lung reads exactly as the air around the patient. Instance normalisation removes what is
-constant over a window (inside a lung: all of the context), so the context also enters after
-the last normalisation, in a per-voxel correction of the latent logits.
+a lung reads exactly as the air around the patient. Instance normalisation removes each
+window's mean, so a context constant over the window (inside a lung: all of it) reaches the
+logits only through the convolutions' zero padding at the window's borders; the context
+therefore also enters after the last normalisation, in a per-voxel correction of the latent
+logits (all labels, seed 0, 300 steps: large organs 0.418 without that correction, 0.744 with it).
 
 Both return logits at image resolution ``(B, K, 4d, 4h, 4w)``. Shapes: ``E`` encoder width,
 ``F`` head channels, ``Fi`` image-resolution channels, ``K`` classes.
