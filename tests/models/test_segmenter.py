@@ -60,3 +60,17 @@ def test_body_context_is_read_by_both_stems_and_its_absence_is_a_clear_error(dec
     for wrong in (None, image[:, :1]):
         with pytest.raises(ValueError, match=r"body_context True\) needs the image window \(B, 4, 32, 32, 32\)"):
             model(latent, wrong)
+
+
+def test_the_after_norm_context_correction_starts_at_zero_and_learns() -> None:
+    torch.manual_seed(0)
+    model = LatentSegmenter(MEDUET_PRESETS["tiny"], SegmenterArchitecture(num_classes=3, features=8, image_features=4,
+                                                                          body_context=True))
+    last = model.context_out[-1]
+    assert not last.weight.any() and not last.bias.any()
+    image = torch.rand(2, 4, *model.image_window)
+    logits = model(torch.randn(2, 4, *model.window), image)
+    (logits * torch.randn_like(logits)).sum().backward()
+    assert last.weight.grad.abs().sum() > 0 and last.bias.grad.abs().sum() > 0
+    plain = LatentSegmenter(MEDUET_PRESETS["tiny"], SegmenterArchitecture(num_classes=3))
+    assert not hasattr(plain, "context_out")  # a plain head has no such layer: its checkpoints load as before
