@@ -35,10 +35,11 @@ from meduet.artifacts.segmenter import save_segmenter
 from meduet.config import load_config
 from meduet.data.phantom import render, sample_subject
 from meduet.data.scanner import SiteGrid, to_storage
+from meduet.engine.finetune_runs import head_architecture
 from meduet.engine.finetune_training import finetune_trainer
 from meduet.engine.loop import optimizer_step
 from meduet.io.images import write_image
-from meduet.models.architectures import MEDUET_PRESETS, SegmenterArchitecture
+from meduet.models.architectures import MEDUET_PRESETS
 from meduet.models.segmenter import LatentSegmenter
 from meduet.models.vae import PRESETS as VAE_PRESETS
 from meduet.models.vae import build_vae
@@ -50,8 +51,7 @@ DECODERS = ("upsample", "refine")
 def architectures(params: str, decoder: str) -> tuple[LatentSegmenter, dict]:
     """A segmenter of the configured shapes (random weights) and the config it came from."""
     cfg = load_config(params)
-    head = SegmenterArchitecture(num_classes=len(cfg.finetune.label_names), decoder=decoder,
-                                 features=cfg.finetune.features, image_features=cfg.finetune.image_features)
+    head = head_architecture(cfg.finetune.model_copy(update={"decoder": decoder}))
     return LatentSegmenter(MEDUET_PRESETS[cfg.pretrain.preset], head), cfg
 
 
@@ -63,7 +63,7 @@ def measure_step(params: str, decoder: str, steps: int, bf16: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     b, (d, h, w), f = section.batch_size, model.window, model.config.downsample
     latent = torch.randn(b, MEDUET_PRESETS[cfg.pretrain.preset].in_channels, d, h, w, generator=generator)
-    image = torch.rand(b, 1, f * d, f * h, f * w, generator=generator)
+    image = torch.rand(b, 1 + model.config.context_channels, f * d, f * h, f * w, generator=generator)
     label = torch.randint(len(cfg.finetune.label_names), (b, 1, f * d, f * h, f * w), generator=generator)
     trainer = finetune_trainer(cfg=section, model=model, batches=lambda step: [(latent, image, label)],
                                device=torch.device("cpu"))
