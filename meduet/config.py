@@ -527,7 +527,7 @@ class FinetuneConfig(StrictModel):
         "volume; without it a window inside a lung reads as the air around the patient"
     )
     batch_size: Annotated[int, Field(ge=1)] = Field(default=4, description="windows per worker and micro-step")
-    steps: Annotated[int, Field(ge=1)] = 300
+    steps: Annotated[int, Field(ge=1)] = 600
     lr: PositiveFloat = Field(default=1e-2, description="learning rate of the segmentation head")
     encoder_lr_scale: PositiveFloat = Field(
         default=1.0, description="the encoder's learning rate as a multiple of lr (the same for every init: a "
