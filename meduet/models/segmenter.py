@@ -110,16 +110,16 @@ class LatentSegmenter(nn.Module):
             tokens = style_bank(self.encoder, tokens)
         gd, gh, gw = self.encoder.config.grid
         grid = rearrange(tokens, "b (d h w) e -> b e d h w", d=gd, h=gh, w=gw)  # (B, E, d/p, h/p, w/p)
-        needs_image = self.config.decoder == "refine" or self.config.body_context
-        if needs_image:
+        if self.config.decoder == "refine" or self.config.body_context:
             self._check_image(image, latent)
+        stem_input, context = latent, None
         if self.config.body_context:
             context = F.avg_pool3d(image[:, 1:], self.config.downsample)  # (B, X, d, h, w): per latent voxel's box
-            features = self.up_tokens(grid, self.latent_stem(torch.cat([latent, context], dim=1)))  # (B, F, d, h, w)
-            logits = self.out(features) + self.context_out(torch.cat([features, context], dim=1))  # (B, K, d, h, w)
-        else:
-            features = self.up_tokens(grid, self.latent_stem(latent))  # (B, F, d, h, w)
-            logits = self.out(features)  # (B, K, d, h, w)
+            stem_input = torch.cat([latent, context], dim=1)
+        features = self.up_tokens(grid, self.latent_stem(stem_input))  # (B, F, d, h, w)
+        logits = self.out(features)  # (B, K, d, h, w)
+        if context is not None:
+            logits = logits + self.context_out(torch.cat([features, context], dim=1))
         if self.config.decoder == "upsample":
             return F.interpolate(logits, scale_factor=self.config.downsample, mode="trilinear", align_corners=False)
         coarse = F.interpolate(logits.contiguous(memory_format=_IMAGE_LAYOUT), scale_factor=self.config.downsample,
