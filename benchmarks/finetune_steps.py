@@ -40,7 +40,7 @@ def main() -> None:
     work = Paths.resolve(base, args.params.resolve().parent).work / "finetune_steps"
     results = []
     for steps in args.steps:
-        cfg = load_config(args.params, [*args.overrides, f"finetune.steps={steps}",
+        cfg = load_config(args.params, [*args.overrides, f"finetune.steps={steps}", f"finetune_sweep.steps={steps}",
                                         f"finetune_sweep.labels_per_site=[{args.labels}]",
                                         f"finetune_sweep.inits=[{', '.join(args.inits)}]",
                                         "finetune_sweep.seeds=[0]", "finetune_sweep.leave_one_site_out=false",

@@ -581,7 +581,7 @@ class FinetuneSweepConfig(StrictModel):
     """Label-efficiency and leave-one-site-out fine-tuning over initialisations and seeds (stage ``finetune-sweep``).
 
     Every cell is the ``finetune`` section with its ``init``, ``labels_per_site`` and ``seed``
-    replaced (the same recipe for every initialisation).
+    replaced, and its ``steps`` where ``steps`` is set (the same recipe for every initialisation).
     """
 
     inits: list[Literal["scratch", "mae", "meduet"]] = Field(default=["scratch", "mae", "meduet"], min_length=1)
@@ -589,6 +589,10 @@ class FinetuneSweepConfig(StrictModel):
         default=[1], min_length=1, description="label-efficiency points: labelled training subjects per site"
     )
     seeds: list[int] = Field(default=[0], min_length=1, description="fine-tuning seeds of every cell")
+    steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="fine-tuning steps of every cell; null: finetune.steps (the demo's params keep "
+        "its reduced sweep at 300 so that make run stays within its budget; README: analysis)"
+    )
     leave_one_site_out: bool = Field(
         default=False, description="also train on every site but one (all their labels) and score the left-out "
         "site's held-out subjects, each site in turn"

@@ -65,6 +65,7 @@ TINY_PARAMS: dict[str, Any] = {
     "finetune.log_every": 2,
     "finetune.warmup_steps": 1,
     "finetune_sweep.inits": ["meduet"],  # one cell: each is a Ray Train run (~12 s of start-up)
+    "finetune_sweep.steps": 4,
     "train_diffusion.steps": 4,
     "train_diffusion.batch_size": 2,
     "train_diffusion.warmup_steps": 1,

@@ -127,6 +127,12 @@ def plan(cfg: FinetuneSweepConfig, sites: list[str]) -> list[Cell]:
     return cells
 
 
+def cell_section(finetune: FinetuneConfig, cfg: FinetuneSweepConfig, cell: Cell) -> FinetuneConfig:
+    """The ``finetune`` recipe of one cell: its init, labels, seed and style arm, and the sweep's steps if set."""
+    return finetune.model_copy(update={"init": cell.init, "labels_per_site": cell.labels_per_site, "seed": cell.seed,
+                                       "style_augmentation": cell.style, "steps": cfg.steps or finetune.steps})
+
+
 def _sd(values: list[float]) -> float | None:
     return round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None
 
@@ -347,8 +353,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     for index, cell in enumerate(cells, 1):
         log.info("%s: cell %d/%d: %s (%s)", STAGE, index, len(cells), cell.name, cell.protocol)
         started = time.perf_counter()
-        section = finetune.model_copy(update={"init": cell.init, "labels_per_site": cell.labels_per_site,
-                                              "seed": cell.seed, "style_augmentation": cell.style})
+        section = cell_section(finetune, cfg, cell)
         pool = [r for r in train_split if r.domain != cell.left_out]
         test = [r for r in held_out if cell.left_out is None or r.domain == cell.left_out]
         train = labelled_cases(pool, cell.labels_per_site, cell.seed)
@@ -387,7 +392,7 @@ def run(cfg: FinetuneSweepConfig, paths: Paths, ray: RayConfig, finetune: Finetu
     by_arm: dict[str, int] = defaultdict(int)
     for cell in cells:
         by_arm[cell.arm] += 1
-    metrics = {"cells": len(cells), "cells_per_arm": dict(by_arm), "steps": finetune.steps,
+    metrics = {"cells": len(cells), "cells_per_arm": dict(by_arm), "steps": cfg.steps or finetune.steps,
                "held_out_cases": len(held_out), "sites": sites, **summary, "per_cell": cell_rows,
                "lesion_classification": lesion_probe(list(cfg.inits), paths=paths, data=data,
                                                      label_names=finetune.label_names, seed=finetune.seed)}

@@ -254,3 +254,17 @@ def test_the_large_organ_goal_averages_meduets_all_label_cells_over_seeds() -> N
     assert goal == {"value": 0.7, "seed_values": [0.8, 0.6], "sd": round(float(np.std([0.8, 0.6], ddof=1)), 4),
                     "target": 0.85, "organs": ["liver"], "by_organ": {"liver": 0.7}, "met": False}
     assert finetune_sweep.large_organ_goal([r for r in rows if r["arm"] == "scratch"], 500.0) is None
+
+
+def test_a_cell_is_the_finetune_recipe_with_its_own_init_labels_seed_and_the_sweeps_steps() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml",
+                      ["finetune.steps=600", "finetune_sweep.steps=300", "finetune_sweep.leave_one_site_out=true"])
+    cells = finetune_sweep.plan(cfg.finetune_sweep, ["a", "b"])
+    style = next(c for c in cells if c.style)
+    section = finetune_sweep.cell_section(cfg.finetune, cfg.finetune_sweep, style)
+    assert (section.init, section.labels_per_site, section.seed, section.steps) == (style.init, "all", 0, 300)
+    assert section.style_augmentation and not cfg.finetune.style_augmentation
+    assert section.model_dump(exclude={"init", "labels_per_site", "seed", "steps", "style_augmentation"}) == \
+        cfg.finetune.model_dump(exclude={"init", "labels_per_site", "seed", "steps", "style_augmentation"})
+    unset = cfg.finetune_sweep.model_copy(update={"steps": None})
+    assert finetune_sweep.cell_section(cfg.finetune, unset, cells[0]).steps == 600  # null: finetune's own
