@@ -292,8 +292,9 @@ class SegmenterArchitecture(_Architecture):
         image_features: channels ``Fi`` of the image-resolution refinement (``refine`` only).
         downsample: image voxels per latent voxel along each axis (the VAE's compression).
         body_context: the image input carries the body channels of ``meduet.data.body`` after the
-            intensity (where the window lies in the patient), read by both the latent stem
-            (average-pooled to the latent grid) and the image-resolution path.
+            intensity (where the window lies in the patient), read by the latent stem and a
+            correction of the latent logits after the last norm (both average-pooled to the
+            latent grid) and by the image-resolution path.
     """
 
     num_classes: int
