@@ -77,7 +77,7 @@ class SegmentationData:
     def files(self, paths: Paths, record: LatentRecord) -> CaseFiles:
         case = self.harmonized[record.key]
         return CaseFiles(latent=str(paths.latents / record.latent), image=str(paths.harmonized / case.image),
-                         label=str(paths.harmonized / case.label))
+                         label=str(paths.harmonized / case.label), floor=case.window[2])
 
     def split(self, name: str) -> list[LatentRecord]:
         return sorted((r for r in self.records if r.split == name), key=lambda r: r.key)
@@ -195,7 +195,8 @@ def evaluate(model: LatentSegmenter, cases: list[tuple[LatentRecord, CaseFiles]]
         latent, image, label = read_case(files, scale)
         spacing = tuple(float(s) for s in reversed(sitk.ReadImage(files.image).GetSpacing()))  # (D, H, W) axes
         voxels = np.bincount(label.ravel().astype(np.int64), minlength=len(cfg.label_names))
-        pred = segment_volume(model, latent, image, overlap=cfg.overlap, batch_size=cfg.window_batch)
+        pred = segment_volume(model, latent, image, overlap=cfg.overlap, batch_size=cfg.window_batch,
+                              image_fill=files.floor)
         scores = organ_metrics(pred, label, list(range(1, len(cfg.label_names))), spacing, cfg.surface_tolerance_mm)
         for c, values in scores.items():
             rows.append({"case": record.key, "site": record.domain, "organ": cfg.label_names[c],

@@ -53,6 +53,9 @@ class CaseFiles:
     # A synthesized case (a style-swapped translation): its latent is the sampled one, already scaled (the
     # cache holds raw means), and it is drawn for ``FinetuneConfig.synthetic_fraction`` of the windows.
     synthetic: bool = False
+    # The harmonization window's lower bound (b_min, the intensity of air): what the image is padded with and
+    # what the body outline is measured above, in training and scoring as in ``meduet predict``.
+    floor: float = 0.0
 
 
 def read_case(files: CaseFiles, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,14 +82,18 @@ class SegmentationCropSampler:
             from a random synthesized case with probability ``synthetic_fraction``, else from a real one
             (without synthesized cases, every case is equally likely, as before).
         body_context: image windows also carry the body channels of ``meduet.data.body``.
+        floors: per case, its harmonization window's lower bound (``CaseFiles.floor``); None: 0.0 each.
     """
 
     def __init__(self, cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], window: tuple[int, int, int],
                  factor: int, seed: int, foreground_fraction: float = 0.5, synthetic: list[bool] | None = None,
                  synthetic_fraction: float = 0.3, foreground_balance: Literal["case", "dataset"] = "case",
-                 body_context: bool = False) -> None:
+                 body_context: bool = False, floors: list[float] | None = None) -> None:
         if not cases:
             raise ValueError("no labelled training case")
+        floors = floors or [0.0] * len(cases)
+        if len(floors) != len(cases):
+            raise ValueError(f"{len(floors)} floors for {len(cases)} cases")
         if foreground_balance not in ("case", "dataset"):
             raise ValueError(f"foreground_balance must be 'case' or 'dataset', got {foreground_balance!r}")
         self.window, self.factor, self.seed, self.foreground_fraction = window, factor, seed, foreground_fraction
@@ -96,9 +103,9 @@ class SegmentationCropSampler:
         self.pools = [list(range(len(cases))), [i for i, s in enumerate(flags) if not s],
                       [i for i, s in enumerate(flags) if s]]
         self.synthetic_fraction = synthetic_fraction if all(self.pools[1:]) else None
-        # images (1 + X, D, H, W); 0.0 is the floor pad_case pads with (the shipped windows' b_min)
-        self.cases = [(lat, segmenter_image(img, 0.0, body_context=body_context), lab)
-                      for lat, img, lab in (pad_case(*case, window, factor)[:3] for case in cases)]
+        padded = [pad_case(*case, window, factor, image_fill=floor)[:3] for case, floor in zip(cases, floors)]
+        self.cases = [(lat, segmenter_image(img, floor, body_context=body_context), lab)  # images (1 + X, D, H, W)
+                      for (lat, img, lab), floor in zip(padded, floors)]
         rng = np.random.default_rng(seed)  # which voxels represent each class: fixed by the seed
         self.positions: list[dict[int, np.ndarray]] = []  # per case, per present class > 0: (n, 3) voxel indices
         for _, _, label in self.cases:
@@ -199,7 +206,8 @@ def build_trainer(*, cfg: FinetuneConfig, backbone: MeduetArchitecture, head: Se
     sampler = SegmentationCropSampler([read_case(c, scale) for c in cases], model.window, head.downsample, cfg.seed,
                                       cfg.foreground_fraction, synthetic=[c.synthetic for c in cases],
                                       synthetic_fraction=cfg.synthetic_fraction,
-                                      foreground_balance=cfg.foreground_balance, body_context=head.body_context)
+                                      foreground_balance=cfg.foreground_balance, body_context=head.body_context,
+                                      floors=[c.floor for c in cases])
     rank = dist.world_rank()
 
     def batches(step: int) -> Iterable[SegmentationBatch]:

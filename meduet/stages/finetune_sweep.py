@@ -251,9 +251,10 @@ def synthetic_cases(paths: Paths, data: SegmentationData, train: list[LatentReco
         raise StageError(f"{paths.synthesis / SYNTHESIS_MANIFEST}: no augmentation of the labelled scans "
                          f"{sorted(keys)[:3]}...: set synthesize.augmentations_per_scan > 0 and rerun synthesize, "
                          f"or finetune_sweep.synthetic_arm: false")
+    sources = [data.harmonized[r.source_key] for r in chosen]
     cases = [(r.key, CaseFiles(latent=str(paths.synthesis / r.latent), image=str(paths.synthesis / r.image),
-                               label=str(paths.harmonized / data.harmonized[r.source_key].label), synthetic=True))
-             for r in chosen]
+                               label=str(paths.harmonized / source.label), synthetic=True, floor=source.window[2]))
+             for r, source in zip(chosen, sources)]
     return cases, sha256_file(paths.synthesis / SYNTHESIS_MANIFEST)
 
 

@@ -13,12 +13,13 @@ import SimpleITK as sitk
 import torch
 
 from meduet.artifacts.segmenter import load_segmenter
-from meduet.config import Paths, load_config
+from meduet.config import MeduetConfig, Paths, load_config
 from meduet.data.body import body_channels
 from meduet.data.latents import LatentRecord, read_manifest, read_scale
-from meduet.engine.finetune_runs import labelled_cases, large_organs
+from meduet.engine.finetune_runs import SegmentationData, labelled_cases, large_organs
 from meduet.engine.finetune_training import CaseFiles, SegmentationCropSampler, read_case
 from meduet.engine.segmentation import pad_case, segment_volume
+from meduet.harmonize.manifest import CaseRecord
 from meduet.stages import StageError, finetune
 from tests.stages.trainers import FINETUNE_SITES, TRAINERS
 
@@ -100,6 +101,18 @@ def test_labels_per_site_keeps_the_first_cases_of_each_site() -> None:
     assert [r.key for r in labelled_cases(records, 1)] == ["a__c0", "b__c0"]
     assert [r.key for r in labelled_cases(records, 2)] == ["a__c0", "a__c1", "b__c0", "b__c1"]
     assert len(labelled_cases(records, "all")) == len(labelled_cases(records, 4)) == 6
+
+
+def test_a_cases_files_carry_its_harmonization_floor(tmp_path: Path) -> None:
+    latent = LatentRecord(key="a__c0", dataset="a", case_id="c0", domain="a", domain_index=0, body_part="x",
+                          split="train", latent="a__c0.npy", latent_shape=[], affine=[], orig_spacing=[],
+                          image_sha256="", vae_sha256="")
+    case = CaseRecord(key="a__c0", dataset="a", case_id="c0", domain="a", body_part="x", split="train", status="ok",
+                      image="a/imagesTr/c0.nii.gz", label="a/labelsTr/c0.nii.gz", window=[-175.0, 250.0, -1.0, 1.0])
+    data = SegmentationData(records=[latent], harmonized={"a__c0": case}, scale=1.0, input_hashes={})
+    files = data.files(Paths.resolve(MeduetConfig(), tmp_path), latent)
+    assert files.floor == -1.0  # what training pads with and scoring passes to segment_volume, as predict does
+    assert files.image.endswith("a/imagesTr/c0.nii.gz") and files.label.endswith("a/labelsTr/c0.nii.gz")
 
 
 def test_each_seed_labels_the_next_subjects_of_each_site() -> None:
@@ -212,6 +225,30 @@ def test_body_context_windows_carry_the_whole_cases_context_over_the_same_voxels
     for window, corner in zip(im, _corners(x, latent)):
         box = tuple(slice(4 * c, 4 * c + 32) for c in corner)
         assert torch.equal(window[1:], whole[(slice(None), *box)])
+
+
+def test_a_window_below_zero_pads_with_its_own_floor_and_measures_the_body_above_it() -> None:
+    # harmonized to [-1, 1] (b_min -1): air is -1, and a case smaller than the window is padded with it
+    rng = np.random.default_rng(2)
+    latent = rng.normal(size=(4, 6, 10, 12)).astype(np.float32)
+    image = np.full((24, 40, 48), -1.0, np.float32)
+    image[4:20, 6:34, 8:40] = -0.5  # fat: below 0, above air
+    image[6:18, 10:20, 12:20] = 0.3  # an organ
+    image[8:16, 14:24, 24:36] = -0.98  # an air-dark lung: body
+    label = (image > -0.5).astype(np.uint8)
+    sampler = SegmentationCropSampler([(latent, image, label)], (8, 8, 8), 4, seed=3, body_context=True,
+                                      floors=[-1.0])
+    x, im, _ = sampler.batch(5, 6)
+    _, big, _, _ = pad_case(latent, image, label, (8, 8, 8), 4, image_fill=-1.0)
+    whole = torch.from_numpy(body_channels(big, -1.0))
+    assert whole[0].sum() == 16 * 28 * 32  # the box, lung included; above 0.0, the organ alone
+    padded_latent = pad_case(latent, image, label, (8, 8, 8), 4)[0]
+    for window, corner in zip(im, _corners(x, padded_latent)):
+        box = tuple(slice(4 * c, 4 * c + 32) for c in corner)
+        assert torch.equal(window[0], torch.from_numpy(big[box]))
+        assert torch.equal(window[1:], whole[(slice(None), *box)])
+    with pytest.raises(ValueError, match="2 floors for 1 cases"):
+        SegmentationCropSampler([(latent, image, label)], (8, 8, 8), 4, seed=3, floors=[-1.0, 0.0])
 
 
 def _corners(windows: torch.Tensor, latent: np.ndarray) -> list[tuple[int, int, int]]:
