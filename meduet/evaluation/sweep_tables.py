@@ -3,9 +3,11 @@
 ``finetune-sweep`` writes them next to its metrics (``tables.md``) and
 ``benchmarks/finetune_sweep.py`` prints them, so the README's tables and a reader's check
 of them come from one function. Per protocol point (labelled subjects per site, or the
-unseen site) and arm: mean ± sd over seeds of Dice, surface Dice and HD95; then each MeDUET
-arm's paired Dice difference against its baselines (mean, 95 % bootstrap interval, per-seed
-means); then the goals; then time per cell where the sweep recorded it.
+unseen site) and arm: mean ± sd over seeds of Dice, the large organs' Dice (n/a in sweeps
+written before it was), surface Dice and HD95; then each MeDUET arm's paired Dice difference
+against its baselines (mean, 95 % bootstrap interval, per-seed means); with both protocols,
+what leaving a site out costs its held-out cases; then the goals; then time per cell where
+the sweep recorded it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SCORE_COLUMNS = (("dice", "mean Dice", 3), ("surface_dice", "surface Dice (2 mm)", 3), ("hd95", "HD95 (mm)", 1))
+SCORE_COLUMNS = (("dice", "mean Dice", 3), ("large_organ_dice", "large-organ Dice", 3),
+                 ("surface_dice", "surface Dice (2 mm)", 3), ("hd95", "HD95 (mm)", 1))
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -45,7 +48,7 @@ def _arms(entry: Mapping[str, Any]) -> list[str]:
 def scores_table(protocol: Mapping[str, Any], point_label: str) -> str:
     """One row per point and arm: each score's mean ± sd over seeds (seeds in brackets)."""
     header = [point_label, "arm", *(f"{label}, mean ± sd (seeds)" for _, label, _ in SCORE_COLUMNS)]
-    rows = [[point, arm, *(_mean_sd(entry[arm][key], digits) for key, _, digits in SCORE_COLUMNS)]
+    rows = [[point, arm, *(_mean_sd(entry[arm].get(key, {}), digits) for key, _, digits in SCORE_COLUMNS)]
             for point, entry in protocol.items() for arm in _arms(entry)]
     return _table(header, rows)
 
@@ -65,6 +68,21 @@ def paired_table(protocol: Mapping[str, Any], point_label: str) -> str:
                 rows.append([point, f"{key.removesuffix('_minus')} − {baseline}", _signed(diff["mean"]),
                              "n/a" if interval is None else f"{interval[0]:+.3f} to {interval[1]:+.3f}",
                              f"{_number(diff.get('sd'), 3)} ({diff['n']})", seeds + seed_sd])
+    return _table(header, rows)
+
+
+def unseen_site_table(cost: Mapping[str, Any]) -> str:
+    """Per left-out site and arm: its held-out Dice with every site's labels, left out, and the difference."""
+    header = ["unseen site", "arm", "score", "all sites trained", "site left out", "difference", "per seed (sd)"]
+    rows = []
+    for site, arms in cost.items():
+        for arm, scores in arms.items():
+            for key, label in (("dice", "mean Dice"), ("large_organ_dice", "large-organ Dice")):
+                score = scores[key]
+                sd = "" if score.get("sd") is None else f" (sd {score['sd']:.3f})"
+                rows.append([site, arm, label, _number(score["seen"], 3), _number(score["unseen"], 3),
+                             _signed(score["difference"]),
+                             ", ".join(_signed(v) for v in score["seed_differences"]) + sd])
     return _table(header, rows)
 
 
@@ -109,6 +127,10 @@ def sweep_tables(metrics: Mapping[str, Any]) -> str:
             continue
         parts += [f"## {title}", scores_table(protocol, point_label),
                   f"### {title}: paired Dice differences", paired_table(protocol, point_label)]
+    if metrics.get("unseen_site_cost"):
+        parts += ["### Leave one site out: what the unseen site costs (its held-out Dice left out minus with all "
+                  "sites' labels; the left-out runs also train on one site fewer)",
+                  unseen_site_table(metrics["unseen_site_cost"])]
     if metrics.get("goals"):
         parts += ["## Goals", goals_table(metrics["goals"])]
     timing = timing_table(metrics.get("per_cell", []))

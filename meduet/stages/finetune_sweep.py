@@ -161,9 +161,11 @@ def paired_difference(rows: list[dict], *, arm: str, baseline: str, seed: int = 
     return out
 
 
-def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: list[str]) -> dict:
-    """Per point (label count or left-out site) and arm: scores' means (over seeds: mean and sd), and the
-    paired differences of each MeDUET arm against each baseline (``<arm>_minus``)."""
+def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: list[str],
+                       large_organ_min_ml: float) -> dict:
+    """Per point (label count or left-out site) and arm: scores' means (over seeds: mean and sd), the same for
+    the large organs' Dice (``large_organ_dice``: organs of at least ``large_organ_min_ml``), and the paired
+    differences of each MeDUET arm against each baseline (``<arm>_minus``)."""
     out: dict = {}
     for point in points:
         at = [r for r in rows if r[point_key] == point]
@@ -176,6 +178,9 @@ def summarize_protocol(rows: list[dict], points: list, point_key: str, arms: lis
                 per_seed = [mean([r[score] for r in mine if r["seed"] == s]) for s in seeds]
                 per_seed = [v for v in per_seed if v is not None]
                 entry[arm][score] = {"mean": mean(per_seed), "sd": _sd(per_seed), "seeds": len(per_seed)}
+            large = [large_organs([r for r in mine if r["seed"] == s], large_organ_min_ml)["dice"] for s in seeds]
+            large = [v for v in large if v is not None]
+            entry[arm]["large_organ_dice"] = {"mean": mean(large), "sd": _sd(large), "seeds": len(large)}
         for arm in (a for a in arms if a.startswith("meduet")):
             against = [*BASELINES, *(["meduet"] if arm != "meduet" else [])]  # an augmented arm: also plain MeDUET
             entry[f"{arm}_minus"] = {b: paired_difference(at, arm=arm, baseline=b) for b in against if b in arms}
@@ -218,16 +223,52 @@ def goals(label_efficiency: dict, loso: dict | None, large: dict | None = None) 
     return out
 
 
+def unseen_site_cost(rows: list[dict], sites: list[str], arms: list[str], large_organ_min_ml: float) -> dict:
+    """What leaving a site out costs its held-out cases: per site and arm, the Dice of the leave-one-site-out
+    cell minus the Dice the same arm and seed gave those cases with every site's labels (label efficiency's
+    ``all`` point), per seed, for the mean over organs (``dice``) and the large organs (``large_organ_dice``).
+
+    The unseen-site cells also train on one site's labelled subjects fewer, so the cost holds both. A site
+    and arm without both cells for some seed is left out; an empty dict when the sweep has no such pair.
+    """
+    def cells(protocol: str, arm: str, site: str) -> dict[int, list[dict]]:
+        """The site's held-out rows of one protocol's cell (all labels, or this site left out), by seed."""
+        out: dict[int, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r["protocol"] == protocol and r["arm"] == arm and r["site"] == site and (
+                    r["left_out"] == site if protocol == "leave_one_site_out" else r["labels_per_site"] == "all"):
+                out[r["seed"]].append(r)
+        return out
+
+    scores = {"dice": lambda cases: mean([r["dice"] for r in cases]),
+              "large_organ_dice": lambda cases: large_organs(cases, large_organ_min_ml)["dice"]}
+    out: dict = {}
+    for site in sites:
+        for arm in arms:
+            seen, unseen = cells("label_efficiency", arm, site), cells("leave_one_site_out", arm, site)
+            seeds = sorted(set(seen) & set(unseen))
+            if not seeds:
+                continue
+            entry = {}
+            for name, score in scores.items():
+                pairs = [(score(seen[s]), score(unseen[s])) for s in seeds]
+                diffs = [round(u - v, 4) for v, u in pairs if u is not None and v is not None]
+                entry[name] = {"seen": mean([v for v, _ in pairs]), "unseen": mean([u for _, u in pairs]),
+                               "difference": mean(diffs), "seed_differences": diffs, "sd": _sd(diffs)}
+            out.setdefault(site, {})[arm] = entry
+    return out
+
 def summarize_sweep(rows: list[dict], *, labels: list, efficiency_arms: list[str], sites: list[str],
                     loso_arms: list[str], large_organ_min_ml: float) -> dict:
     """The sweep's score rows summarised: ``label_efficiency`` per label count and arm, ``leave_one_site_out``
-    per unseen site and arm (None without ``sites``), and the ``goals`` they meet or miss (organs of at least
-    ``large_organ_min_ml`` are the large ones)."""
+    per unseen site and arm (None without ``sites``), ``unseen_site_cost`` (where the sweep has both), and the
+    ``goals`` they meet or miss (organs of at least ``large_organ_min_ml`` are the large ones)."""
     efficiency = summarize_protocol([r for r in rows if r["protocol"] == "label_efficiency"], labels,
-                                    "labels_per_site", efficiency_arms)
+                                    "labels_per_site", efficiency_arms, large_organ_min_ml)
     loso = (summarize_protocol([r for r in rows if r["protocol"] == "leave_one_site_out"], sites, "left_out",
-                               loso_arms) if sites else None)
+                               loso_arms, large_organ_min_ml) if sites else None)
     return {"label_efficiency": efficiency, "leave_one_site_out": loso,
+            "unseen_site_cost": unseen_site_cost(rows, sites, loso_arms, large_organ_min_ml),
             "goals": goals(efficiency, loso, large_organ_goal(rows, large_organ_min_ml))}
 
 

@@ -144,7 +144,8 @@ def test_the_written_scores_summarise_back_to_the_stage_metrics(swept) -> None:
     summary = finetune_sweep.summarize_sweep(rows, labels=[1], efficiency_arms=efficiency_arms,
                                              sites=list(FINETUNE_SITES), loso_arms=loso_arms,
                                              large_organ_min_ml=cfg.finetune.large_organ_min_ml)
-    assert summary == {key: metrics[key] for key in ("label_efficiency", "leave_one_site_out", "goals")}
+    keys = ("label_efficiency", "leave_one_site_out", "unseen_site_cost", "goals")
+    assert summary == {key: metrics[key] for key in keys}
     seed_one = [{**r, "seed": 1} for r in rows]  # a second seed's run of the same cells, merged
     merged = finetune_sweep.summarize_sweep(rows + seed_one, labels=[1], efficiency_arms=efficiency_arms,
                                             sites=list(FINETUNE_SITES), loso_arms=loso_arms,
@@ -254,6 +255,47 @@ def test_the_large_organ_goal_averages_meduets_all_label_cells_over_seeds() -> N
     assert goal == {"value": 0.7, "seed_values": [0.8, 0.6], "sd": round(float(np.std([0.8, 0.6], ddof=1)), 4),
                     "target": 0.85, "organs": ["liver"], "by_organ": {"liver": 0.7}, "met": False}
     assert finetune_sweep.large_organ_goal([r for r in rows if r["arm"] == "scratch"], 500.0) is None
+
+
+def test_each_unseen_site_and_arm_has_its_large_organ_dice_over_seeds() -> None:
+    def row(seed: int, organ: str, dice: float, ml: float, arm: str = "meduet", site: str = "a") -> dict:
+        return {"protocol": "leave_one_site_out", "arm": arm, "left_out": site, "seed": seed, "case": f"{site}3",
+                "organ": organ, "dice": dice, "volume_ml": ml, "surface_dice": dice, "hd95": 1.0}
+
+    rows = [row(0, "liver", 0.9, 1000.0), row(0, "spleen", 0.1, 100.0), row(1, "liver", 0.7, 1000.0),
+            row(1, "spleen", 0.3, 100.0), row(0, "liver", 0.5, 1000.0, arm="scratch"),
+            row(0, "spleen", 0.5, 100.0, arm="scratch"), row(0, "liver", 0.2, 1000.0, site="b")]
+    summary = finetune_sweep.summarize_protocol(rows, ["a", "b"], "left_out", ["scratch", "meduet"], 500.0)
+    assert summary["a"]["meduet"]["large_organ_dice"] == {"mean": 0.8, "sd": round(float(np.std([0.9, 0.7],
+                                                                                                   ddof=1)), 4),
+                                                          "seeds": 2}  # the liver alone, per seed
+    assert summary["a"]["meduet"]["dice"]["mean"] == 0.5  # every organ
+    assert summary["a"]["scratch"]["large_organ_dice"]["mean"] == 0.5
+    assert summary["b"]["meduet"]["large_organ_dice"]["mean"] == 0.2
+    assert summary["b"]["scratch"]["large_organ_dice"] == {"mean": None, "sd": None, "seeds": 0}
+
+
+def test_the_unseen_site_cost_pairs_each_left_out_cell_with_the_same_arm_and_seed_trained_on_every_site() -> None:
+    def row(protocol: str, seed: int, site: str, organ: str, dice: float, labels="all", arm: str = "meduet") -> dict:
+        return {"protocol": protocol, "arm": arm, "labels_per_site": labels, "seed": seed, "case": f"{site}3",
+                "site": site, "left_out": site if protocol == "leave_one_site_out" else "", "organ": organ,
+                "dice": dice, "volume_ml": 1000.0 if organ == "liver" else 100.0}
+
+    rows = [row("label_efficiency", s, "a", organ, dice) for s, organ, dice in
+            [(0, "liver", 0.9), (0, "spleen", 0.5), (1, "liver", 0.8), (1, "spleen", 0.4)]]
+    rows += [row("leave_one_site_out", s, "a", organ, dice) for s, organ, dice in
+             [(0, "liver", 0.7), (0, "spleen", 0.5), (1, "liver", 0.7), (1, "spleen", 0.2)]]
+    rows += [row("label_efficiency", 0, "a", "liver", 0.0, labels=1),  # another label count: not the reference
+             row("label_efficiency", 0, "b", "liver", 0.6),  # site b has no left-out cell
+             row("leave_one_site_out", 2, "a", "liver", 0.1),  # seed 2 has no all-sites cell
+             row("leave_one_site_out", 0, "a", "liver", 0.3, arm="meduet+style")]  # nor this arm
+    cost = finetune_sweep.unseen_site_cost(rows, ["a", "b"], ["meduet", "meduet+style"], 500.0)
+    assert list(cost) == ["a"] and list(cost["a"]) == ["meduet"]
+    dice, large = cost["a"]["meduet"]["dice"], cost["a"]["meduet"]["large_organ_dice"]
+    assert dice["seed_differences"] == [-0.1, -0.15] and dice["difference"] == -0.125  # 0.6 - 0.7, 0.45 - 0.6
+    assert dice["seen"] == 0.65 and dice["unseen"] == 0.525
+    assert large["seed_differences"] == [-0.2, -0.1] and large["seen"] == 0.85  # the liver alone
+    assert finetune_sweep.unseen_site_cost(rows, [], ["meduet"], 500.0) == {}
 
 
 def test_a_cell_is_the_finetune_recipe_with_its_own_init_labels_seed_and_the_sweeps_steps() -> None:
