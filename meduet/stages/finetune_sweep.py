@@ -258,6 +258,7 @@ def unseen_site_cost(rows: list[dict], sites: list[str], arms: list[str], large_
             out.setdefault(site, {})[arm] = entry
     return out
 
+
 def summarize_sweep(rows: list[dict], *, labels: list, efficiency_arms: list[str], sites: list[str],
                     loso_arms: list[str], large_organ_min_ml: float) -> dict:
     """The sweep's score rows summarised: ``label_efficiency`` per label count and arm, ``leave_one_site_out``
