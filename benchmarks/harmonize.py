@@ -34,6 +34,7 @@ import torch
 from meduet.config import HarmonizeConfig, Paths, load_config
 from meduet.harmonize.case import harmonize_case
 from meduet.harmonize.datasets import CaseSpec
+from meduet.harmonize.intensity import Window
 from meduet.io.images import read_image
 from meduet.stages.harmonize import case_settings, discover_all
 
@@ -47,14 +48,15 @@ def monai_chain(cfg: HarmonizeConfig, out_dir: Path):
 
     i = cfg.intensity
     keys = ["image", "label"]
-    threshold = cfg.foreground_threshold
+    window = Window(i.a_min, i.a_max, i.b_min, i.b_max, i.clip)  # the stage's foreground rule, on MONAI's tensors
+    share = cfg.foreground_threshold
     return Compose([
         LoadImaged(keys=keys, allow_missing_keys=True),
         EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
         Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True),
         Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
         ScaleIntensityRanged(keys="image", a_min=i.a_min, a_max=i.a_max, b_min=i.b_min, b_max=i.b_max, clip=i.clip),
-        CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > threshold,
+        CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: window.scaled_above(x, share),
                         margin=cfg.foreground_margin, allow_smaller=True, allow_missing_keys=True),
         SpatialPadd(keys=keys, spatial_size=cfg.min_size, allow_missing_keys=True),
         DivisiblePadd(keys=keys, k=cfg.divisible_by, allow_missing_keys=True),

@@ -181,7 +181,10 @@ class HarmonizeConfig(StrictModel):
     interpolation: Literal["linear", "bspline"] = "linear"
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     crop_foreground: bool = True
-    foreground_threshold: float = Field(default=0.0, description="scaled intensity above which a voxel is foreground")
+    foreground_threshold: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0, description="share of the intensity window above its lower bound (a_min; b_min once scaled) that "
+        "a voxel must exceed to be foreground: 0 = anything brighter than the window's floor, whatever b_min/b_max are"
+    )
     foreground_margin: Annotated[int, Field(ge=0)] = 2
     min_size: Size3 = (64, 64, 64)
     divisible_by: Annotated[int, Field(ge=1)] = 16

@@ -156,7 +156,7 @@ def harmonize_volume(image: sitk.Image, label: sitk.Image | None, settings: Case
     """
     native = sitk.GetArrayViewFromImage(image)  # (D, H, W), no copy
     window = settings.normalizer.window(native)
-    raw_threshold = window.raw_threshold(settings.foreground_threshold)
+    raw_threshold = window.raw_level(settings.foreground_threshold)
     full = ras_grid(image, settings.spacing)
     grid = full
     if settings.crop_foreground:
@@ -173,7 +173,7 @@ def harmonize_volume(image: sitk.Image, label: sitk.Image | None, settings: Case
 
     lo, hi = np.zeros(3, int), grid.size.copy()
     if settings.crop_foreground:
-        box = foreground_box(values > settings.foreground_threshold)
+        box = foreground_box(window.scaled_above(values, settings.foreground_threshold))
         if box is None:
             raise CaseProblem(f"{name}: no foreground after resampling")
         lo = np.maximum(box[0] - settings.margin, 0)

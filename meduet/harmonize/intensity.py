@@ -31,9 +31,18 @@ class Window:
             np.clip(values, min(self.b_min, self.b_max), max(self.b_min, self.b_max), out=values)
         return values
 
-    def raw_threshold(self, scaled_threshold: float) -> float:
-        """The raw intensity that maps to ``scaled_threshold`` (foreground search before scaling)."""
-        return self.a_min + (scaled_threshold - self.b_min) * (self.a_max - self.a_min) / (self.b_max - self.b_min)
+    def raw_level(self, share: float) -> float:
+        """The raw intensity ``share`` of the way from ``a_min`` to ``a_max`` (foreground search before scaling)."""
+        return self.a_min + share * (self.a_max - self.a_min)
+
+    def scaled_above(self, values: np.ndarray, share: float) -> np.ndarray:
+        """Bool mask of scaled ``values`` that lie more than ``share`` of the way from ``b_min`` to ``b_max``.
+
+        Relative to the window, not to 0, so the same ``share`` finds the same voxels whatever the
+        output range (``[0, 1]``, ``[-1, 1]``, or reversed); it agrees with ``raw > raw_level(share)``.
+        """
+        level = self.b_min + share * (self.b_max - self.b_min)
+        return values > level if self.b_max >= self.b_min else values < level
 
 
 @dataclass(frozen=True)

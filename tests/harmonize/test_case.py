@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from meduet.config import HarmonizeConfig
+from meduet.config import HarmonizeConfig, IntensityConfig
 from meduet.harmonize.case import CaseProblem, harmonize_case, harmonize_volume, present_values
 from meduet.harmonize.datasets import CaseSpec
 from meduet.stages.harmonize import case_settings
@@ -47,6 +47,29 @@ def test_window_maps_hu_to_unit_range():
     soft = out.image[out.image > 0.4]
     # 40 HU → (40 + 175) / 425 ≈ 0.506, liver 60 HU → 0.553
     assert np.median(soft) == pytest.approx(0.506, abs=0.03)
+
+
+@pytest.mark.parametrize("b_range", [(-1.0, 1.0), (1.0, 0.0)])
+def test_foreground_crop_does_not_depend_on_the_output_range(b_range):
+    """A [-1, 1] (or reversed) window crops the same body as [0, 1]: the threshold is relative to the window.
+
+    The body is fat (about -100 HU), below the window's middle: a threshold read as a scaled value (0 on
+    [-1, 1] is 37.5 HU) would keep only the liver and cut the body away.
+    """
+    image, label = phantom()
+    hu = sitk.GetArrayFromImage(image)
+    hu[sitk.GetArrayFromImage(label) == 1] -= 140
+    fat = sitk.GetImageFromArray(hu)
+    fat.CopyInformation(image)
+    unit = harmonize_volume(fat, label, settings())
+    low, high = b_range
+    other = harmonize_volume(fat, label, settings(intensity=IntensityConfig(b_min=low, b_max=high)))
+    for field in ("origin_ras", "spacing", "size"):
+        np.testing.assert_array_equal(getattr(other.grid, field), getattr(unit.grid, field))
+    np.testing.assert_array_equal(other.label, unit.label)
+    np.testing.assert_allclose(other.image, low + (high - low) * unit.image, atol=1e-6)
+    uncropped = harmonize_volume(fat, label, settings(crop_foreground=False))
+    assert (unit.label == 1).sum() == (uncropped.label == 1).sum() > 0  # the whole body is kept
 
 
 @pytest.mark.parametrize("code", ["LPS", "SLP", "AIL"])
