@@ -110,13 +110,17 @@ def repro_outcome(stage: str, lines: Iterable[str]) -> str:
 # names the run's part of it: "finetune_sweep[2/3]: 150/300 steps (50%)" is half of the second third.
 PROGRESS_LINE = re.compile(r"(?P<name>[A-Za-z][\w-]*)(?:\[(?P<part>\d+)/(?P<parts>\d+)\])?: "
                            r"(?P<done>\d+)/(?P<total>\d+) [a-z]+ \((?P<percent>\d+)%\)")
+# The data stages' tqdm bar (harmonize, demo-data), each redraw a line of its own (the pipe is read with universal
+# newlines): "harmonize:  31%|███▏      | 5/16 [00:02<00:04,  2.40case/s]".
+PROGRESS_BAR = re.compile(r"(?P<name>[A-Za-z][\w-]*): +(?P<percent>\d+)%\|[^|]*\| *\d+/\d+ \[")
 
 
 def progress_percent(line: str) -> float | None:
     """The share of the whole stage (percent) a progress line reports, or None for any other line."""
     match = PROGRESS_LINE.search(line)
     if match is None:
-        return None
+        bar = PROGRESS_BAR.search(line)
+        return None if bar is None else float(bar["percent"])
     percent = float(match["percent"])
     if match["part"] is None:
         return percent

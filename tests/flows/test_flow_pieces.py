@@ -170,6 +170,9 @@ def test_http_json_retries_a_busy_server_and_gives_up_on_other_errors(monkeypatc
     ("(RayTrainWorker pid=1) finetune_sweep[2/4]: 150/300 steps (50%), 4.1 steps/s", 37.5),
     ("finetune_sweep[3/3]: 300/300 steps (100%), done", 100.0),
     ("finetune_sweep: 1/3 cells (33%), 0.01 cells/s", 33.0),
+    ("harmonize:  31%|███▏      | 5/16 [00:02<00:04,  2.40case/s]", 31.0),  # the data stages' tqdm bar
+    ("demo-data: 100%|██████████| 16/16 [00:12<00:00,  1.30case/s]", 100.0),
+    ("site_a: 12%| of the volume is lung", None),
     ("Running stage 'train_vae':", None),
     ("site_a: 12/16 ok", None),
 ])
