@@ -124,6 +124,12 @@ def optimizer_step(trainer: Trainer, micro_batches: Iterable[Any]) -> dict[str, 
     return sums
 
 
+def progress_values(shown: dict[str, float], total: str) -> dict[str, float]:
+    """The loss terms a progress line shows: the total first, then every other term in use (non-zero)."""
+    values = {total: shown[total]} if total in shown else {}
+    return values | {name: value for name, value in shown.items() if name != total and value != 0}
+
+
 def train(*, build: Callable[..., Trainer], cfg: TrainingSection, stage: str = "train", **inputs: Any) -> None:
     """Run a whole training loop on this worker (the ``loop`` handed to ``distributed.fit``).
 
@@ -156,4 +162,4 @@ def train(*, build: Callable[..., Trainer], cfg: TrainingSection, stage: str = "
             row = {"step": done, **shown, "lr": lr,
                    **{name: float(value) for name, value in extra.items() if name not in trainer.terms}}
             dist.report(row, checkpoint)
-        progress.update(done, {trainer.total: shown[trainer.total]} if trainer.total in shown else None)
+        progress.update(done, progress_values(shown, trainer.total))

@@ -3,6 +3,7 @@
 import pytest
 
 from meduet.engine import progress as progress_module
+from meduet.engine.loop import progress_values
 from meduet.engine.progress import Progress
 
 
@@ -46,3 +47,14 @@ def test_a_slow_run_still_reports_every_30_seconds(clock: Clock) -> None:
 def test_other_ranks_stay_silent(clock: Clock) -> None:
     progress = Progress("pretrain", 10, enabled=False)
     assert all(progress.update(step) is None for step in range(1, 11))
+
+
+def test_training_lines_show_the_total_first_then_each_loss_term_in_use(clock: Clock) -> None:
+    shown = {"rec": 0.5, "domain_content": 1.25, "mftd": 0.0, "total": 2.0}  # MFTD off: its term stays 0
+    values = progress_values(shown, "total")
+    assert list(values) == ["total", "rec", "domain_content"]
+    progress = Progress("pretrain", 1)
+    clock.now += 1.0
+    line = progress.update(1, values)
+    assert line == "pretrain: 1/1 steps (100%), 1.00 steps/s, done, total 2, rec 0.5, domain_content 1.25"
+    assert progress_values({}, "total") == {}  # before the first history row
