@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.stats import bootstrap
 
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.artifacts.vae import vae_path
 from meduet.config import FinetuneConfig, HarmonizeConfig, Paths, RayConfig
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale
 from meduet.engine.finetune_training import CaseFiles, build_trainer, read_case
+from meduet.engine.metrics import grouped_mean_ci95, mean_ci95
 from meduet.engine.segmentation import organ_metrics, segment_volume
 from meduet.engine.training_stage import TrainedRun, fit_trainer
 from meduet.harmonize.manifest import CaseRecord
@@ -41,7 +41,6 @@ from meduet.stages import StageError
 log = logging.getLogger(__name__)
 SCORES = ("dice", "hd95", "surface_dice")
 LARGE_ORGAN_TARGET = 0.85  # the analysis issue: mean Dice on the large organs with all labels
-_BOOTSTRAP_RESAMPLES = 2000
 
 
 def labelled_cases(records: list[LatentRecord], per_site: int | str, seed: int = 0) -> list[LatentRecord]:
@@ -213,32 +212,25 @@ def mean(values: list) -> float | None:
     return round(float(np.mean(values)), 4) if values else None
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per site and organ, per organ (mean over sites), per site (mean over organs) and overall means."""
+def summarize(rows: list[dict], seed: int = 0) -> dict:
+    """Per site and organ, per organ (mean over sites), per site (mean over organs) and overall means, each overall
+    mean with its 95 % interval (``ci95``: a bootstrap over cases, each case's organs resampled together)."""
     out: dict = {}
     for score in SCORES:
         by_site: dict[str, dict[str, float | None]] = defaultdict(dict)
         for row in rows:
             by_site[row["site"]][row["organ"]] = row[score]
         organs = sorted({row["organ"] for row in rows})
+        scored = [row for row in rows if row[score] is not None]
         out[score] = {
             "by_site": dict(by_site),
             "by_organ": {o: mean([row[score] for row in rows if row["organ"] == o]) for o in organs},
             "site_mean": {s: mean(list(v.values())) for s, v in by_site.items()},
             "mean": mean([row[score] for row in rows]),
+            "ci95": grouped_mean_ci95([row[score] for row in scored], [row["case"] for row in scored], seed),
         }
     out["hd95"]["missed"] = sum(row["hd95"] is None for row in rows)  # organs never predicted (HD95 undefined)
     return out
-
-
-def mean_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
-    """95 % percentile-bootstrap interval of the mean of ``values`` (scipy, 4 digits); None for fewer than two
-    values or no spread, where resampling says nothing."""
-    if len(values) < 2 or np.ptp(values) == 0:
-        return None
-    interval = bootstrap((np.asarray(values),), np.mean, n_resamples=_BOOTSTRAP_RESAMPLES, method="percentile",
-                         rng=np.random.default_rng(seed)).confidence_interval
-    return [round(float(interval.low), 4), round(float(interval.high), 4)]
 
 
 def large_organs(rows: list[dict], min_ml: float, seed: int = 0) -> dict:

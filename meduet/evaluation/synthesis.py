@@ -105,7 +105,8 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
             ``real`` held-out real crops.
 
     Returns:
-        ``fd``, ``fd_ci95``, ``floor``, ``floor_ci95``, ``ratio`` (fd / floor), the same in the kernel
+        ``fd``, ``fd_ci95``, ``floor``, ``floor_ci95``, ``ratio`` (fd / floor) and ``ratio_ci95`` (``fd_ci95`` /
+        floor: the floor's own uncertainty is ``floor_ci95``), the same in the kernel
         distance (``kid``, ``kid_ci95``, ``kid_floor``, ``kid_floor_ci95``: valid where the sets are
         smaller than the feature count and the Fréchet distance's covariances are singular), and the
         sample counts.
@@ -120,11 +121,13 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
     fd, floor = frechet_distance(generated, reference), frechet_distance(real, reference)
     kid, kid_ci95 = kernel_distance_and_interval(generated, reference, resamples=resamples, seed=seed)
     kid_floor, kid_floor_ci95 = kernel_distance_and_interval(real, reference, resamples=resamples, seed=seed)
-    return {"fd": fd, "fd_ci95": bootstrap_interval(frechet_distance, [generated, reference], resamples=resamples,
-                                                    seed=seed),
+    fd_ci95 = bootstrap_interval(frechet_distance, [generated, reference], resamples=resamples, seed=seed)
+    return {"fd": fd, "fd_ci95": fd_ci95,
             "floor": floor, "floor_ci95": bootstrap_interval(frechet_distance, [real, reference],
                                                              resamples=resamples, seed=seed),
             "ratio": fd / floor if floor > 0 else None,
+            # the distance's interval over the floor's value (the floor's own spread: floor_ci95)
+            "ratio_ci95": [bound / floor for bound in fd_ci95] if floor > 0 else None,
             "kid": kid, "kid_ci95": kid_ci95, "kid_floor": kid_floor, "kid_floor_ci95": kid_floor_ci95,
             "samples": n, "reference_samples": len(reference), "features": generated.shape[1]}
 

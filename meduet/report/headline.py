@@ -87,9 +87,10 @@ EVAL = "evaluate_disentanglement"
 SWEEP = "finetune_sweep"
 SYNTHESIS = "evaluate_synthesis"
 HEADLINES: tuple[Headline, ...] = (
-    Headline("train_vae", "overall.psnr", "VAE reconstruction PSNR (dB)", digits=1),
-    Headline("train_vae", "overall.ssim", "VAE reconstruction SSIM", digits=2),
-    Headline("train_vae", "overall.mae_raw", "VAE reconstruction MAE (raw units, HU for CT)", digits=1),
+    Headline("train_vae", "overall.psnr", "VAE reconstruction PSNR (dB)", digits=1, interval="overall.psnr_ci95"),
+    Headline("train_vae", "overall.ssim", "VAE reconstruction SSIM", digits=2, interval="overall.ssim_ci95"),
+    Headline("train_vae", "overall.mae_raw", "VAE reconstruction MAE (raw units, HU for CT)", digits=1,
+             interval="overall.mae_raw_ci95"),
     Headline(EVAL, "style_accuracy", "site from style (probe accuracy)", Goal(">=", 0.95, source="issue"),
              interval="style_ci95"),
     Headline(EVAL, "content_accuracy", "site from content (probe accuracy)",
@@ -111,8 +112,9 @@ HEADLINES: tuple[Headline, ...] = (
              "counterfactual: swap nearer B's scan than A's own decoder round trip"),
     Headline(EVAL, "latent_statistics_accuracy", "site from latent mean/std (input baseline)"),
     Headline(EVAL, "chance", "chance (1 / sites)"),
-    Headline("finetune", "dice.mean", "segmentation: held-out mean Dice (all labels, MeDUET init)"),
-    Headline("finetune", "hd95.mean", "segmentation: held-out mean HD95 (mm)", digits=1),
+    Headline("finetune", "dice.mean", "segmentation: held-out mean Dice (all labels, MeDUET init)",
+             interval="dice.ci95"),
+    Headline("finetune", "hd95.mean", "segmentation: held-out mean HD95 (mm)", digits=1, interval="hd95.ci95"),
     Headline("finetune", "large_organ_dice_all_labels", "segmentation: large organs' mean Dice (all labels)",
              Goal(">=", 0.85, source="analysis"), interval="large_organs.ci95"),
     Headline(SWEEP, "label_efficiency.1.meduet_minus.scratch.mean", "1 label per site: Dice MeDUET - scratch",
@@ -135,7 +137,8 @@ HEADLINES: tuple[Headline, ...] = (
              Goal(">=", 0.8, source="synthesis"), interval="counterfactual.closer_than_baselines_ci95"),
     Headline(SYNTHESIS, "generation.frechet_distance.overall.ratio",
              "synthesis: generated crops' Fréchet distance / the real-vs-real floor",
-             Goal("<=", 2.0, source="synthesis"), digits=1),
+             Goal("<=", 2.0, source="synthesis"), digits=1,
+             interval="generation.frechet_distance.overall.ratio_ci95"),
     # the bound on the row above: a generator that reproduced the real latents would score this
     Headline(SYNTHESIS, "generation.frechet_distance_vae_roundtrip.overall.ratio",
              "synthesis: the VAE's round trips of real crops, Fréchet distance / floor", digits=1),

@@ -63,7 +63,7 @@ def run(cfg: FinetuneConfig, paths: Paths, ray: RayConfig, harmonize: HarmonizeC
     sites = sorted({r.domain for r in data.split("train")})
     metrics = {"steps": steps, "init": cfg.init, "decoder": cfg.decoder, "labels_per_site": cfg.labels_per_site,
                "labelled_cases": len(train), "labelled_fraction": labelled_fraction(train, data.split("train"), sites),
-               "held_out_cases": len(held_out), **summarize(rows),
+               "held_out_cases": len(held_out), **summarize(rows, cfg.seed),
                "first": {t: history[0][t] for t in TERMS} if history else {},
                "final": {t: history[-1][t] for t in TERMS} if history else {},
                "large_organs": large_organs(rows, cfg.large_organ_min_ml, cfg.seed)}

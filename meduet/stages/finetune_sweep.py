@@ -54,12 +54,12 @@ from meduet.engine.finetune_runs import (
     labelled_cases,
     large_organs,
     mean,
-    mean_ci95,
     score_segmenter,
     segmentation_data,
     write_scores,
 )
 from meduet.engine.finetune_training import CaseFiles
+from meduet.engine.metrics import mean_ci95
 from meduet.engine.probes import fit_probe, linear_probe, probe_folds
 from meduet.engine.progress import Progress
 from meduet.engine.volume_factors import pooled_content

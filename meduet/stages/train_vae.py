@@ -15,7 +15,7 @@ import torch
 from meduet.artifacts.vae import save_vae, vae_path
 from meduet.config import Paths, RayConfig, VAEConfig
 from meduet.data.volumes import Volume, holdout_split, load_volume, usable_volumes
-from meduet.engine.metrics import mae_raw, psnr, ssim
+from meduet.engine.metrics import mae_raw, mean_ci95, psnr, ssim
 from meduet.engine.progress import Progress
 from meduet.engine.training_stage import TrainedRun, finish_training_stage, fit_trainer
 from meduet.engine.vae_training import build_trainer
@@ -68,6 +68,15 @@ def _per_site(rows: list[dict]) -> dict[str, dict[str, float]]:
     return sites
 
 
+def overall_scores(rows: list[dict], seed: int) -> dict[str, float | list[float] | None]:
+    """Mean PSNR, SSIM and raw MAE over the evaluated volumes, each with its 95 % bootstrap interval over them."""
+    out: dict[str, float | list[float] | None] = {}
+    for key in ("psnr", "ssim", "mae_raw"):
+        values = [r[key] for r in rows]
+        out |= {key: float(np.mean(values)), f"{key}_ci95": mean_ci95(values, seed)}
+    return out
+
+
 def _figure_reconstructions(rows: list[dict], target: Path) -> Path:
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for row, ax in zip(rows, axes):
@@ -108,7 +117,7 @@ def run(cfg: VAEConfig, paths: Paths, ray: RayConfig) -> StageResult:
     rows = evaluate(model, evaluated, cfg.max_voxels_per_split)
     metrics = {"train_cases": len(train), "held_out_cases": len(held_out),
                "evaluated_on": "held_out" if held_out else "train (no held-out case)", "per_site": _per_site(rows),
-               "overall": {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "mae_raw")}}
+               "overall": overall_scores(rows, cfg.seed)}
     if trained is not None and trained.history:
         metrics["final_loss"] = trained.history[-1]["loss"]
     figure = _figure_reconstructions(rows, paths.reports / "train_vae" / "reconstructions.png")

@@ -44,6 +44,7 @@ def test_fd_against_floor_separates_a_shifted_set_from_real_samples() -> None:
     shifted = fd_against_floor(rng.normal(size=(20, 4)) + 2.0, reference, real, resamples=50, seed=0)
     assert same["samples"] == 20 and same["reference_samples"] == 80
     assert same["ratio"] < 3 < shifted["ratio"]
+    assert shifted["ratio_ci95"] == [bound / shifted["floor"] for bound in shifted["fd_ci95"]]
     assert shifted["fd_ci95"][0] > shifted["floor_ci95"][1]  # the intervals do not overlap
     assert shifted["kid_ci95"][0] > shifted["kid_floor_ci95"][1] and same["kid_ci95"][0] < 0 < same["kid_ci95"][1]
     assert same["features"] == 4

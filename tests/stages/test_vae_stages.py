@@ -37,6 +37,11 @@ def test_train_vae_writes_weights_metrics_and_figures(trained):
     assert metrics["evaluated_on"] == "held_out" and set(metrics["per_site"]) == {"site_a", "site_b"}
     for site in metrics["per_site"].values():  # finite, plausible numbers (NaN fails every comparison)
         assert site["cases"] == 1 and 0 < site["psnr"] < 60 and -1 <= site["ssim"] <= 1 and 0 < site["mae_raw"] < 1000
+    overall = metrics["overall"]  # over the 2 held-out volumes, each mean with its bootstrap interval
+    for key in ("psnr", "ssim", "mae_raw"):
+        interval = overall[f"{key}_ci95"]
+        assert interval is None or interval[0] <= round(overall[key], 4) <= interval[1]
+    assert overall["psnr_ci95"] is not None  # two volumes never reconstruct equally well
     assert 0 < metrics["final_loss"] < 10
     history = (paths.reports / "train_vae" / "history.csv").read_text().splitlines()
     assert history[0].startswith("step,loss") and len(history) == 1 + VAE.steps
