@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
+from machine import describe  # benchmarks/machine.py (this script's folder)
 
 from meduet.config import HarmonizeConfig, Paths, load_config
 from meduet.harmonize.case import harmonize_case
@@ -165,7 +166,8 @@ def main() -> None:
             phases = phase_seconds(profiler)
 
     n = len(chosen)
-    print(f"\nharmonization of {n} demo volumes ({', '.join(sorted(by_dataset))}), "
+    print(f"\nmachine: {describe()}")
+    print(f"harmonization of {n} demo volumes ({', '.join(sorted(by_dataset))}), "
           f"{args.threads} thread(s), target spacing {cfg.harmonize.target_spacing}\n")
     print(f"{'method':<26}{'seconds':>10}{'volumes/s':>12}{'ratio':>8}")
     print(f"{'MONAI dict chain':<26}{t_monai:>10.2f}{n / t_monai:>12.2f}{1.0:>8.2f}")

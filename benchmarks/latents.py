@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from machine import describe  # benchmarks/machine.py (this script's folder)
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from meduet.data.latents import save_array
@@ -96,7 +97,8 @@ def main() -> None:
         t_nii = load_nii(nii, plan, args.crop)
         t_npy = load_npy(npy, plan, args.crop)
     n = args.samples
-    print(f"\nrandom {args.crop}^3 crops from {args.cases} latents of shape {LATENT_SHAPE} (C, d, h, w)\n")
+    print(f"\nmachine: {describe()}")
+    print(f"random {args.crop}^3 crops from {args.cases} latents of shape {LATENT_SHAPE} (C, d, h, w)\n")
     print(f"{'storage':<32}{'samples/s':>12}{'ratio':>8}")
     print(f"{'.nii.gz (decompress per crop)':<32}{n / t_nii:>12.1f}{1.0:>8.1f}")
     print(f"{'.npy memory-mapped (this cache)':<32}{n / t_npy:>12.1f}{t_nii / t_npy:>8.1f}")
