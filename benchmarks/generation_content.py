@@ -36,9 +36,11 @@ from synthesis_scoring import generation_scores, mean_sd, score_samples
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import MeduetConfig, Paths, load_config
+from meduet.data.labelled import harmonized_range
 from meduet.data.latent_crops import LatentCropSampler
 from meduet.data.latents import read_manifest, read_scale
 from meduet.engine.diffusion_training import teacher_factors
+from meduet.harmonize.intensity import range_level
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.stages.synthesize import content_donors
@@ -65,12 +67,16 @@ def content_geometry(cfg: MeduetConfig, paths: Paths, crops: int = 512) -> dict:
     sampler = LatentCropSampler([paths.latents / r.latent for r in train], [0] * len(train),
                                 cfg.train_diffusion.crop, read_scale(paths.latents), cfg.train_diffusion.seed)
     trained_on = torch.cat([teacher_factors(teacher, sampler.batch(step, 32)[0])[1] for step in range(crops // 32)])
-    harmonized = {r.key: paths.harmonized / r.image for r in read_harmonized(paths.harmonized / "manifest.csv")}
+    harmonized_records = read_harmonized(paths.harmonized / "manifest.csv")
+    harmonized = {r.key: paths.harmonized / r.image for r in harmonized_records}
+    level = range_level(cfg.synthesize.body_threshold,
+                        harmonized_range({r.key: r.window for r in harmonized_records if r.window},
+                                         paths.harmonized / "manifest.csv"))
     result = {"training crops (others)": _nearest(trained_on, trained_on, leave_one_out=True)}
     for condition in CONDITIONS:
         section = cfg.synthesize.model_copy(update={"generation_content": condition})
         donors = content_donors(section, arrays=arrays, factor_records=records, harmonized_images=harmonized,
-                                window=tuple(meta["window"]))
+                                window=tuple(meta["window"]), body_level=level)
         vectors = torch.from_numpy(np.stack([arrays[d.array][d.row] for d in donors])).float()
         result[f"{condition} contents"] = _nearest(vectors, trained_on)
     return result

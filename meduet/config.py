@@ -740,8 +740,9 @@ class SynthesizeConfig(StrictModel):
         "the mean over a training volume's windows, as the authors generate (the default: window measured worse, "
         "Fréchet 35 x the floor against 28 x over 3 seeds, benchmarks/generation_content.py)"
     )
-    body_threshold: float = Field(
-        default=0.05, description="window generation and texture: harmonized intensity above which a voxel is body "
+    body_threshold: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.05, description="window generation and texture: the share of the harmonized intensity range "
+        "(b_min to b_max) above b_min beyond which a voxel is body "
         "(window generation: as train_evaluator's, whose body crops the generated ones are compared with)"
     )
     min_body_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
@@ -799,8 +800,9 @@ class TrainEvaluatorConfig(StrictModel):
         default=8_000_000, description="volumes up to this size are segmented in one pass, larger ones in "
         "overlapping crops"
     )
-    body_threshold: float = Field(
-        default=0.05, description="harmonized intensity above which a voxel is body (air is 0 after windowing)"
+    body_threshold: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.05, description="the share of the harmonized intensity range (b_min to b_max) above b_min beyond "
+        "which a voxel is body (air is b_min after windowing); on [0, 1] the intensity itself"
     )
     min_body_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.5, description="a volume's site is read from its grid crops at least this much body (air "

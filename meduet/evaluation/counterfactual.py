@@ -30,6 +30,7 @@ from monai.metrics import PSNRMetric
 
 from meduet.data.windows import sliding_windows, window_origins, world_boxes
 from meduet.engine.probes import proportion_ci
+from meduet.harmonize.intensity import to_unit
 from meduet.io.images import ras_affine
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.architectures import MAX_VOXELS_PER_SPLIT
@@ -159,8 +160,10 @@ class ImageCache:
         return image
 
 
-def _psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    return float(PSNRMetric(max_val=1.0)(prediction[None].clamp(0, 1), target[None]).mean())
+def _psnr(prediction: torch.Tensor, target: torch.Tensor, value_range: tuple[float, float]) -> float:
+    """PSNR of harmonized intensities in ``value_range``, both mapped to [0, 1] (the prediction clipped there)."""
+    unit = to_unit(prediction, value_range).clamp(0, 1)
+    return float(PSNRMetric(max_val=1.0)(unit[None], to_unit(target, value_range)[None]).mean())
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -188,7 +191,7 @@ def same_subject_pairs(scans: list[Scan], limit: int, seed: int) -> list[tuple[i
 
 def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, batch_size: int, seed: int,
                         vae: torch.nn.Module | None = None, decode_pairs: int = 0, scale: float = 1.0,
-                        max_voxels: int = MAX_VOXELS_PER_SPLIT) -> dict:
+                        max_voxels: int = MAX_VOXELS_PER_SPLIT, value_range: tuple[float, float] | None = None) -> dict:
     """Run the counterfactual swap on up to ``pairs`` same-subject pairs (see the module docstring).
 
     Args:
@@ -196,12 +199,16 @@ def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, ba
         vae: the frozen VAE; with it (and ``Scan.image`` set) PSNR after decoding is measured too,
             on the first ``decode_pairs`` pairs (a whole-volume decode is the slow part).
         scale: the latent cache's scale factor (to undo before decoding).
+        value_range: the harmonized images' ``(b_min, b_max)``; PSNR is taken on them mapped to [0, 1]
+            (needed with ``vae``).
 
     Returns:
         ``pairs``, per-method mean latent MSE and PSNR, ``swap_closer_than_a`` and
         ``swap_closer_than_roundtrip`` (fractions of pairs), and the ``rows`` per pair;
         ``{"skipped": reason}`` without same-subject pairs.
     """
+    if vae is not None and value_range is None:
+        raise ValueError("counterfactual_test: PSNR after decoding needs the harmonized value_range")
     triples = same_subject_pairs(scans, pairs, seed)
     if not triples:
         return {"skipped": "no subject is scanned at two sites (see evaluate_disentanglement.subject_pattern)"}
@@ -231,7 +238,7 @@ def counterfactual_test(model: MeduetModel, scans: list[Scan], *, pairs: int, ba
                "latent_mse_roundtrip": _mse(roundtrip[a][region], target)}
         decodable = scan_a.image is not None and scan_b.image is not None
         if vae is not None and len(rows) < decode_pairs and decodable:
-            row.update(_image_scores(images, scan_a, scan_b, swap, roundtrip[a]))
+            row.update(_image_scores(images, scan_a, scan_b, swap, roundtrip[a], value_range))
         rows.append(row)
     if not rows:
         return {"skipped": "no same-subject pair overlaps in space"}
@@ -254,7 +261,8 @@ def _fraction(name: str, outcomes: list[bool]) -> dict:
     return {name: float(np.mean(outcomes)), f"{name}_ci95": proportion_ci(int(np.sum(outcomes)), len(outcomes))}
 
 
-def _image_scores(images: ImageCache, scan_a: Scan, scan_b: Scan, swap: torch.Tensor, roundtrip: torch.Tensor) -> dict:
+def _image_scores(images: ImageCache, scan_a: Scan, scan_b: Scan, swap: torch.Tensor, roundtrip: torch.Tensor,
+                  value_range: tuple[float, float]) -> dict:
     """PSNR against ``s@B``'s harmonized image, on ``s@A``'s image grid where both have data."""
     image_a, affine_a = images.read(scan_a.image)
     image_b, affine_b = images.read(scan_b.image)
@@ -265,4 +273,4 @@ def _image_scores(images: ImageCache, scan_a: Scan, scan_b: Scan, swap: torch.Te
     region = (slice(None), *box)
     candidates = {"swap": images.decode(swap), "roundtrip": images.decode(roundtrip, (scan_a.key, "roundtrip")),
                   "a": image_a, "a_vae": images.decode(scan_a.latent, (scan_a.key, "vae"))}
-    return {f"psnr_{name}": _psnr(volume[region], target) for name, volume in candidates.items()}
+    return {f"psnr_{name}": _psnr(volume[region], target, value_range) for name, volume in candidates.items()}

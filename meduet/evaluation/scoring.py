@@ -1,7 +1,7 @@
 """How the frozen synthesis evaluator reads a whole volume: its site, its organs, their Dice.
 
 - site: the mean site probability over the volume's grid crops that are mostly body (air is
-  0 after windowing and carries no site);
+  the window's floor after harmonization and carries no site);
 - organs: the segmentation head on the whole volume (MONAI sliding windows when it is too large);
 - Dice per organ (``monai.metrics.DiceMetric``), NaN where the organ is absent from the truth.
 """
@@ -18,6 +18,7 @@ from monai.networks.utils import one_hot
 
 from meduet.config import TrainEvaluatorConfig
 from meduet.data.windows import sliding_windows
+from meduet.harmonize.intensity import range_level
 from meduet.models.evaluator import EvaluatorNet
 
 
@@ -84,8 +85,12 @@ class VolumeReader:
     max_voxels: int
 
     @classmethod
-    def from_section(cls, model: EvaluatorNet, cfg: TrainEvaluatorConfig) -> VolumeReader:
-        return cls(model=model.eval(), crop=tuple(cfg.crop_size), threshold=cfg.body_threshold,  # type: ignore[arg-type]
+    def from_section(cls, model: EvaluatorNet, cfg: TrainEvaluatorConfig,
+                     value_range: tuple[float, float]) -> VolumeReader:
+        """The reader of ``cfg``; its body threshold is ``cfg.body_threshold`` of the way up the harmonized
+        ``value_range`` (``(b_min, b_max)``, :func:`meduet.harmonize.intensity.output_range`)."""
+        return cls(model=model.eval(), crop=tuple(cfg.crop_size),  # type: ignore[arg-type]
+                   threshold=range_level(cfg.body_threshold, value_range),
                    min_fraction=cfg.min_body_fraction, overlap=cfg.overlap, batch_size=cfg.batch_size,
                    max_voxels=cfg.max_voxels_per_pass)
 

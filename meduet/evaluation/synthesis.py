@@ -28,6 +28,7 @@ from monai.networks.layers import separable_filtering
 from sklearn.metrics.pairwise import polynomial_kernel
 
 from meduet.engine.metrics import mae_raw, psnr
+from meduet.harmonize.intensity import to_unit
 
 # MONAI's (and Wang et al.'s) MS-SSIM scale weights, finest first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -132,8 +133,10 @@ def fd_against_floor(generated: np.ndarray, reference: np.ndarray, real: np.ndar
             "samples": n, "reference_samples": len(reference), "features": generated.shape[1]}
 
 
-def pairwise_ms_ssim(crops: torch.Tensor, *, kernel_size: int, scales: int) -> np.ndarray:
-    """3-D MS-SSIM of every pair of ``crops (n, 1, D, H, W)`` (intensities in [0, 1]): ``(n, n)``, NaN diagonal.
+def pairwise_ms_ssim(crops: torch.Tensor, *, kernel_size: int, scales: int,
+                     value_range: tuple[float, float]) -> np.ndarray:
+    """3-D MS-SSIM of every pair of ``crops (n, 1, D, H, W)`` (harmonized intensities in ``value_range``, mapped
+    to [0, 1] first, so the score does not depend on the range harmonization wrote): ``(n, n)``, NaN diagonal.
 
     Raises:
         ValueError: the kernel and scales do not fit the crop (MONAI's check).
@@ -143,7 +146,8 @@ def pairwise_ms_ssim(crops: torch.Tensor, *, kernel_size: int, scales: int) -> n
     i, j = np.triu_indices(len(crops), k=1)
     matrix = np.full((len(crops), len(crops)), np.nan)
     if len(i):
-        values = metric(crops[i].float().clamp(0, 1), crops[j].float().clamp(0, 1)).flatten().double().numpy()
+        unit = to_unit(crops.float(), value_range).clamp(0, 1)
+        values = metric(unit[i], unit[j]).flatten().double().numpy()
         matrix[i, j] = matrix[j, i] = values
     return matrix
 
@@ -159,11 +163,12 @@ def mean_off_diagonal(matrix: np.ndarray, index: np.ndarray | None = None) -> fl
     return float(np.nanmean(sub[distinct])) if distinct.any() else float("nan")
 
 
-def diversity(crops: torch.Tensor, *, kernel_size: int, scales: int, resamples: int, seed: int) -> dict:
+def diversity(crops: torch.Tensor, *, kernel_size: int, scales: int, resamples: int, seed: int,
+              value_range: tuple[float, float]) -> dict:
     """Mean pairwise MS-SSIM among ``crops`` (lower: more diverse) with a bootstrap interval over samples."""
     if len(crops) < 2:
         return {"skipped": f"{len(crops)} sample(s): no pair"}
-    matrix = pairwise_ms_ssim(crops, kernel_size=kernel_size, scales=scales)
+    matrix = pairwise_ms_ssim(crops, kernel_size=kernel_size, scales=scales, value_range=value_range)
     index = np.arange(len(crops))
     return {"ms_ssim": mean_off_diagonal(matrix),
             "ms_ssim_ci95": bootstrap_interval(lambda idx: mean_off_diagonal(matrix, idx), [index],

@@ -6,7 +6,9 @@ intensities are arbitrary, so the window comes from each image's robust percenti
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +45,42 @@ class Window:
         """
         level = self.b_min + share * (self.b_max - self.b_min)
         return values > level if self.b_max >= self.b_min else values < level
+
+
+def output_range(windows: Mapping[str, Sequence[float]]) -> tuple[float, float]:
+    """The scaled range ``(b_min, b_max)`` that every harmonized case shares.
+
+    Args:
+        windows: case key -> the manifest's ``window`` (``a_min, a_max, b_min, b_max``).
+
+    Raises:
+        ValueError: no case, cases harmonized to different ranges (naming two), or a reversed range
+            (``b_max <= b_min``: "brighter than" would point the wrong way).
+    """
+    ranges = {key: (float(w[2]), float(w[3])) for key, w in windows.items()}
+    if not ranges:
+        raise ValueError("no harmonized case to read the intensity range from")
+    first = next(iter(ranges))
+    for key, value in ranges.items():
+        if value != ranges[first]:
+            raise ValueError(f"harmonized cases differ in their output range: {first} {ranges[first]}, {key} {value};"
+                             " harmonize every case with one intensity setting")
+    low, high = ranges[first]
+    if high <= low:
+        raise ValueError(f"{first}: output range {ranges[first]} is reversed; thresholds need b_max > b_min")
+    return low, high
+
+
+def range_level(share: float, value_range: tuple[float, float]) -> float:
+    """The intensity ``share`` of the way up ``value_range`` (``(b_min, b_max)``): a threshold whatever the range."""
+    low, high = value_range
+    return low + share * (high - low)
+
+
+def to_unit(values: Any, value_range: tuple[float, float]) -> Any:
+    """``values`` (array or tensor) mapped linearly from ``value_range`` to ``[0, 1]`` (unchanged for ``(0, 1)``)."""
+    low, high = value_range
+    return (values - low) / (high - low)
 
 
 @dataclass(frozen=True)

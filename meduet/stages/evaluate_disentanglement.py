@@ -38,6 +38,7 @@ from meduet.artifacts.factors import FactorRecord, load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateDisentanglementConfig, Paths
+from meduet.data.labelled import harmonized_range
 from meduet.data.latents import LatentRecord, load_latent, read_manifest, read_scale
 from meduet.data.windows import sliding_windows
 from meduet.engine.probes import fit_probe, pca_2d, site_probe
@@ -174,9 +175,13 @@ def _counterfactual(cfg: EvaluateDisentanglementConfig, paths: Paths, model: tor
     scans = [Scan(key=r.key, site=r.domain_index, subject=s, latent=z, affine=np.array(r.affine).reshape(4, 4),
                   image=images.get(r.key)) for r, z, s in zip(latents, scaled, subjects)]
     vae = load_vae(vae_path(paths))[0].eval() if cfg.counterfactual_decode and vae_path(paths).is_file() else None
+    manifest = paths.harmonized / "manifest.csv"
+    value_range = harmonized_range({r.key: r.window for r in read_harmonized(manifest) if r.window}, manifest) \
+        if vae is not None and images else None
     return counterfactual_test(model, scans, pairs=cfg.counterfactual_pairs, batch_size=cfg.batch_size,
-                               seed=cfg.seed, vae=vae, decode_pairs=cfg.counterfactual_decode,
-                               scale=read_scale(paths.latents), max_voxels=cfg.max_voxels_per_split)
+                               seed=cfg.seed, vae=vae if value_range else None, decode_pairs=cfg.counterfactual_decode,
+                               scale=read_scale(paths.latents), max_voxels=cfg.max_voxels_per_split,
+                               value_range=value_range)
 
 
 def goals(metrics: dict) -> dict:

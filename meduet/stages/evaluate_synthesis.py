@@ -40,7 +40,7 @@ from meduet.artifacts.evaluator import evaluator_path, load_evaluator
 from meduet.artifacts.synthesis import SYNTHESIS_MANIFEST, SynthesisRecord, read_synthesis
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateSynthesisConfig, Paths, TrainEvaluatorConfig
-from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
+from meduet.data.labelled import LabelledCase, harmonized_range, label_classes, labelled_cases
 from meduet.data.latents import load_latent, read_manifest, read_scale
 from meduet.diffusion.texture import SiteTexture, add_texture
 from meduet.engine.probes import proportion_ci
@@ -56,6 +56,7 @@ from meduet.evaluation.synthesis import (
     image_scores,
     organ_median_hu,
 )
+from meduet.harmonize.intensity import range_level
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
 from meduet.stages import StageError, StageResult
@@ -74,9 +75,12 @@ class SynthesisInputs:
     def __init__(self, cfg: EvaluateSynthesisConfig, paths: Paths) -> None:
         self.records, self.meta = read_synthesis(paths.synthesis)
         model, saved = load_evaluator(evaluator_path(paths))
-        self.reader = VolumeReader.from_section(model, TrainEvaluatorConfig.model_validate(saved["config"]))
-        self.sites, self.label_ids = list(saved["sites"]), [int(label) for label in saved["label_ids"]]
         self.cases = {c.key: c for c in labelled_cases(paths.harmonized, paths.latents)}
+        self.value_range = harmonized_range({key: c.window for key, c in self.cases.items()},
+                                            paths.harmonized / "manifest.csv")  # (b_min, b_max)
+        self.reader = VolumeReader.from_section(model, TrainEvaluatorConfig.model_validate(saved["config"]),
+                                                self.value_range)
+        self.sites, self.label_ids = list(saved["sites"]), [int(label) for label in saved["label_ids"]]
         self.subject = dict(zip(self.cases, subject_ids([c.case_id for c in self.cases.values()],
                                                         cfg.subject_pattern)))
         self.latents, self.scale = {r.key: r for r in read_manifest(paths.latents)}, read_scale(paths.latents)
@@ -121,7 +125,7 @@ class SynthesisInputs:
         if texture is None:
             return None
         return add_texture(self.roundtrip(case)[0], SiteTexture(**texture),
-                           threshold=self.meta["settings"]["body_threshold"],
+                           threshold=range_level(self.meta["settings"]["body_threshold"], self.value_range),
                            value_range=tuple(self.meta["value_range"]),
                            generator=torch.Generator().manual_seed(record.seed))[None]
 
@@ -329,7 +333,7 @@ def generation_summary(inputs: SynthesisInputs, crops: dict, cfg: EvaluateSynthe
         same_size = pool[np.sort(rng.choice(len(pool), min(len(x), len(pool)), replace=False))]
         try:
             ms_ssim[site] = {name: diversity(v, kernel_size=cfg.ms_ssim_kernel, scales=cfg.ms_ssim_scales,
-                                             resamples=cfg.bootstrap, seed=cfg.seed)
+                                             resamples=cfg.bootstrap, seed=cfg.seed, value_range=inputs.value_range)
                              for name, v in (("generated", x), ("real", same_size))}
         except ValueError as error:  # MONAI's check of kernel and scales against the crop size
             raise StageError(f"evaluate_synthesis.ms_ssim_kernel / ms_ssim_scales do not fit the {crops['size']} "
@@ -367,8 +371,9 @@ def goals(metrics: dict) -> dict:
     }
 
 
-def plot_pairs(rows: list[dict], target: Path, limit: int) -> Path:
-    """Middle slices (of ``A``'s overlap box with ``s@B``): A | translation | real s@B | histogram-matched."""
+def plot_pairs(rows: list[dict], target: Path, limit: int, value_range: tuple[float, float]) -> Path:
+    """Middle slices (of ``A``'s overlap box with ``s@B``): A | translation | real s@B | histogram-matched, in grey
+    levels spanning the harmonized ``value_range``."""
     shown = [r for r in rows if r["counterfactual"] is not None][:max(limit, 1)]
     fig, axes = plt.subplots(max(len(shown), 1), 4, figsize=(10, 2.6 * max(len(shown), 1)), squeeze=False)
     for row, ax in zip(shown, axes):
@@ -377,7 +382,7 @@ def plot_pairs(rows: list[dict], target: Path, limit: int) -> Path:
                   ("target", f"{cf['b']}\n(real s@B)"), ("a_histmatch", "s@A histogram-matched"))
         for a, (name, title) in zip(ax, panels):
             mae = f"\nMAE {cf['scores'][name]['mae_hu']:.0f} HU" if name in cf["scores"] else ""
-            a.imshow(cf["_slices"][name][::-1, ::-1], cmap="gray", vmin=0, vmax=1)
+            a.imshow(cf["_slices"][name][::-1, ::-1], cmap="gray", vmin=value_range[0], vmax=value_range[1])
             a.set_title(title + mae, fontsize=7)
             a.axis("off")
     if not shown:
@@ -467,7 +472,7 @@ def run(cfg: EvaluateSynthesisConfig, paths: Paths) -> StageResult:
 
     reports = paths.reports / STAGE
     outputs = {"metrics": write_json(reports / "metrics.json", metrics),
-               "pairs": plot_pairs(rows, reports / "pairs.png", cfg.figure_pairs),
+               "pairs": plot_pairs(rows, reports / "pairs.png", cfg.figure_pairs, inputs.value_range),
                "summary": plot_summary(metrics, reports / "summary.png")}
     log.info("%s: %s", STAGE, {name: (goal["value"], goal["met"]) for name, goal in metrics["goals"].items()})
     return StageResult(STAGE, outputs, metrics)

@@ -61,6 +61,7 @@ from meduet.artifacts.synthesis import (
 )
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import Paths, RayConfig, SynthesizeConfig, config_hash
+from meduet.data.labelled import harmonized_range
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale, save_array
 from meduet.data.windows import box_fractions, window_origins
 from meduet.diffusion import build_process
@@ -68,6 +69,7 @@ from meduet.diffusion.sampling import Guidance, TiledPredictor, crop_predictor, 
 from meduet.diffusion.texture import SiteTexture, add_texture, fit_texture, missing_variances
 from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
+from meduet.harmonize.intensity import range_level
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
@@ -131,7 +133,7 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
             latent = sample(predict, process, noise, steps=settings["sampling_steps"], clip=settings["ddpm_clip"])[0]
         volume = decode_latent(_vae(job["vae"]), (latent / scale)[None], settings["max_voxels_per_split"])[0, 0]
         if job["texture"]:  # drawn after the latent's noise: the latent is the same with or without it
-            volume = add_texture(volume, SiteTexture(**job["texture"]), threshold=settings["body_threshold"],
+            volume = add_texture(volume, SiteTexture(**job["texture"]), threshold=job["body_level"],
                                  value_range=tuple(job["value_range"]), generator=generator)
     image = sitk.GetImageFromArray(volume.float().numpy())  # array (D, H, W) = image (x, y, z) reversed
     if job["header"]:
@@ -150,9 +152,11 @@ def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- site textures
 def site_textures(cfg: SynthesizeConfig, *, latents: list[LatentRecord], harmonized_images: dict[str, Path],
-                  latent_dir: Path, vae: torch.nn.Module, sites: list[str]) -> tuple[dict[str, SiteTexture], list]:
+                  latent_dir: Path, vae: torch.nn.Module, sites: list[str],
+                  body_level: float) -> tuple[dict[str, SiteTexture], list]:
     """Each site's texture, fitted on its first ``texture_volumes_per_site`` training volumes (by key) against
-    their VAE round trips, and the intensity range ``[low, high]`` of those real volumes (decodes are clipped to it).
+    their VAE round trips (on voxels above ``body_level``), and the intensity range ``[low, high]`` of those real
+    volumes (decodes are clipped to it).
     """
     textures, low, high = {}, np.inf, -np.inf
     for site in sites:
@@ -172,7 +176,7 @@ def site_textures(cfg: SynthesizeConfig, *, latents: list[LatentRecord], harmoni
                                  f"{tuple(real.shape)} of {record.key}; re-encode the latent cache")
             pairs.append((real, trip))
             low, high = min(low, float(real.min())), max(high, float(real.max()))
-        textures[site] = fit_texture(missing_variances(pairs, cfg.body_threshold))
+        textures[site] = fit_texture(missing_variances(pairs, body_level))
         log.info("%s: %s texture: %.1f (intensity x 1000) at %.2f voxels of correlation, from %d volume(s)", STAGE,
                  site, 1000 * textures[site].amplitude, textures[site].sigma, len(pairs))
     return textures, [low, high]
@@ -212,7 +216,8 @@ class ContentDonor(NamedTuple):
 
 
 def content_donors(cfg: SynthesizeConfig, *, arrays: dict[str, np.ndarray], factor_records: list[FactorRecord],
-                   harmonized_images: dict[str, Path], window: tuple[int, int, int]) -> list[ContentDonor]:
+                   harmonized_images: dict[str, Path], window: tuple[int, int, int],
+                   body_level: float) -> list[ContentDonor]:
     """The content vectors generation draws from: the training volumes' (``generation_content: volume``) or
     each of their windows that is at least ``min_body_fraction`` body in the harmonized image (``window``:
     the crops' content the DiT is trained on, drawn like the real body crops they are compared with).
@@ -220,6 +225,7 @@ def content_donors(cfg: SynthesizeConfig, *, arrays: dict[str, np.ndarray], fact
     Args:
         harmonized_images: each volume key's harmonized image file (its body mask; the latent is a 4th of it).
         window: the factor store's window ``(d, h, w)`` in latent voxels.
+        body_level: the harmonized intensity above which a voxel is body (``body_threshold`` of the range).
     """
     volumes = [r for r in factor_records if r.split == "train"] or list(factor_records)
     if cfg.generation_content == "volume":
@@ -230,7 +236,7 @@ def content_donors(cfg: SynthesizeConfig, *, arrays: dict[str, np.ndarray], fact
         latent_shape = tuple(volume.latent_shape[1:])
         origins = window_origins(latent_shape, window)
         path = harmonized_images[volume.key]
-        body = sitk.GetArrayFromImage(read_image(path)) > cfg.body_threshold  # (D, H, W)
+        body = sitk.GetArrayFromImage(read_image(path)) > body_level  # (D, H, W)
         k = body.shape[0] // latent_shape[0]  # the VAE's downsampling
         if body.shape != tuple(k * n for n in latent_shape) or len(rows) != len(origins):
             raise StageError(f"{path}: grid {body.shape} and {len(rows)} factor window(s) do not fit the latent "
@@ -240,7 +246,7 @@ def content_donors(cfg: SynthesizeConfig, *, arrays: dict[str, np.ndarray], fact
                    for i in np.flatnonzero(fractions >= cfg.min_body_fraction)]
     if not donors:
         raise StageError(f"{STAGE}: no window of a training volume is {cfg.min_body_fraction:.0%} body "
-                         f"(intensity > {cfg.body_threshold}); lower min_body_fraction or use generation_content: "
+                         f"(intensity > {body_level:g}); lower min_body_fraction or use generation_content: "
                          f"volume")
     return donors
 
@@ -329,10 +335,14 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
     latents = read_manifest(paths.latents)
     scale = read_scale(paths.latents)
     harmonized = {r.key: r for r in read_harmonized(paths.harmonized / "manifest.csv")}
+    intensity_range = harmonized_range({k: r.window for k, r in harmonized.items() if r.window},
+                                       paths.harmonized / "manifest.csv")  # (b_min, b_max)
+    body_level = range_level(cfg.body_threshold, intensity_range)  # the intensity above which a voxel is body
     sites = list(factor_meta["domains"])
     styles = site_styles(arrays, factor_records, sites)
     donors = content_donors(cfg, arrays=arrays, factor_records=factor_records, window=tuple(factor_meta["window"]),
-                            harmonized_images={k: paths.harmonized / r.image for k, r in harmonized.items()}) \
+                            harmonized_images={k: paths.harmonized / r.image for k, r in harmonized.items()},
+                            body_level=body_level) \
         if cfg.samples_per_site else []
     planned = plan(cfg, latents=latents, donors=donors, sites=sites, rng=np.random.default_rng(cfg.seed),
                    labelled={k for k, r in harmonized.items() if r.label})
@@ -354,7 +364,8 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
                                        "max_voxels_per_split", "body_threshold"})
     textures, value_range = site_textures(
         cfg, latents=latents, harmonized_images={k: paths.harmonized / r.image for k, r in harmonized.items()},
-        latent_dir=paths.latents, vae=_vae(str(vae_file)), sites=sites) if cfg.texture == "site" else ({}, None)
+        latent_dir=paths.latents, vae=_vae(str(vae_file)), sites=sites, body_level=body_level) \
+        if cfg.texture == "site" else ({}, None)
     jobs = []
     for record in planned:
         if record["key"] in done:
@@ -367,7 +378,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
                      "scale": scale, "settings": settings, "threads": max(1, int(ray.cpus_per_task)),
                      "style": styles[record["target_site"]].tolist(),
                      "texture": vars(textures[record["target_site"]]) if textures else None,
-                     "value_range": value_range,
+                     "value_range": value_range, "body_level": body_level,
                      "content": None if translation else arrays[donor[0]][donor[1]].tolist(),
                      "source_latent": str(paths.latents / source.latent) if source else None,
                      "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
@@ -402,7 +413,7 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
             folder.rmdir()
     outputs = write_synthesis(store, records, meta)
     reports = paths.reports / STAGE
-    outputs.update(_figures(store, records, paths, harmonized, reports))
+    outputs.update(_figures(store, records, paths, harmonized, reports, intensity_range))
     metrics = _metrics(records, meta, store)
     outputs["metrics"] = write_json(reports / "metrics.json", metrics)
     return StageResult(STAGE, outputs, metrics)
@@ -434,9 +445,11 @@ def _middle_slice(path: Path) -> np.ndarray:
 
 
 def _figures(store: Path, records: list[SynthesisRecord], paths: Paths, harmonized: dict,
-             reports: Path) -> dict[str, Path]:
-    """``translations.png``: each source, then its translations (middle axial slices); ``generated.png``."""
+             reports: Path, intensity_range: tuple[float, float]) -> dict[str, Path]:
+    """``translations.png``: each source, then its translations (middle axial slices); ``generated.png``.
+    Grey levels span the harmonized ``intensity_range``."""
     outputs: dict[str, Path] = {}
+    vmin, vmax = intensity_range
     translations = [r for r in records if r.kind == "translation"]
     sources = sorted({r.source_key for r in translations})
     if sources:
@@ -444,12 +457,13 @@ def _figures(store: Path, records: list[SynthesisRecord], paths: Paths, harmoniz
         fig, axes = plt.subplots(len(sources), 1 + len(targets), figsize=(2.2 * (1 + len(targets)), 2.2 * len(sources)),
                                  squeeze=False)
         for row, source in enumerate(sources):
-            axes[row, 0].imshow(_middle_slice(paths.harmonized / harmonized[source].image), cmap="gray", vmin=0, vmax=1)
+            real = _middle_slice(paths.harmonized / harmonized[source].image)
+            axes[row, 0].imshow(real, cmap="gray", vmin=vmin, vmax=vmax)
             axes[row, 0].set_title(f"{source.split('__')[-1]} (real)", fontsize=7)
             for col, site in enumerate(targets, start=1):
                 match = [r for r in translations if r.source_key == source and r.target_site == site]
                 if match:
-                    axes[row, col].imshow(_middle_slice(store / match[0].image), cmap="gray", vmin=0, vmax=1)
+                    axes[row, col].imshow(_middle_slice(store / match[0].image), cmap="gray", vmin=vmin, vmax=vmax)
                     axes[row, col].set_title(f"in {site}'s style", fontsize=7)
         for ax in axes.flat:
             ax.axis("off")
@@ -463,11 +477,10 @@ def _figures(store: Path, records: list[SynthesisRecord], paths: Paths, harmoniz
         fig, axes = plt.subplots(len(sites), columns, figsize=(1.4 * columns, 1.5 * len(sites)), squeeze=False)
         for row, site in enumerate(sites):
             for col, record in enumerate([r for r in generated if r.target_site == site][:columns]):
-                axes[row, col].imshow(_middle_slice(store / record.image), cmap="gray", vmin=0, vmax=1)
+                axes[row, col].imshow(_middle_slice(store / record.image), cmap="gray", vmin=vmin, vmax=vmax)
             axes[row, 0].set_title(site, fontsize=7, loc="left")
         for ax in axes.flat:
             ax.axis("off")
         fig.tight_layout()
         outputs["generated_figure"] = save_figure(fig, reports / "generated.png")
     return outputs
-

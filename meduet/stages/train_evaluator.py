@@ -20,7 +20,7 @@ import torch
 
 from meduet.artifacts.evaluator import evaluator_path, save_evaluator
 from meduet.config import Paths, RayConfig, TrainEvaluatorConfig
-from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
+from meduet.data.labelled import LabelledCase, harmonized_range, label_classes, labelled_cases
 from meduet.data.latents import MANIFEST
 from meduet.data.volumes import load_volume
 from meduet.engine.evaluator_training import TERMS, build_trainer
@@ -90,7 +90,9 @@ def run(cfg: TrainEvaluatorConfig, paths: Paths, ray: RayConfig) -> StageResult:
     model = EvaluatorNet(arch)
     model.load_state_dict(trained.state["model"])
     torch.manual_seed(cfg.seed)
-    scores = held_out_scores(VolumeReader.from_section(model, cfg), held_out, sites=sites, label_ids=label_ids)
+    value_range = harmonized_range({c.key: c.window for c in cases}, paths.harmonized / "manifest.csv")
+    reader = VolumeReader.from_section(model, cfg, value_range)
+    scores = held_out_scores(reader, held_out, sites=sites, label_ids=label_ids)
     if not held_out:
         log.warning("%s: the latent cache holds no held-out case; the evaluator is not judged", STAGE)
     target = save_evaluator(evaluator_path(paths), state=trained.state["model"], architecture=arch,

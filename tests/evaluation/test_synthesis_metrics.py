@@ -85,21 +85,27 @@ def test_bootstrap_interval_brackets_the_statistic() -> None:
     assert bootstrap_interval(np.mean, [np.full(10, 3.0)], resamples=20, seed=0) == [3.0, 3.0]
 
 
+UNIT = (0.0, 1.0)  # the harmonized intensity range of these crops
+
+
 def test_ms_ssim_is_one_for_copies_and_lower_for_different_crops() -> None:
     generator = torch.Generator().manual_seed(0)
     base = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 32, 32, 32, generator=generator), 3, 1, 1)
     copies = base.repeat(3, 1, 1, 1, 1)
-    np.testing.assert_allclose(diversity(copies, kernel_size=5, scales=3, resamples=20, seed=0)["ms_ssim"], 1.0,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        diversity(copies, kernel_size=5, scales=3, resamples=20, seed=0, value_range=UNIT)["ms_ssim"], 1.0, atol=1e-4)
     others = torch.nn.functional.avg_pool3d(torch.rand(3, 1, 32, 32, 32, generator=generator), 3, 1, 1)
-    assert diversity(others, kernel_size=5, scales=3, resamples=20, seed=0)["ms_ssim"] < 0.9
-    matrix = pairwise_ms_ssim(torch.cat([base, others]), kernel_size=5, scales=3)
+    assert diversity(others, kernel_size=5, scales=3, resamples=20, seed=0, value_range=UNIT)["ms_ssim"] < 0.9
+    matrix = pairwise_ms_ssim(torch.cat([base, others]), kernel_size=5, scales=3, value_range=UNIT)
     assert np.isnan(np.diag(matrix)).all() and np.allclose(matrix, matrix.T, equal_nan=True)
     # a bootstrap draw that repeats a sample never pairs it with itself
     assert mean_off_diagonal(matrix, np.array([0, 0, 1])) == pytest.approx(matrix[0, 1])
     with pytest.raises(ValueError, match="kernel size"):
-        pairwise_ms_ssim(copies, kernel_size=11, scales=3)
-    assert "skipped" in diversity(base, kernel_size=5, scales=3, resamples=20, seed=0)
+        pairwise_ms_ssim(copies, kernel_size=11, scales=3, value_range=UNIT)
+    assert "skipped" in diversity(base, kernel_size=5, scales=3, resamples=20, seed=0, value_range=UNIT)
+    # the same crops harmonized to [-1, 1] score the same: the range is mapped back to [0, 1] first
+    np.testing.assert_allclose(pairwise_ms_ssim(torch.cat([base, others]) * 2 - 1, kernel_size=5, scales=3,
+                                                value_range=(-1.0, 1.0)), matrix, atol=1e-6)
 
 
 def test_histogram_matching_moves_the_intensity_distribution_to_the_reference() -> None:

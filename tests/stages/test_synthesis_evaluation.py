@@ -105,7 +105,7 @@ def test_evaluate_synthesis_measures_the_store_with_known_answers(project, caplo
     assert cf["pairs"] == 2 and cf["closer_than_baselines"] == 0.0  # the stand-in IS the histogram-matched baseline
     assert cf["translation"]["mae_hu"]["mean"] == pytest.approx(cf["a_histmatch"]["mae_hu"]["mean"])
     model, saved = load_evaluator(evaluator_path(paths))
-    reader = VolumeReader.from_section(model, TrainEvaluatorConfig.model_validate(saved["config"]))
+    reader = VolumeReader.from_section(model, TrainEvaluatorConfig.model_validate(saved["config"]), (0.0, 1.0))
     images = {c.key: c.image for c in labelled_cases(paths.harmonized, paths.latents)}
     read = 0
     for row in metrics["rows"]:  # the real s@B is the same subject at the other site

@@ -58,7 +58,7 @@ def _harmonized(paths: Paths) -> None:
         write_image(image, paths.harmonized / rel)
         records.append(CaseRecord(key=latent.key, dataset=latent.dataset, case_id=latent.case_id,
                                   domain=latent.domain, body_part="x", split="train", status="ok", image=rel,
-                                  out_spacing=list(SPACING)))
+                                  out_spacing=list(SPACING), window=[-175.0, 250.0, 0.0, 1.0]))
     write_manifest(paths.harmonized / "manifest.csv", records)
 
 
@@ -124,25 +124,25 @@ def test_window_generation_draws_the_content_of_training_windows_that_are_mostly
     arrays, factor_records, meta = load_factors(paths.factors)
     harmonized = {r.key: paths.harmonized / r.image for r in read_harmonized(paths.harmonized / "manifest.csv")}
     window = cfg.synthesize.model_copy(update={"generation_content": "window"})
+    level = window.body_threshold  # the fixture harmonizes to [0, 1]: the share is the intensity
     donors = synthesize.content_donors(window, arrays=arrays, factor_records=factor_records,
-                                       harmonized_images=harmonized, window=tuple(meta["window"]))
+                                       harmonized_images=harmonized, window=tuple(meta["window"]), body_level=level)
     train = [r for r in factor_records if r.split == "train"]
     assert sorted((d.volume.key, d.window) for d in donors) == sorted((r.key, i) for r in train for i in BODY_WINDOWS)
     for donor in donors:  # each row is that window of that volume
         rows = np.flatnonzero(arrays["window_volume"] == donor.volume.row)
         assert donor.array == "teacher_window_content" and donor.row == rows[donor.window]
     volume = synthesize.content_donors(cfg.synthesize, arrays=arrays, factor_records=factor_records,
-                                       harmonized_images=harmonized, window=tuple(meta["window"]))
+                                       harmonized_images=harmonized, window=tuple(meta["window"]), body_level=level)
     assert [(d.volume.key, d.array, d.row, d.window) for d in volume] == [
         (r.key, "teacher_content", r.row, None) for r in train]
     stricter = window.model_copy(update={"min_body_fraction": 0.6})  # 0.5625 windows (2 axes at 16) drop out
     assert {d.window for d in synthesize.content_donors(stricter, arrays=arrays, factor_records=factor_records,
-                                                        harmonized_images=harmonized,
+                                                        harmonized_images=harmonized, body_level=level,
                                                         window=tuple(meta["window"]))} == {0, 1, 2, 4}
-    air = window.model_copy(update={"body_threshold": 2.0})  # the body block is 0.5 + N(0, 0.2): nothing is above 2
-    with pytest.raises(StageError, match="no window of a training volume is 50% body"):
-        synthesize.content_donors(air, arrays=arrays, factor_records=factor_records, harmonized_images=harmonized,
-                                  window=tuple(meta["window"]))
+    with pytest.raises(StageError, match="no window of a training volume is 50% body"):  # the body block is
+        synthesize.content_donors(window, arrays=arrays, factor_records=factor_records,  # 0.5 + N(0, 0.2): none
+                                  harmonized_images=harmonized, window=tuple(meta["window"]), body_level=2.0)
     # the stage: every generated crop names its window, drawn at the seed of the volume run's crop
     here = dataclasses.replace(paths, synthesis=tmp_path / "synthesis", reports=tmp_path / "reports")
     synthesize.run(window.model_copy(update={"workers": 1}), here, ray=cfg.ray)
