@@ -100,7 +100,7 @@ def _node_ports() -> list[str]:
 
 @contextlib.contextmanager
 def ray_cluster(env: dict[str, str]) -> Iterator[RayCluster]:
-    """A head node without CPUs and a worker node with one, on this machine.
+    """A head node without CPUs and a worker node with two, on this machine.
 
     Every port is picked free (a Ray left running by anything else is not touched), each
     node keeps its session files in its own short temp folder (Unix socket paths are
