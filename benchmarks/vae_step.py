@@ -14,8 +14,9 @@ three variants measured alternately, each row in its own process (clean peak mem
 - ``project``: the pipeline's (``build_vae``: native ``nn.GroupNorm``; channels-last 3-D
   network and crops, kept channels-last through every block; fused AdamW);
 - ``compiled`` (with ``--compile``): ``project`` with the network under ``torch.compile`` (Inductor's
-  default mode). Its first step's time is mostly compiling; the table also prints how many steps its
-  steady-state gain needs to pay that back, against the demo's ``train_vae.steps``.
+  default mode, a cold kernel cache, eager's random numbers). Its first step's time is mostly compiling;
+  the table also prints how many steps its steady-state gain needs to pay that back, against the demo's
+  ``train_vae.steps``.
 
 fp32, plus bf16 autocast where the CPU has native bf16, and bf16 on a GPU when there is one
 (``--devices`` picks; ``benchmarks/gpu_check.sh`` runs the GPU rows). Printed with the machine, its matmul
@@ -32,12 +33,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
 import torch
+import torch._inductor.config
 from machine import (  # benchmarks/machine.py (this folder)
     conv3d_peak,
     gpu_describe,
@@ -87,6 +91,10 @@ def measure(variant: str, preset: str, batch: int, crop: int, steps: int, bf16: 
     model = (with_maisi_blocks(model) if variant == "roundtrip" else model).to(device)
     model = model.to(memory_format=layout)
     if variant == COMPILED:
+        # A cold compile, as on a fresh machine (Inductor otherwise reuses kernels an earlier row compiled), and
+        # eager's random numbers (the posterior sample), so the first-step losses compare with the other rows.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        torch._inductor.config.fallback_random = True
         model.compile()  # in place: the parameters, state dict and optimizer stay the module's own
     x = torch.rand(batch, 1, crop, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=layout)
