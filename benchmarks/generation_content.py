@@ -36,11 +36,11 @@ from synthesis_scoring import generation_scores, mean_sd, score_samples
 from meduet.artifacts.factors import load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.config import MeduetConfig, Paths, load_config
-from meduet.data.labelled import harmonized_range
 from meduet.data.latent_crops import LatentCropSampler
 from meduet.data.latents import read_manifest, read_scale
 from meduet.engine.diffusion_training import teacher_factors
 from meduet.harmonize.intensity import range_level
+from meduet.harmonize.manifest import harmonized_range
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.stages.synthesize import content_donors

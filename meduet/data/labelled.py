@@ -7,7 +7,6 @@ stages trained on and is judged, like them, on subjects none of them has seen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 from meduet.data.latents import MANIFEST
 from meduet.data.latents import read_manifest as read_latents
 from meduet.data.volumes import load_volume
-from meduet.harmonize.intensity import output_range
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.stages import StageError
 
@@ -33,15 +31,6 @@ class LabelledCase:
     label: Path
     labels_present: tuple[int, ...]
     window: tuple[float, float, float, float]  # a_min, a_max, b_min, b_max
-
-
-def harmonized_range(windows: Mapping[str, Sequence[float]], manifest: Path) -> tuple[float, float]:
-    """``(b_min, b_max)`` shared by the harmonized cases (key -> manifest ``window``); a StageError naming
-    ``manifest`` when they have none in common (see :func:`meduet.harmonize.intensity.output_range`)."""
-    try:
-        return output_range(windows)
-    except ValueError as error:
-        raise StageError(f"{manifest}: {error}") from None
 
 
 def labelled_cases(harmonized: Path, latents: Path) -> list[LabelledCase]:

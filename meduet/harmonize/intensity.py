@@ -43,7 +43,7 @@ class Window:
         Relative to the window, not to 0, so the same ``share`` finds the same voxels whatever the
         output range (``[0, 1]``, ``[-1, 1]``, or reversed); it agrees with ``raw > raw_level(share)``.
         """
-        level = self.b_min + share * (self.b_max - self.b_min)
+        level = range_level(share, (self.b_min, self.b_max))
         return values > level if self.b_max >= self.b_min else values < level
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-
+from meduet.harmonize.intensity import output_range
 from meduet.io.manifest import CaseIdentity, read_rows, write_rows
+from meduet.stages import StageError
 
 
 class CaseRecord(CaseIdentity):
@@ -47,3 +49,12 @@ def write_manifest(path: Path, records: list[CaseRecord]) -> Path:
 
 def read_manifest(path: Path) -> list[CaseRecord]:
     return read_rows(path, CaseRecord)
+
+
+def harmonized_range(windows: Mapping[str, Sequence[float]], manifest: Path) -> tuple[float, float]:
+    """``(b_min, b_max)`` shared by the harmonized cases (key -> manifest ``window``); a StageError naming
+    ``manifest`` when they have none in common (see :func:`meduet.harmonize.intensity.output_range`)."""
+    try:
+        return output_range(windows)
+    except ValueError as error:
+        raise StageError(f"{manifest}: {error}") from None

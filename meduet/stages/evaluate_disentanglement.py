@@ -38,7 +38,6 @@ from meduet.artifacts.factors import FactorRecord, load_factors
 from meduet.artifacts.pretrained import load_meduet, meduet_path
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateDisentanglementConfig, Paths
-from meduet.data.labelled import harmonized_range
 from meduet.data.latents import LatentRecord, load_latent, read_manifest, read_scale
 from meduet.data.windows import sliding_windows
 from meduet.engine.probes import fit_probe, pca_2d, site_probe
@@ -47,6 +46,7 @@ from meduet.evaluation.counterfactual import Scan, counterfactual_test
 from meduet.evaluation.identifiability import covered_region, inside, volume_box, volume_means, windows_curve
 from meduet.evaluation.retrieval import cross_site_retrieval, plot_retrieval, subject_ids
 from meduet.evaluation.swap import swap_test, swapped_factors
+from meduet.harmonize.manifest import harmonized_range
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
@@ -112,12 +112,15 @@ def _scaled_latents(paths: Paths, records: list[LatentRecord]) -> list[torch.Ten
     return [torch.from_numpy(np.array(load_latent(paths.latents, r), dtype=np.float32)) * scale for r in records]
 
 
-def _harmonized_images(paths: Paths) -> dict[str, Path]:
-    """Case key → harmonized image, for cases harmonization finished."""
+def _harmonized_images(paths: Paths) -> tuple[dict[str, Path], tuple[float, float] | None]:
+    """Case key → harmonized image for the cases harmonization finished, and the ``(b_min, b_max)`` they share
+    (None without any)."""
     manifest = paths.harmonized / "manifest.csv"
-    if not manifest.is_file():
-        return {}
-    return {r.key: paths.harmonized / r.image for r in read_harmonized(manifest) if r.status == "ok" and r.image}
+    done = [r for r in read_harmonized(manifest) if r.status == "ok" and r.image] if manifest.is_file() else []
+    if not done:
+        return {}, None
+    return ({r.key: paths.harmonized / r.image for r in done},
+            harmonized_range({r.key: r.window for r in done}, manifest))
 
 
 def latent_statistics(latents: list[torch.Tensor]) -> np.ndarray:
@@ -171,15 +174,12 @@ def _region(arrays: dict[str, np.ndarray], latents: list[LatentRecord]) -> tuple
 
 def _counterfactual(cfg: EvaluateDisentanglementConfig, paths: Paths, model: torch.nn.Module,
                     latents: list[LatentRecord], scaled: list[torch.Tensor], subjects: list[str | None]) -> dict:
-    images = _harmonized_images(paths) if cfg.counterfactual_decode else {}
+    images, value_range = _harmonized_images(paths) if cfg.counterfactual_decode else ({}, None)
     scans = [Scan(key=r.key, site=r.domain_index, subject=s, latent=z, affine=np.array(r.affine).reshape(4, 4),
                   image=images.get(r.key)) for r, z, s in zip(latents, scaled, subjects)]
-    vae = load_vae(vae_path(paths))[0].eval() if cfg.counterfactual_decode and vae_path(paths).is_file() else None
-    manifest = paths.harmonized / "manifest.csv"
-    value_range = harmonized_range({r.key: r.window for r in read_harmonized(manifest) if r.window}, manifest) \
-        if vae is not None and images else None
+    vae = load_vae(vae_path(paths))[0].eval() if value_range is not None and vae_path(paths).is_file() else None
     return counterfactual_test(model, scans, pairs=cfg.counterfactual_pairs, batch_size=cfg.batch_size,
-                               seed=cfg.seed, vae=vae if value_range else None, decode_pairs=cfg.counterfactual_decode,
+                               seed=cfg.seed, vae=vae, decode_pairs=cfg.counterfactual_decode,
                                scale=read_scale(paths.latents), max_voxels=cfg.max_voxels_per_split,
                                value_range=value_range)
 

@@ -40,7 +40,7 @@ from meduet.artifacts.evaluator import evaluator_path, load_evaluator
 from meduet.artifacts.synthesis import SYNTHESIS_MANIFEST, SynthesisRecord, read_synthesis
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import EvaluateSynthesisConfig, Paths, TrainEvaluatorConfig
-from meduet.data.labelled import LabelledCase, harmonized_range, label_classes, labelled_cases
+from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
 from meduet.data.latents import load_latent, read_manifest, read_scale
 from meduet.diffusion.texture import SiteTexture, add_texture
 from meduet.engine.probes import proportion_ci
@@ -57,6 +57,7 @@ from meduet.evaluation.synthesis import (
     organ_median_hu,
 )
 from meduet.harmonize.intensity import range_level
+from meduet.harmonize.manifest import harmonized_range
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure
 from meduet.stages import StageError, StageResult

@@ -61,7 +61,6 @@ from meduet.artifacts.synthesis import (
 )
 from meduet.artifacts.vae import load_vae, vae_path
 from meduet.config import Paths, RayConfig, SynthesizeConfig, config_hash
-from meduet.data.labelled import harmonized_range
 from meduet.data.latents import MANIFEST, SCALE, LatentRecord, read_manifest, read_scale, save_array
 from meduet.data.windows import box_fractions, window_origins
 from meduet.diffusion import build_process
@@ -70,6 +69,7 @@ from meduet.diffusion.texture import SiteTexture, add_texture, fit_texture, miss
 from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.intensity import range_level
+from meduet.harmonize.manifest import harmonized_range
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
 from meduet.io.figures import plt, save_figure

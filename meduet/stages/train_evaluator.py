@@ -20,13 +20,14 @@ import torch
 
 from meduet.artifacts.evaluator import evaluator_path, save_evaluator
 from meduet.config import Paths, RayConfig, TrainEvaluatorConfig
-from meduet.data.labelled import LabelledCase, harmonized_range, label_classes, labelled_cases
+from meduet.data.labelled import LabelledCase, label_classes, labelled_cases
 from meduet.data.latents import MANIFEST
 from meduet.data.volumes import load_volume
 from meduet.engine.evaluator_training import TERMS, build_trainer
 from meduet.engine.probes import proportion_ci
 from meduet.engine.training_stage import finish_training_stage, fit_trainer
 from meduet.evaluation.scoring import VolumeReader, organ_dice
+from meduet.harmonize.manifest import harmonized_range
 from meduet.io.atomic import write_json
 from meduet.models.architectures import EvaluatorArchitecture
 from meduet.models.evaluator import EvaluatorNet

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from meduet.config import TrainEvaluatorConfig
-from meduet.data.labelled import harmonized_range
 from meduet.evaluation.counterfactual import _psnr
 from meduet.evaluation.scoring import VolumeReader
 from meduet.harmonize.intensity import output_range, range_level, to_unit
+from meduet.harmonize.manifest import harmonized_range
 from meduet.models.architectures import EvaluatorArchitecture
 from meduet.models.evaluator import EvaluatorNet
 from meduet.stages import StageError
