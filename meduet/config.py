@@ -901,6 +901,11 @@ class RayConfig(StrictModel):
     storage: str | None = Field(
         default=None, description="checkpoints/results: local path or s3:// URI; None = <work_dir>/ray_results"
     )
+    exchange: str | None = Field(
+        default=None, description="s3:// prefix (or a folder every node sees) through which the data stages' Ray "
+        "tasks receive their inputs and return their outputs, for a cluster whose nodes share no file system; None = "
+        "tasks read and write the project folder (one machine, or a shared file system at the same path)"
+    )
     checkpoint_every: Annotated[int, Field(ge=1)] = 50
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
@@ -916,6 +921,13 @@ class RayConfig(StrictModel):
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}: use dvc.yaml's names, {sorted(known)}")
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_location(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("s3://") or value.startswith("/")):
+            raise ValueError(f"must be an s3://bucket/prefix URI or an absolute folder, got {value!r}")
         return value
 
     def cpus_for(self, stage: str) -> int | None:

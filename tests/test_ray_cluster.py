@@ -69,7 +69,8 @@ def _stop_node(node: Service) -> None:
 
 
 @contextlib.contextmanager
-def _ray_node(name: str, args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Service]:
+def _ray_node(name: str, args: list[str], env: dict[str, str], log_path: Path,
+              prefix: tuple[str, ...] = ()) -> Iterator[Service]:
     """``ray start --block <args>`` in its own session; stopped with every process it started.
 
     Ray gives a new node's raylet a fixed 30 s to register, and the raylet first waits for its
@@ -79,7 +80,7 @@ def _ray_node(name: str, args: list[str], env: dict[str, str], log_path: Path) -
     for attempt in range(1, STARTUP_TRIES + 1):
         with contextlib.ExitStack() as stack:
             log = log_path.with_suffix(f".{attempt}.log")
-            node = stack.enter_context(background(name, [tool("ray"), "start", "--block", *args], env, log))
+            node = stack.enter_context(background(name, [*prefix, tool("ray"), "start", "--block", *args], env, log))
             stack.callback(_stop_node, node)
             try:
                 wait_until(node, lambda: _log_says(node, "Ray runtime started"), "Ray runtime", TIMEOUT_S)
@@ -98,9 +99,28 @@ def _node_ports() -> list[str]:
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
+def hiding(folder: Path) -> tuple[str, ...]:
+    """A command prefix that runs a process where ``folder`` looks empty: a node of another machine.
+
+    An unprivileged user and mount namespace (``unshare``) with a fresh tmpfs over ``folder``;
+    the network, the processes and every other path are this machine's.
+    """
+    return ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+            str(folder))
+
+
+def can_hide() -> bool:
+    """Whether this machine allows the unprivileged namespaces :func:`hiding` needs."""
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run([*hiding(Path(folder)), "true"], capture_output=True).returncode == 0
+
+
 @contextlib.contextmanager
-def ray_cluster(env: dict[str, str]) -> Iterator[RayCluster]:
+def ray_cluster(env: dict[str, str], hidden: Path | None = None) -> Iterator[RayCluster]:
     """A head node without CPUs and a worker node with two, on this machine.
+
+    ``hidden``: a folder the worker node's processes see empty (see :func:`hiding`), as a node
+    on another machine would not see this machine's files.
 
     Every port is picked free (a Ray left running by anything else is not touched), each
     node keeps its session files in its own short temp folder (Unix socket paths are
@@ -125,7 +145,8 @@ def ray_cluster(env: dict[str, str]) -> Iterator[RayCluster]:
     worker_args = [f"--address={address}", "--num-cpus=2", f"--temp-dir={temp / 'worker'}", *_node_ports()]
     try:
         with _ray_node("ray head", head_args, node_env, temp / "head.log") as head:
-            with _ray_node("ray worker", worker_args, node_env, temp / "worker.log") as worker:
+            with _ray_node("ray worker", worker_args, node_env, temp / "worker.log",
+                           hiding(hidden) if hidden else ()) as worker:
                 yield RayCluster(address=address, head=head, worker=worker, driver_env=node_env)
     finally:
         shutil.rmtree(temp, ignore_errors=True)

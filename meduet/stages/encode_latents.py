@@ -3,14 +3,16 @@
 Outputs (``paths.latents``): ``<dataset>/<case>.npy`` posterior means ``(4, d, h, w)``
 float32 (optionally ``<case>_std.npy``), ``manifest.csv`` and ``scale.json`` (latent
 scale factor over the VAE's training cases). Encoding runs as parallel tasks on Ray
-(``encode_latents.workers``). Each finished case is recorded at once
-(``records/<key>.json``), and a case already encoded from the same volume with the same VAE
-is reused, so a killed run resumes where it stopped.
+(``encode_latents.workers``); on a cluster without a shared file system they exchange
+volumes and latents with this process through ``ray.exchange`` (:mod:`meduet.io.exchange`).
+Each finished case is recorded at once (``records/<key>.json``), and a case already encoded
+from the same volume with the same VAE is reused, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from meduet.engine.runs import RunSpec, Scaling
 from meduet.harmonize.manifest import CaseRecord
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
+from meduet.io.exchange import Exchange
 from meduet.io.images import ras_affine, sha256_file
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
@@ -37,20 +40,37 @@ from meduet.stages import StageError, StageResult
 log = logging.getLogger(__name__)
 
 
-def encode_case(job: dict) -> dict:
-    """Encode one volume (runs inside a Ray task); returns the latent record as a dict."""
-    model, _ = load_vae(Path(job["vae"]))
+def _encode(job: dict, vae: Path, image_path: Path, cache: Path) -> dict:
+    model, _ = load_vae(vae)
     torch.set_num_threads(job["threads"])
-    image = sitk.ReadImage(job["image"])
+    image = sitk.ReadImage(str(image_path))
     volume = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]  # (1, 1, D, H, W)
     mu, sigma = encode_volume(model, volume, job["max_voxels"])
-    cache = Path(job["cache"])
     save_array(cache / job["latent"], mu[0].numpy())
     if job["latent_std"]:
         save_array(cache / job["latent_std"], sigma[0].numpy())
     record = dict(job["record"])
     record["latent_shape"] = list(mu.shape[1:])
     record["affine"] = latent_affine(ras_affine(image)).reshape(-1).tolist()
+    return record
+
+
+def encode_case(job: dict) -> dict:
+    """Encode one volume (runs inside a Ray task); returns the latent record as a dict.
+
+    With ``job["exchange"]`` (``ray.exchange``) the task opens no path of the driver's: the VAE
+    and the volume come from the exchange (``vae``, ``image``: SHA-256s), the latents go back to
+    it, and ``record["shipped"]`` maps each latent file to its SHA-256 for the driver to fetch.
+    """
+    exchange: Exchange | None = job.get("exchange")
+    if exchange is None:
+        return _encode(job, Path(job["vae"]), Path(job["image"]), Path(job["cache"]))
+    with tempfile.TemporaryDirectory(prefix="meduet-encode-") as scratch:
+        image = exchange.get_file(job["image"], Path(scratch) / "image.nii.gz")
+        cache = Path(scratch) / "latents"
+        record = _encode(job, exchange.cached(job["vae"], "vae.pt"), image, cache)
+        record["shipped"] = {name: exchange.put_file(cache / name) for name in (job["latent"], job["latent_std"])
+                             if name}
     return record
 
 
@@ -100,6 +120,8 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
     domains = sorted({c.domain for c in cases})
     cache = paths.latents
     previous = _previous(cache)
+    # Tasks on nodes that share no file system with this one get their files through the exchange.
+    exchange = Exchange(ray.exchange, paths.s3_options) if ray.exchange and cfg.workers > 1 else None
 
     records: list[LatentRecord] = []
     jobs: list[dict] = []
@@ -117,9 +139,13 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
                   "split": split, "latent": f"{stem}.npy",
                   "latent_std": f"{stem}_std.npy" if cfg.store_std else "", "orig_spacing": case.orig_spacing,
                   "image_sha256": image_sha, "vae_sha256": vae_sha, "latent_shape": [], "affine": []}
-        jobs.append({"vae": str(vae_file), "image": str(image), "cache": str(cache), "latent": record["latent"],
-                     "latent_std": record["latent_std"], "max_voxels": cfg.max_voxels_per_split,
-                     "threads": max(1, int(ray.cpus_per_task)), "record": record})
+        job = {"vae": str(vae_file), "image": str(image), "cache": str(cache), "latent": record["latent"],
+               "latent_std": record["latent_std"], "max_voxels": cfg.max_voxels_per_split,
+               "threads": max(1, int(ray.cpus_per_task)), "record": record}
+        if exchange is not None:  # hand over content, not the driver's paths
+            job.update(exchange=exchange, vae=exchange.put_file(vae_file, vae_sha),
+                       image=exchange.put_file(image, image_sha), cache="")
+        jobs.append(job)
     log.info("encode-latents: %d case(s), %d reused, %d to encode on %d worker(s)",
              len(cases), len(records), len(jobs), cfg.workers)
     progress = Progress("encode-latents", len(jobs), unit="cases")
@@ -127,6 +153,10 @@ def _run(cfg: EncodeLatentsConfig, paths: Paths, ray: RayConfig) -> StageResult:
         scaling = Scaling.for_tasks(ray)
         for result in dist.map_tasks(encode_case, jobs, workers=cfg.workers, scaling=scaling,
                                      run=RunSpec.from_config(ray, paths, "encode_latents", vae_sha[:16])):
+            shipped = result.pop("shipped", {})
+            if exchange is not None:  # the latents the task left in the exchange
+                for name, sha in shipped.items():
+                    exchange.get_file(sha, cache / name)
             record = LatentRecord.model_validate(result)
             # Each finished case is recorded at once: a killed run resumes from here.
             write_json(_record_path(cache, record.key), record.model_dump(mode="json"))

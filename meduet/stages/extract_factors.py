@@ -14,7 +14,8 @@ average any subset of windows (a region every site covers, a given number of win
 Volumes are encoded as Ray tasks (``cfg.workers`` in flight, each reserving the ``ray``
 section's CPUs/GPUs per worker, so a cluster spreads them over its nodes), a few chunks of
 volumes per worker so each task loads the model once; ``workers: 1`` runs the same code in
-this process. The outputs do not depend on the worker count.
+this process. The outputs do not depend on the worker count. On a cluster without a shared
+file system the tasks get the model and latents through ``ray.exchange``.
 
 Outputs: the factor store ``paths.factors/`` (``factors.npz``, ``manifest.csv``,
 ``manifest.json``; format in ``meduet.artifacts.factors``) and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from meduet.engine.progress import Progress
 from meduet.engine.runs import RunSpec, Scaling
 from meduet.engine.volume_factors import volume_windows
 from meduet.io.atomic import write_json
+from meduet.io.exchange import Exchange
 from meduet.io.images import sha256_file
 from meduet.stages import StageError, StageResult
 
@@ -53,17 +56,30 @@ def encode_chunk(job: dict) -> list[dict]:
     Args:
         job: ``model`` (the pretrained file), ``weights``, ``latents`` (the cache folder),
             ``records`` (latent records as dicts), ``rows``, ``scale``, ``batch_size``, ``threads``.
+            With ``exchange`` (``ray.exchange``: the task opens no path of the driver's),
+            ``model`` is the file's SHA-256 and ``latents`` maps each latent file to its SHA-256.
 
     Returns:
         per volume ``{"row", "boxes" (n, 2, 3), "<weights>_window_content" (n, E), "<weights>_window_style" (n, S)}``.
     """
+    exchange: Exchange | None = job.get("exchange")
+    if exchange is None:
+        return _encode_chunk(job, Path(job["model"]), Path(job["latents"]))
+    with tempfile.TemporaryDirectory(prefix="meduet-factors-") as scratch:
+        latents = Path(scratch) / "latents"
+        for name, sha in job["latents"].items():
+            exchange.get_file(sha, latents / name)
+        return _encode_chunk(job, exchange.cached(job["model"], "meduet.pt"), latents)
+
+
+def _encode_chunk(job: dict, model: Path, latents: Path) -> list[dict]:
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)  # nothing is random at eval time; fixed anyway for bit-stable outputs
-    models = {weights: load_meduet(Path(job["model"]), weights)[0] for weights in job["weights"]}
+    models = {weights: load_meduet(model, weights)[0] for weights in job["weights"]}
     out = []
     for row, fields in zip(job["rows"], job["records"], strict=True):
         record = LatentRecord.model_validate(fields)
-        latent, affine = load_latent(Path(job["latents"]), record), np.array(record.affine).reshape(4, 4)
+        latent, affine = load_latent(latents, record), np.array(record.affine).reshape(4, 4)
         result: dict = {"row": row}
         for weights, encoder in models.items():
             content, style, result["boxes"] = volume_windows(encoder, latent, job["scale"], affine, job["batch_size"])
@@ -100,6 +116,12 @@ def run(cfg: ExtractFactorsConfig, paths: Paths, ray: RayConfig) -> StageResult:
              "rows": list(range(start, min(start + size, len(latents)))), "scale": scale,
              "batch_size": cfg.batch_size, "threads": max(1, int(ray.cpus_per_task))}
             for start in range(0, len(latents), size)]
+    if ray.exchange and cfg.workers > 1:  # nodes without this machine's files get them through the exchange
+        exchange = Exchange(ray.exchange, paths.s3_options)
+        model_file = exchange.put_file(ckpt, model_sha)
+        for job in jobs:
+            job.update(exchange=exchange, model=model_file, latents={
+                r["latent"]: exchange.put_file(paths.latents / r["latent"]) for r in job["records"]})
     progress = Progress("extract-factors", len(latents), unit="volumes")
     by_row: dict[int, dict] = {}
     for chunk in dist.map_tasks(encode_chunk, jobs, workers=cfg.workers, scaling=Scaling.for_tasks(ray),

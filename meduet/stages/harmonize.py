@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -35,6 +36,7 @@ from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.harmonize.settings import case_settings
 from meduet.io.atomic import write_json
+from meduet.io.exchange import Exchange, Packed
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.io.storage import is_remote, mirror
@@ -127,22 +129,91 @@ def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir:
                 yield futures[future], None
 
 
-def harmonize_job(job: tuple[CaseSpec, CaseSettings, Path, str]) -> CaseRecord:
-    """One case as a Ray task (a module-level function: Ray ships it by reference)."""
-    spec, settings, out_dir, digest = job
-    return harmonize_case(spec, settings, out_dir, digest)
+@dataclass(frozen=True)
+class Handover:
+    """A case's input files in the exchange, for a task on a node that cannot open the driver's paths."""
+
+    exchange: Exchange
+    image: Packed | None = None
+    label: Packed | None = None
+
+
+def hand_over(spec: CaseSpec, exchange: Exchange) -> tuple[CaseSpec, Handover]:
+    """Upload a case's inputs (driver side); a file that cannot be read makes the case a quarantined one."""
+    if spec.problem:
+        return spec, Handover(exchange)
+    try:
+        return spec, Handover(exchange, exchange.pack(spec.image) if spec.image else None,
+                              exchange.pack(spec.label) if spec.label else None)
+    except OSError as error:
+        return replace(spec, problem=f"{spec.image}: cannot hand it over to the cluster's exchange ({error})"), \
+            Handover(exchange)
+
+
+def _harmonize_handed_over(spec: CaseSpec, settings: CaseSettings, digest: str, handover: Handover) -> CaseRecord:
+    """Harmonize in a scratch folder from the exchange's copies; the outputs go back to the exchange.
+
+    The record names the driver's files, as a local run's does (its messages included).
+    """
+    exchange = handover.exchange
+    with tempfile.TemporaryDirectory(prefix="meduet-harmonize-") as scratch:
+        inputs, out_dir = Path(scratch) / "in", Path(scratch) / "out"
+        local = spec
+        if handover.image and spec.image:  # a case with a problem is recorded without reading it
+            label = exchange.unpack(handover.label, inputs / "label" / spec.label.name) \
+                if handover.label and spec.label else None
+            local = replace(spec, image=exchange.unpack(handover.image, inputs / "image" / spec.image.name),
+                            label=label)
+        record = harmonize_case(local, settings, out_dir, digest)
+        for relative, sha in ((record.image, record.image_sha256), (record.label, record.label_sha256)):
+            if relative:
+                exchange.put_file(out_dir / relative, sha)
+    for copy, original in ((local.image, spec.image), (local.label, spec.label)):
+        if copy is not None and original is not None:
+            record.reason = record.reason.replace(str(copy), str(original))
+    record.source_image, record.source_label = str(spec.image or ""), str(spec.label or "")
+    return record
+
+
+def harmonize_job(job: tuple[CaseSpec, CaseSettings, Path, str, Handover | None]) -> CaseRecord:
+    """One case as a Ray task (a module-level function: Ray ships it by reference).
+
+    With a handover the task opens no path of the driver's: it reads the case from the
+    exchange and leaves its outputs there for the driver to fetch.
+    """
+    spec, settings, out_dir, digest, handover = job
+    if handover is None:
+        return harmonize_case(spec, settings, out_dir, digest)
+    return _harmonize_handed_over(spec, settings, digest, handover)
+
+
+def collect_outputs(record: CaseRecord, out_dir: Path, exchange: Exchange) -> None:
+    """Fetch a handed-over case's outputs into the output folder (before its record marks it done)."""
+    for relative, sha in ((record.image, record.image_sha256), (record.label, record.label_sha256)):
+        if relative and record.status == "ok":
+            exchange.get_file(sha, out_dir / relative)
 
 
 def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: Path, workers: int,
              ray: RayConfig, paths: Paths) -> Iterator[tuple[CaseSpec, CaseRecord | None]]:
     """Like :func:`_run_pool` on Ray: a task that fails (its process died: Ray retries such a
-    task, then gives up) yields ``None`` for its case; the other cases go on."""
+    task, then gives up) yields ``None`` for its case; the other cases go on.
+
+    With ``ray.exchange`` the cases travel through it (see :mod:`meduet.io.exchange`).
+    """
     # Ray (and torch, for the run spec) only when a cluster is used: seconds of imports otherwise,
     # which a one-machine run should not pay before it takes its output lock.
     from meduet import distributed as dist
     from meduet.engine.runs import RunSpec, Scaling
 
-    items = [(spec, settings, out_dir, digest) for spec, digest in jobs]
+    exchange = Exchange(ray.exchange, paths.s3_options) if ray.exchange else None
+    if exchange is None:
+        items = [(spec, settings, out_dir, digest, None) for spec, digest in jobs]
+    else:
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # uploads wait on the network: overlap them
+            handed = list(pool.map(lambda job: hand_over(job[0], exchange), jobs))
+        items = [(spec, settings, out_dir, digest, handover)
+                 for (spec, handover), (_, digest) in zip(handed, jobs, strict=True)]
     specs = {spec.key: spec for spec, _ in jobs}
     run = RunSpec.from_config(ray, paths, "harmonize", settings.settings_hash)
     for result in dist.map_tasks(harmonize_job, items, workers=workers, scaling=Scaling.for_tasks(ray), run=run,
@@ -151,6 +222,8 @@ def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: 
             log.warning("harmonize: %s", result)
             yield jobs[result.index][0], None
         else:
+            if exchange is not None:
+                collect_outputs(result, out_dir, exchange)
             yield specs[result.key], result
 
 
