@@ -2,9 +2,9 @@
 
 The two-node cluster of tests/test_ray_cluster.py, but its worker node (the only one with
 CPUs, so every task runs there) sees the project folder empty, as a node on another machine
-would: harmonize, encode-latents and extract-factors then get their inputs and return their
-outputs only through ``ray.exchange`` on the moto S3 endpoint. Their outputs must equal a run
-of the same stages in one process, and without the exchange the node cannot read a case.
+would: harmonize, encode-latents, extract-factors and synthesize then get their inputs and
+return their outputs only through ``ray.exchange`` on the moto S3 endpoint. Their outputs must
+equal a run of the same stages in one process, and without the exchange the node cannot read a case.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from meduet.artifacts.synthesis import read_synthesis
 from meduet.artifacts.vae import save_vae
 from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import read_manifest as read_latents
@@ -27,9 +28,11 @@ from meduet.data.latents import read_scale
 from meduet.harmonize.manifest import read_manifest
 from meduet.models.architectures import VAE_PRESETS
 from meduet.models.vae import build_vae
-from meduet.stages import encode_latents, extract_factors, harmonize
+from meduet.stages import encode_latents, extract_factors, harmonize, synthesize
 from tests.harmonize.synth import phantom, write_msd
 from tests.stages.test_factors import _save_tiny_model
+from tests.stages.test_synthesize import _config as synthesis_config
+from tests.stages.test_synthesize import _project as synthesis_project
 from tests.test_ray_cluster import REPO, TIMEOUT_S, can_hide, ray_cluster
 
 CASES = 6
@@ -75,6 +78,13 @@ def test_data_stages_on_a_node_without_the_project_folder_match_a_local_run(s3_s
     local_cfg, local = _project(tmp_path / "local", {"harmonize": {"workers": 1}, "encode_latents": {"workers": 1},
                                                      "extract_factors": {"workers": 1}})
 
+    # A project with a (random) DiT for synthesize; params.yaml hands its tasks over through the exchange.
+    synthesis = synthesis_project(tmp_path / "synthesis", synthesis_config())
+    tree = synthesis_config().model_dump(mode="json")
+    tree["ray"].update(exchange=exchange)
+    tree["storage"].update(s3_endpoint_url=s3_server.endpoint_url)
+    (synthesis.root / "params.yaml").write_text(yaml.safe_dump(tree))
+
     with ray_cluster(s3_server.env, hidden=tmp_path) as cluster:
         env = {**cluster.driver_env, **s3_server.env}
 
@@ -88,6 +98,7 @@ def test_data_stages_on_a_node_without_the_project_folder_match_a_local_run(s3_s
         stage("encode-latents", paths.root)
         _after_encoding(paths)
         stage("extract-factors", paths.root)
+        stage("synthesize", synthesis.root)
         # The same cases without the exchange: the node cannot open one (a node of another machine).
         args = [sys.executable, "-m", "meduet.cli", "harmonize", "--params", str(blind_paths.root / "params.yaml")]
         subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=TIMEOUT_S)
@@ -128,3 +139,14 @@ def test_data_stages_on_a_node_without_the_project_folder_match_a_local_run(s3_s
                 np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
             else:
                 np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+    # synthesize: the images of one process (each image has its own seed, whatever runs it).
+    single = synthesis_config(workers=1)
+    reference = synthesis_project(tmp_path / "synthesis_local", single)
+    synthesize.run(single.synthesize, reference, single.ray)
+    made, _ = read_synthesis(synthesis.synthesis)
+    assert [r.key for r in made] == [r.key for r in read_synthesis(reference.synthesis)[0]] and len(made) == 6
+    for record in made:
+        np.testing.assert_allclose(np.load(synthesis.synthesis / record.latent),
+                                   np.load(reference.synthesis / record.latent), rtol=1e-5, atol=1e-5)
+        assert (synthesis.synthesis / record.image).is_file()

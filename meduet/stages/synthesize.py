@@ -23,9 +23,10 @@ against their round trips); the latents are the same either way.
 
 Sources come from the latent cache's ``held_out`` split, the subjects no training stage saw
 (a cache without one falls back to ``train``, and the metrics say so). Every image has its
-own seed (the run's seed and its position), runs as a Ray task (``workers``) and is recorded
-as soon as it is written, so a killed run resumes where it stopped; a change of settings or
-of any input file starts the store afresh (the run key). Outputs: ``paths.synthesis/`` (see
+own seed (the run's seed and its position), runs as a Ray task (``workers``; through
+``ray.exchange`` on nodes without this machine's files) and is recorded as soon as it is
+written, so a killed run resumes where it stopped; a change of settings or of any input file
+starts the store afresh (the run key). Outputs: ``paths.synthesis/`` (see
 ``meduet.artifacts.synthesis``) and ``paths.reports/synthesize/``: ``metrics.json``,
 ``translations.png`` and ``generated.png``.
 """
@@ -36,6 +37,7 @@ import functools
 import hashlib
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -72,6 +74,7 @@ from meduet.harmonize.intensity import range_level
 from meduet.harmonize.manifest import harmonized_range
 from meduet.harmonize.manifest import read_manifest as read_harmonized
 from meduet.io.atomic import write_json
+from meduet.io.exchange import Exchange
 from meduet.io.figures import plt, save_figure
 from meduet.io.images import read_image, sha256_file, write_image
 from meduet.io.locks import output_lock
@@ -106,8 +109,28 @@ def _vae(path: str) -> torch.nn.Module:
 def synthesize_one(job: dict[str, Any]) -> dict[str, Any]:
     """Sample, decode and write one image; returns its :class:`SynthesisRecord` as a dict.
 
-    Models are loaded once per worker process (a task reuses the previous task's).
+    Models are loaded once per worker process (a task reuses the previous task's). With
+    ``job["exchange"]`` (``ray.exchange``) the task opens no path of the driver's: the models,
+    the source latent and its header come from the exchange (their SHA-256s in the job), the
+    image and latent go back to it, and ``"shipped"`` maps each to its SHA-256 for the driver.
     """
+    exchange: Exchange | None = job.get("exchange")
+    if exchange is None:
+        return _synthesize(job)
+    with tempfile.TemporaryDirectory(prefix="meduet-synthesize-") as scratch:
+        local = dict(job, store=str(Path(scratch) / "store"))
+        for key, name in (("dit", "diffusion.pt"), ("meduet", "meduet.pt"), ("vae", "vae.pt")):
+            local[key] = str(exchange.cached(job[key], name))
+        for key, name in (("source_latent", "source.npy"), ("header", "header.nii.gz")):
+            if job[key]:
+                local[key] = str(exchange.get_file(job[key], Path(scratch) / name))
+        result = _synthesize(local)
+        result["shipped"] = {name: exchange.put_file(Path(local["store"]) / name)
+                             for name in (job["record"]["latent"], job["record"]["image"])}
+    return result
+
+
+def _synthesize(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
     dit, meta = _dit(job["dit"], job["weights"])
@@ -383,6 +406,14 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
                      "source_latent": str(paths.latents / source.latent) if source else None,
                      "header": str(paths.harmonized / harmonized[source.key].image) if source else None,
                      "spacing": spacing})
+    # Tasks on nodes that share no file system with this one get their files through the exchange.
+    exchange = Exchange(ray.exchange, paths.s3_options) if ray.exchange and cfg.workers > 1 else None
+    if exchange is not None:
+        models = {"dit": exchange.put_file(dit_file, dit_sha), "meduet": exchange.put_file(teacher_file, teacher_sha),
+                  "vae": exchange.put_file(vae_file, vae_sha)}
+        for job in jobs:
+            job.update(models, exchange=exchange, store="", **{
+                key: exchange.put_file(Path(job[key])) if job[key] else None for key in ("source_latent", "header")})
     log.info("%s: %d image(s) planned, %d reused, %d to make on %d worker(s) (%s, %d steps)", STAGE, len(planned),
              len(planned) - len(jobs), len(jobs), cfg.workers, dit_meta["config"]["objective"], cfg.sampling_steps)
 
@@ -392,6 +423,10 @@ def _run(cfg: SynthesizeConfig, paths: Paths, ray: RayConfig) -> StageResult:
         results = dist.map_tasks(synthesize_one, jobs, workers=cfg.workers, scaling=Scaling.for_tasks(ray),
                                  run=RunSpec.from_config(ray, paths, STAGE, run_key))
         for result in results:
+            shipped = result.pop("shipped", {})
+            if exchange is not None:  # the image and latent the task left in the exchange
+                for name, sha in shipped.items():
+                    exchange.get_file(sha, store / name)
             record = SynthesisRecord.model_validate(result)
             write_json(store / "records" / run_key / f"{record.key}.json", record.model_dump(mode="json"))
             records.append(record)
