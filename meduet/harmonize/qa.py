@@ -44,9 +44,10 @@ def fingerprint(records: list[CaseRecord]) -> dict[str, dict]:
     return result
 
 
-def _overlay(ax: plt.Axes, image: np.ndarray, label: np.ndarray | None, title: str) -> None:
-    """Image in grey with each label's outline in its own colour (outlines keep the image readable)."""
-    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+def _overlay(ax: plt.Axes, image: np.ndarray, label: np.ndarray | None, title: str,
+             value_range: tuple[float, float]) -> None:
+    """Image in grey over its harmonized range, each label's outline in its own colour (outlines keep it readable)."""
+    ax.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1], interpolation="nearest")
     if label is not None:
         colours = plt.get_cmap("tab20")
         for value in np.unique(label):
@@ -77,9 +78,11 @@ def montage(records: list[CaseRecord], harmonized_dir: Path, target: Path) -> Pa
         # axes for radiological display, and z so superior is at the top of the coronal view.
         axial = image[z][::-1, ::-1]
         coronal = image[:, y, :][::-1, ::-1]
+        value_range = (record.window[2], record.window[3]) if record.window else (0.0, 1.0)
         _overlay(axes[0, column], axial, None if label is None else label[z][::-1, ::-1],
-                 f"{domain}\n{record.case_id} axial")
-        _overlay(axes[1, column], coronal, None if label is None else label[:, y, :][::-1, ::-1], "coronal")
+                 f"{domain}\n{record.case_id} axial", value_range)
+        _overlay(axes[1, column], coronal, None if label is None else label[:, y, :][::-1, ::-1], "coronal",
+                 value_range)
     fig.tight_layout()
     return save_figure(fig, target)
 

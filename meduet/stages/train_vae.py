@@ -54,7 +54,8 @@ def evaluate(model: torch.nn.Module, volumes: list[Volume], max_voxels: int) -> 
         data_range = volume.window[3] - volume.window[2]
         rows.append({"case": volume.key, "domain": volume.domain, "psnr": psnr(x, recon, data_range),
                      "ssim": ssim(x, recon, data_range), "mae_raw": mae_raw(x, recon, volume.window),
-                     "_slices": (x[0, 0, x.shape[2] // 2].numpy(), recon[0, 0, x.shape[2] // 2].numpy())})
+                     "_slices": (x[0, 0, x.shape[2] // 2].numpy(), recon[0, 0, x.shape[2] // 2].numpy()),
+                     "_range": (volume.window[2], volume.window[3])})
         progress.update(len(rows), {"psnr": rows[-1]["psnr"]})
     return rows
 
@@ -81,10 +82,12 @@ def _figure_reconstructions(rows: list[dict], target: Path) -> Path:
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for row, ax in zip(rows, axes):
         original, recon = row["_slices"]
-        for a, image, title in ((ax[0], original, f"{row['case']}\noriginal"), (ax[1], recon, "reconstruction"),
-                                (ax[2], np.abs(original - recon), f"|diff| PSNR {row['psnr']:.1f} dB")):
-            a.imshow(image[::-1, ::-1], cmap="gray" if a is not ax[2] else "magma", vmin=0, vmax=1 if a is not ax[2]
-                     else 0.25)
+        low, high = row["_range"]  # the harmonized range; the difference on a quarter of it
+        for a, image, title, cmap, limits in (
+                (ax[0], original, f"{row['case']}\noriginal", "gray", (low, high)),
+                (ax[1], recon, "reconstruction", "gray", (low, high)),
+                (ax[2], np.abs(original - recon), f"|diff| PSNR {row['psnr']:.1f} dB", "magma", (0, (high - low) / 4))):
+            a.imshow(image[::-1, ::-1], cmap=cmap, vmin=limits[0], vmax=limits[1])
             a.set_title(title, fontsize=7)
             a.axis("off")
     fig.tight_layout()

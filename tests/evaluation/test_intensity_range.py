@@ -55,3 +55,30 @@ def test_psnr_does_not_depend_on_the_range() -> None:
     prediction = (target + 0.1 * torch.randn(1, 8, 8, 8, generator=generator)).clamp(0, 1)
     assert _psnr(prediction * 2 - 1, target * 2 - 1, (-1.0, 1.0)) == pytest.approx(
         _psnr(prediction, target, (0.0, 1.0)), rel=1e-5)
+
+
+def _mid_grey_share(png) -> float:
+    """Share of a PNG's pixels that are mid grey (what 0 on [-1, 1] must look like)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    grey = (abs(rgb[..., 0] - rgb[..., 1]) < 0.02) & (abs(rgb[..., 1] - rgb[..., 2]) < 0.02)
+    return float((grey & (abs(rgb[..., 0] - 0.5) < 0.1)).mean())
+
+
+def test_the_harmonize_montage_and_the_vae_figure_span_the_harmonized_range(tmp_path) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from meduet.harmonize import qa
+    from meduet.harmonize.manifest import CaseRecord
+    from meduet.stages.train_vae import _figure_reconstructions
+
+    half = np.full((16, 16, 16), -1.0, dtype=np.float32)  # air at the floor of [-1, 1] ...
+    half[:, :, 8:] = 0.0  # ... and tissue in the middle of it: mid grey, not black
+    sitk.WriteImage(sitk.GetImageFromArray(half), str(tmp_path / "case.nii.gz"))
+    record = CaseRecord(key="d__case", dataset="d", case_id="case", domain="a", body_part="x", split="train",
+                        status="ok", image="case.nii.gz", window=[*CT, -1.0, 1.0])
+    assert _mid_grey_share(qa.montage([record], tmp_path, tmp_path / "montage.png")) > 0.05
+    rows = [{"case": "d__case", "psnr": 20.0, "_slices": (half[8], half[8]), "_range": (-1.0, 1.0)}]
+    assert _mid_grey_share(_figure_reconstructions(rows, tmp_path / "reconstructions.png")) > 0.05
