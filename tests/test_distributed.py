@@ -521,6 +521,8 @@ def test_map_tasks_on_ray_and_in_process(ray_local: Any, tmp_path: Path) -> None
         failures = [r for r in results if isinstance(r, dist.TaskError)]
         assert sorted(r for r in results if not isinstance(r, dist.TaskError)) == [1, 9]
         assert [f.index for f in failures] == [1] and "negative item -1" in str(failures[0])
+        # the task's own exception, on Ray too: a caller tells the item's failure from the storage's
+        assert isinstance(failures[0].cause, ValueError) and str(failures[0].cause) == "negative item -1"
 
 
 @pytest.mark.services
@@ -536,7 +538,7 @@ def test_map_tasks_survives_a_killed_task_process_and_names_one_that_always_dies
     results = list(dist.map_tasks(square_or_die, [(1, ""), (2, "always"), (3, "")], workers=2, scaling=scaling,
                                   run=run, errors="yield"))
     assert sorted(r for r in results if isinstance(r, int)) == [1, 9]
-    assert [r.index for r in results if isinstance(r, dist.TaskError)] == [1]
+    assert [(r.index, r.cause) for r in results if isinstance(r, dist.TaskError)] == [(1, None)]  # no exception
 
 
 def test_a_local_ray_start_drops_only_rays_notice_of_its_default_authentication(monkeypatch: pytest.MonkeyPatch,

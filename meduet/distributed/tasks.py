@@ -12,11 +12,16 @@ from meduet.engine.runs import RunSpec, Scaling
 
 
 class TaskError(DistributedError):
-    """A Ray task of :func:`map_tasks` failed; the message names the item, ``index`` is its position."""
+    """A Ray task of :func:`map_tasks` failed; the message names the item, ``index`` is its position.
 
-    def __init__(self, message: str, index: int = -1) -> None:
+    ``cause`` is the exception the task raised (None when its process died), so a caller can
+    tell a failure of the item from one of the infrastructure around it.
+    """
+
+    def __init__(self, message: str, index: int = -1, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.index = index
+        self.cause = cause
 
 
 def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scaling: Scaling,
@@ -44,7 +49,8 @@ def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scali
             try:
                 yield fn(item)
             except Exception as error:
-                failure = TaskError(f"task {index} of {len(items)} failed: {type(error).__name__}: {error}", index)
+                failure = TaskError(f"task {index} of {len(items)} failed: {type(error).__name__}: {error}", index,
+                                    error)
                 if errors == "raise":
                     raise failure from error
                 yield failure
@@ -64,7 +70,8 @@ def map_tasks(fn: Callable[[Any], Any], items: list[Any], *, workers: int, scali
             result = ray.get(done[0])
         except ray.exceptions.RayError as error:  # the task raised, or its worker process died
             cause = getattr(error, "cause", None) or error  # the task's own exception, without Ray's wrapping
-            failure = TaskError(f"task {index} of {len(items)} failed: {type(cause).__name__}: {cause}", index)
+            failure = TaskError(f"task {index} of {len(items)} failed: {type(cause).__name__}: {cause}", index,
+                                None if isinstance(error, ray.exceptions.WorkerCrashedError) else cause)
             if errors == "yield":
                 yield failure
                 continue

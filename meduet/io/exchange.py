@@ -31,7 +31,8 @@ Packed = dict[str, str]
 
 
 class ExchangeError(RuntimeError):
-    """A file could not be handed over (missing object, wrong bytes)."""
+    """A file could not be handed over (missing object, wrong bytes, storage unreachable): a failure
+    of the storage, never of the case, so a stage stops (and resumes) instead of quarantining it."""
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,25 @@ class Exchange:
         return f"{root.rstrip('/')}/{sha[:2]}/{sha}"
 
     def put_file(self, path: Path, sha: str | None = None) -> str:
-        """Upload one file unless an object with its bytes is there already; return its SHA-256."""
+        """Upload one file unless an object with its bytes is there already; return its SHA-256.
+
+        Raises:
+            OSError: ``path`` cannot be read (a problem of the file).
+            ExchangeError: the exchange cannot be reached or written (a problem of the storage).
+        """
         sha = sha or sha256_file(path)
         fs, root = self._fs()
         key = self._key(root, sha)
-        if fs.exists(key):
-            return sha
-        if self.url.startswith("s3://"):
-            fs.put_file(str(path), key)  # an S3 PUT appears whole or not at all
-        else:
-            with atomic_path(key) as tmp:
-                shutil.copyfile(path, tmp)
+        try:
+            if fs.exists(key):
+                return sha
+            if self.url.startswith("s3://"):
+                fs.put_file(str(path), key)  # an S3 PUT appears whole or not at all
+                return sha
+        except OSError as error:
+            raise ExchangeError(f"{self.url}: cannot store {path.name} ({type(error).__name__}: {error})") from error
+        with atomic_path(key) as tmp:
+            shutil.copyfile(path, tmp)
         return sha
 
     def pack(self, path: Path) -> Packed:
@@ -71,8 +80,8 @@ class Exchange:
         if path.is_file():
             return {"": self.put_file(path)}
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        if not files:
-            raise ExchangeError(f"{path}: nothing to hand over (no such file, or an empty folder)")
+        if not files:  # a problem of the input, as a missing file is
+            raise FileNotFoundError(f"{path}: nothing to hand over (no such file, or an empty folder)")
         return {file.relative_to(path).as_posix(): self.put_file(file) for file in files}
 
     def get_file(self, sha: str, target: Path) -> Path:
@@ -84,6 +93,9 @@ class Exchange:
                 fs.get_file(key, str(tmp))
             except FileNotFoundError as error:
                 raise ExchangeError(f"{self.url}: no object {sha} (wanted for {target.name})") from error
+            except OSError as error:
+                raise ExchangeError(f"{self.url}: cannot fetch {sha} for {target.name} "
+                                    f"({type(error).__name__}: {error})") from error
             got = sha256_file(tmp)
             if got != sha:
                 raise ExchangeError(f"{self.url}: object {sha} holds bytes hashing to {got} (wanted for {target})")

@@ -36,7 +36,7 @@ from meduet.harmonize.datasets import CaseSpec, DatasetInfo, discover, unlisted
 from meduet.harmonize.manifest import CaseRecord, write_manifest
 from meduet.harmonize.settings import case_settings
 from meduet.io.atomic import write_json
-from meduet.io.exchange import Exchange, Packed
+from meduet.io.exchange import Exchange, ExchangeError, Packed
 from meduet.io.locks import output_lock
 from meduet.io.prune import prune_unowned
 from meduet.io.storage import is_remote, mirror
@@ -219,8 +219,11 @@ def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: 
     for result in dist.map_tasks(harmonize_job, items, workers=workers, scaling=Scaling.for_tasks(ray), run=run,
                                  errors="yield"):
         if isinstance(result, dist.TaskError):
+            spec = jobs[result.index][0]
+            if isinstance(result.cause, ExchangeError):  # the storage failed, not the case: stop, resume later
+                raise HarmonizeError(f"{spec.key}: {result.cause}; the finished cases are recorded, rerun to resume")
             log.warning("harmonize: %s", result)
-            yield jobs[result.index][0], None
+            yield spec, None
         else:
             if exchange is not None:
                 collect_outputs(result, out_dir, exchange)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from meduet.config import MeduetConfig
 from meduet.harmonize.case import harmonize_case, input_hash
 from meduet.harmonize.datasets import DatasetInfo, discover
@@ -42,3 +44,28 @@ def test_a_task_without_the_drivers_files_harmonizes_like_a_local_case(tmp_path:
         else:  # the message names the driver's file, not the task's scratch copy
             assert str(spec.image) in record.reason and "meduet-harmonize-" not in record.reason
     assert sorted(r.status for r in local.values()) == ["ok", "ok", "quarantined"]
+
+
+def test_a_storage_failure_stops_the_stage_instead_of_quarantining_a_good_case(tmp_path: Path) -> None:
+    """An object the task cannot fetch is the exchange's fault: the case must not be recorded as
+    quarantined (a rerun would reuse that record and never harmonize it)."""
+    from meduet.config import Paths, RayConfig
+    from meduet.io.images import sha256_file
+    from meduet.stages.harmonize import HarmonizeError, harmonize_cases
+
+    site = _msd_site(tmp_path / "raw" / "site", 2, size=(24, 20, 12))
+    settings = case_settings(MeduetConfig.model_validate({"harmonize": HARMONIZE}).harmonize)
+    specs = discover(DatasetInfo("site", site, "a", "abdomen"))
+    exchange = tmp_path / "exchange"
+    broken = sha256_file(specs[1].image)
+    (exchange / broken[:2]).mkdir(parents=True)
+    (exchange / broken[:2] / broken).write_bytes(b"torn")  # "there" to the uploader, wrong bytes for the task
+    ray = RayConfig(exchange=str(exchange))
+    paths = Paths.resolve(MeduetConfig(), tmp_path / "project")
+    # workers=1: the Ray-task code path, run in this process (map_tasks' one-worker mode)
+    finished = harmonize_cases([(spec, input_hash(spec)) for spec in specs], settings, tmp_path / "out", 1,
+                               ("ray", ray, paths))
+    first = next(finished)
+    assert first.key == specs[0].key and first.status == "ok"
+    with pytest.raises(HarmonizeError, match=rf"{specs[1].key}: .*object {broken} holds bytes hashing to .*rerun to resume"):
+        next(finished)

@@ -60,7 +60,7 @@ def test_a_missing_or_altered_object_never_lands(tmp_path: Path) -> None:
         exchange.get_file("0" * 64, target)
     assert target.read_bytes() == b"what was there"  # untouched, no temp file left
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin"]
-    with pytest.raises(ExchangeError, match="nothing to hand over"):
+    with pytest.raises(FileNotFoundError, match="nothing to hand over"):  # the input's problem, not the storage's
         exchange.pack(tmp_path / "empty_folder_that_does_not_exist")
 
 
