@@ -28,6 +28,15 @@ class CaseSpec:
     label: Path | None = None
     problem: str | None = None
     unlisted: bool = False  # the dataset itself could not be listed (missing, empty, unreadable index)
+    # (local folder, URI) of a remote dataset mirrored there: where a cluster node can read the files itself
+    mirrored_from: tuple[str, str] | None = None
+
+    def source_uri(self, path: Path) -> str | None:
+        """The remote URI of ``path`` (a file of this case in the local mirror), or None for a local dataset."""
+        if self.mirrored_from is None:
+            return None
+        local, uri = self.mirrored_from
+        return f"{uri.rstrip('/')}/{Path(path).relative_to(local).as_posix()}"
 
     @property
     def key(self) -> str:

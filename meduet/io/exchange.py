@@ -74,37 +74,49 @@ class Exchange:
             shutil.copyfile(path, tmp)
         return sha
 
-    def pack(self, path: Path) -> Packed:
-        """Upload the file or every file of the folder at ``path``; what :meth:`unpack` needs."""
-        path = Path(path)
+    @staticmethod
+    def _files(path: Path) -> dict[str, Path]:
+        """The file at ``path`` (named ``""``), or every file of the folder by its relative name."""
         if path.is_file():
-            return {"": self.put_file(path)}
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+            return {"": path}
+        files = {file.relative_to(path).as_posix(): file for file in sorted(path.rglob("*")) if file.is_file()}
         if not files:  # a problem of the input, as a missing file is
             raise FileNotFoundError(f"{path}: nothing to hand over (no such file, or an empty folder)")
-        return {file.relative_to(path).as_posix(): self.put_file(file) for file in files}
+        return files
 
-    def get_file(self, sha: str, target: Path) -> Path:
-        """Download the object of ``sha`` to ``target`` atomically, after checking its bytes."""
-        fs, root = self._fs()
-        key = self._key(root, sha)
+    def pack(self, path: Path) -> Packed:
+        """Upload the file or every file of the folder at ``path``; what :meth:`unpack` needs."""
+        return {name: self.put_file(file) for name, file in self._files(Path(path)).items()}
+
+    def describe(self, path: Path) -> Packed:
+        """Like :meth:`pack` for files a task reads from their own remote location: hashes, no upload."""
+        return {name: sha256_file(file) for name, file in self._files(Path(path)).items()}
+
+    def get_file(self, sha: str, target: Path, source: str | None = None) -> Path:
+        """Download the object of ``sha`` (or the file at URI ``source``) to ``target`` atomically,
+        after checking that its bytes hash to ``sha``."""
+        fs, root = filesystem(source, self.s3_options) if source else self._fs()
+        key = root if source else self._key(root, sha)
+        where = source or f"{self.url}: object {sha}"
         with atomic_path(target) as tmp:
             try:
                 fs.get_file(key, str(tmp))
             except FileNotFoundError as error:
-                raise ExchangeError(f"{self.url}: no object {sha} (wanted for {target.name})") from error
+                raise ExchangeError(f"{where}: not found (wanted for {target.name})") from error
             except OSError as error:
-                raise ExchangeError(f"{self.url}: cannot fetch {sha} for {target.name} "
+                raise ExchangeError(f"{where}: cannot fetch it for {target.name} "
                                     f"({type(error).__name__}: {error})") from error
             got = sha256_file(tmp)
-            if got != sha:
-                raise ExchangeError(f"{self.url}: object {sha} holds bytes hashing to {got} (wanted for {target})")
+            if got != sha:  # torn or altered in the exchange; at a source, changed since the driver read it
+                raise ExchangeError(f"{where}: holds bytes hashing to {got}, not {sha} (wanted for {target})")
         return target
 
-    def unpack(self, packed: Packed, target: Path) -> Path:
-        """Lay out what :meth:`pack` uploaded at ``target`` (a file, or a folder of files)."""
+    def unpack(self, packed: Packed, target: Path, source: str | None = None) -> Path:
+        """Lay out what :meth:`pack` uploaded at ``target`` (a file, or a folder of files); with
+        ``source``, what :meth:`describe` hashed, read from that URI (the folder's files under it)."""
         for name, sha in packed.items():
-            self.get_file(sha, target / name if name else target)
+            at = (f"{source.rstrip('/')}/{name}" if name else source) if source else None
+            self.get_file(sha, target / name if name else target, at)
         return target
 
     def cached(self, sha: str, name: str) -> Path:

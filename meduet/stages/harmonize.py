@@ -62,6 +62,9 @@ def discover_all(cfg: HarmonizeConfig, paths: Paths) -> list[CaseSpec]:
             except Exception as error:  # network/credentials/bucket errors come in many types
                 specs.append(unlisted(info, f"{source.root}: cannot mirror remote dataset ({error})"))
                 continue
+            mirrored = (str(info.root.resolve()), str(root))  # cluster tasks read these files from the source
+            specs.extend(replace(spec, mirrored_from=mirrored) for spec in discover(info))
+            continue
         specs.extend(discover(info))
     return specs
 
@@ -131,20 +134,34 @@ def _run_pool(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir:
 
 @dataclass(frozen=True)
 class Handover:
-    """A case's input files in the exchange, for a task on a node that cannot open the driver's paths."""
+    """A case's input files for a task on a node that cannot open the driver's paths: in the
+    exchange, or (a remote dataset) at their own URIs (``image_source``, ``label_source``)."""
 
     exchange: Exchange
     image: Packed | None = None
     label: Packed | None = None
+    image_source: str | None = None
+    label_source: str | None = None
 
 
 def hand_over(spec: CaseSpec, exchange: Exchange) -> tuple[CaseSpec, Handover]:
-    """Upload a case's inputs (driver side); a file that cannot be read makes the case a quarantined one."""
+    """Upload a case's inputs (driver side); a file that cannot be read makes the case a quarantined one.
+
+    The files of a remote dataset are not uploaded again: the task reads them where the driver's
+    mirror got them, checked against the hashes of the mirror's copies.
+    """
     if spec.problem:
         return spec, Handover(exchange)
+
+    def ship(path: Path | None) -> tuple[Packed | None, str | None]:
+        if path is None:
+            return None, None
+        source = spec.source_uri(path)
+        return (exchange.describe(path), source) if source else (exchange.pack(path), None)
+
     try:
-        return spec, Handover(exchange, exchange.pack(spec.image) if spec.image else None,
-                              exchange.pack(spec.label) if spec.label else None)
+        (image, image_source), (label, label_source) = ship(spec.image), ship(spec.label)
+        return spec, Handover(exchange, image, label, image_source, label_source)
     except OSError as error:
         return replace(spec, problem=f"{spec.image}: cannot hand it over to the cluster's exchange ({error})"), \
             Handover(exchange)
@@ -160,10 +177,10 @@ def _harmonize_handed_over(spec: CaseSpec, settings: CaseSettings, digest: str, 
         inputs, out_dir = Path(scratch) / "in", Path(scratch) / "out"
         local = spec
         if handover.image and spec.image:  # a case with a problem is recorded without reading it
-            label = exchange.unpack(handover.label, inputs / "label" / spec.label.name) \
+            label = exchange.unpack(handover.label, inputs / "label" / spec.label.name, handover.label_source) \
                 if handover.label and spec.label else None
-            local = replace(spec, image=exchange.unpack(handover.image, inputs / "image" / spec.image.name),
-                            label=label)
+            local = replace(spec, label=label, image=exchange.unpack(handover.image, inputs / "image" / spec.image.name,
+                                                                     handover.image_source))
         record = harmonize_case(local, settings, out_dir, digest)
         for relative, sha in ((record.image, record.image_sha256), (record.label, record.label_sha256)):
             if relative:

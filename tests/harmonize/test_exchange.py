@@ -67,5 +67,48 @@ def test_a_storage_failure_stops_the_stage_instead_of_quarantining_a_good_case(t
                                ("ray", ray, paths))
     first = next(finished)
     assert first.key == specs[0].key and first.status == "ok"
-    with pytest.raises(HarmonizeError, match=rf"{specs[1].key}: .*object {broken} holds bytes hashing to .*rerun to resume"):
+    torn = rf"{specs[1].key}: .*object {broken}: holds bytes hashing to .*rerun to resume"
+    with pytest.raises(HarmonizeError, match=torn):
         next(finished)
+
+
+@pytest.mark.services
+def test_a_task_reads_an_s3_dataset_from_its_source_not_through_the_exchange(s3_server, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from meduet.config import Paths
+    from meduet.io.exchange import ExchangeError
+    from meduet.stages.harmonize import discover_all
+    from tests.harmonize.synth import phantom, write_msd
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    local = write_msd(tmp_path / "upload", {f"case_{i}": phantom(seed=i) for i in range(3)})
+    fs = s3_server.filesystem()
+    fs.put(str(local) + "/", f"{s3_server.bucket}/raw/direct/", recursive=True)
+    cfg = MeduetConfig.model_validate({
+        "storage": {"s3_endpoint_url": s3_server.endpoint_url},
+        "harmonize": {**HARMONIZE, "datasets": [{"name": "s3site", "root": f"s3://{s3_server.bucket}/raw/direct",
+                                                 "domain": "a"}]}})
+    paths = Paths.resolve(cfg, tmp_path / "project")
+    settings = case_settings(cfg.harmonize)
+    specs = discover_all(cfg.harmonize, paths)
+    assert all(spec.source_uri(spec.image).startswith(f"s3://{s3_server.bucket}/raw/direct/") for spec in specs)
+    digests = [input_hash(spec) for spec in specs]
+    exchange = Exchange(f"s3://{s3_server.bucket}/exchange-direct", paths.s3_options)
+    handed = [hand_over(spec, exchange) for spec in specs]
+    assert not fs.exists(f"{s3_server.bucket}/exchange-direct")  # no raw case uploaded again
+    (paths.work / "s3-mirror").rename(tmp_path / "mirror-moved")  # the driver's copies: not for the task
+    fs.pipe(f"{s3_server.bucket}/raw/direct/imagesTr/case_2.nii.gz", b"changed after the driver mirrored it")
+
+    out_dir, outputs = tmp_path / "out", set()
+    for (spec, handover), digest in list(zip(handed, digests, strict=True))[:2]:
+        record = harmonize_job((spec, settings, out_dir, digest, handover))
+        assert record.status == "ok", record.reason
+        collect_outputs(record, out_dir, exchange)
+        assert (out_dir / record.image).is_file() and (out_dir / record.label).is_file()
+        outputs |= {record.image_sha256, record.label_sha256}
+    changed = r"raw/direct/imagesTr/case_2.nii.gz: holds bytes hashing to"  # the source moved on: not this case
+    with pytest.raises(ExchangeError, match=changed):
+        harmonize_job((handed[2][0], settings, out_dir, digests[2], handed[2][1]))
+    # the exchange holds the outputs only (identical labels once)
+    assert {key.rsplit("/", 1)[1] for key in fs.find(f"{s3_server.bucket}/exchange-direct")} == outputs

@@ -54,9 +54,9 @@ def test_a_missing_or_altered_object_never_lands(tmp_path: Path) -> None:
     target.write_bytes(b"what was there")
 
     (tmp_path / "exchange" / sha[:2] / sha).write_bytes(b"tampered")
-    with pytest.raises(ExchangeError, match="hashing to"):
+    with pytest.raises(ExchangeError, match=f"object {sha}: holds bytes hashing to"):
         exchange.get_file(sha, target)
-    with pytest.raises(ExchangeError, match="no object"):
+    with pytest.raises(ExchangeError, match="not found"):
         exchange.get_file("0" * 64, target)
     assert target.read_bytes() == b"what was there"  # untouched, no temp file left
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin"]
