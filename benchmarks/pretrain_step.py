@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -50,12 +51,15 @@ from step_profile import gpu_kernel_profile, print_gpu_profile, print_profile, p
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from meduet.config import PretrainConfig
+from meduet.config import PretrainConfig, load_config
 from meduet.engine.ema import build_teacher
 from meduet.engine.loop import optimizer_step
 from meduet.engine.pretrain_training import PretrainObjective, pretrain_trainer
 from meduet.losses.mixing import random_mix_mask
 from meduet.models.meduet import PRESETS, MeduetModel
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILED_WARMUP_STEPS = 3  # untimed steps of a compiled row: its compiles happen in them
 
 # The step's passes as the code marks them (record_function), in the order they run.
 PASSES = ("forward", "teacher: encode mixed", "teacher: decode swapped", "teacher: encode clean + swapped",
@@ -63,13 +67,33 @@ PASSES = ("forward", "teacher: encode mixed", "teacher: decode swapped", "teache
           "ema update")
 
 
-def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: bool, profiled: bool = False) -> dict:
+def compile_blocks(*models: MeduetModel) -> None:
+    """Every transformer block of ``models`` under ``torch.compile``, in place, compiled cold.
+
+    Blocks, not the step: the step's token groups depend on the mask and its loss terms on the
+    schedule, which would break a whole-step graph. A cold Inductor cache (as on a fresh machine)
+    and eager's random numbers, so the first-step losses compare with the eager row's.
+    """
+    from torch._inductor import config as inductor_config  # only the compiled rows load Inductor
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    inductor_config.fallback_random = True
+    for model in models:
+        for block in (*model.blocks, *model.decoder_blocks):
+            block.compile()
+
+
+def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: bool, profiled: bool = False,
+            compiled: bool = False) -> dict:
     """One row: build the models, run a counted warm-up step, then time ``steps`` steps (and, with
-    ``profiled``, one more under the profiler, split by pass)."""
+    ``profiled``, one more under the profiler, split by pass). ``compiled``: the blocks under
+    ``torch.compile`` (:func:`compile_blocks`); its first step, which compiles, is timed on its own."""
     torch.manual_seed(0)
     config = dataclasses.replace(PRESETS[preset], num_domains=4)
     student = MeduetModel(config).to(device)
     teacher = build_teacher(student)
+    if compiled:
+        compile_blocks(student, teacher)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, config.in_channels, *config.input_size, generator=generator).to(device)
     domain = (torch.arange(batch) % 4).to(device)
@@ -87,9 +111,16 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
             trainer.after_step(1)
         return losses
 
-    with FlopCounterMode(display=False) as counter:  # one counted step (also the warm-up)
-        first = {term: value.item() for term, value in step().items()}
-    flops = counter.get_total_flops()
+    start = time.perf_counter()
+    if compiled:  # the FLOP counter would trace the compiled graphs again: the eager row counts the FLOPs
+        first, flops = {term: value.item() for term, value in step().items()}, 0
+        for _ in range(COMPILED_WARMUP_STEPS - 1):  # shapes seen a second time may compile again (dynamic)
+            step()
+    else:
+        with FlopCounterMode(display=False) as counter:  # one counted step (also the warm-up)
+            first = {term: value.item() for term, value in step().items()}
+        flops = counter.get_total_flops()
+    warmup_seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -101,15 +132,17 @@ def measure(preset: str, batch: int, steps: int, device: torch.device, bf16: boo
     seconds = (time.perf_counter() - start) / steps
     cuda = device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
-    return {"seconds": seconds, "peak_gib": peak, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
+    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "peak_gib": peak, "gflop": flops / 1e9,
+            "gflops_per_s": flops / 1e9 / seconds,
             "losses": first, "passes": profile_step(step, PASSES) if profiled and not cuda else None,
             "kernels": gpu_kernel_profile(step, (*PASSES, "step")) if profiled and cuda else None}
 
 
-def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profiled: bool = False) -> dict:
+def run_row(preset: str, batch: int, steps: int, device: str, bf16: bool, profiled: bool = False,
+            compiled: bool = False) -> dict:
     """``measure`` in a fresh interpreter (clean peak RSS), parsed from its JSON line."""
-    command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}", "--steps", str(steps),
-               *(["--profile"] if profiled else [])]
+    command = [sys.executable, __file__, "--row", f"{preset}:{batch}:{device}:{int(bf16)}:{int(compiled)}",
+               "--steps", str(steps), *(["--profile"] if profiled else [])]
     return run_json_row(command)
 
 
@@ -138,6 +171,17 @@ def print_row(code: str, device: str, bf16: bool, preset: str, batch: int, runs:
           f"{spread([r['seconds'] for r in runs]):>24}{median([r['peak_gib'] for r in runs]):>10.2f}"
           f"{gflop:>9.1f}{gflop / seconds:>10.1f}{gflop / seconds / peak:>6.0%}"
           f"{ratios[0]:>12}{ratios[1]:>11}{diff:>15}")
+
+
+def print_payback(title: str, compiled: list[dict], eager: list[dict]) -> None:
+    """What compiling costs (its warm-up beyond three compiled steps) and how many steps its gain needs."""
+    extra = median([c["warmup_seconds"] - COMPILED_WARMUP_STEPS * c["seconds"] for c in compiled])
+    gain = median([e["seconds"] for e in eager]) - median([c["seconds"] for c in compiled])
+    steps = load_config(REPO / "params.yaml").pretrain.steps
+    verdict = (f"pays back after {extra / gain:.0f} steps (the demo's pretrain: {steps})" if gain > 0
+               else "never pays back: the compiled step is not faster")
+    print(f"torch.compile, {title}: compiling {extra:.1f} s (median of {len(compiled)}), "
+          f"steps {gain * 1000:+.1f} ms faster: {verdict}")
 
 
 def largest_batch(preset: str, batch: int, steps: int, peak: float, limit: int = 4096) -> int:
@@ -171,11 +215,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per row and print where its time and FLOPs go, pass by pass "
                              "(on GPU: kernel by kernel)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also each CPU row with the blocks under torch.compile: step time, compile time, payback")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = parser.parse_args()
     if args.row:
-        preset, batch, device, bf16 = args.row.split(":")
-        print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1", args.profile)))
+        preset, batch, device, bf16, compiled = args.row.split(":")
+        print(json.dumps(measure(preset, int(batch), args.steps, torch.device(device), bf16 == "1", args.profile,
+                                 compiled == "1")))
         return
 
     peaks, line, rows = precision_rows()
@@ -186,7 +233,7 @@ def main() -> None:
         print(f"gpu: {gpu_describe()}; bf16 matmul peak (8192^3, median of 10) {gpu['matmul']:.0f} GFLOP/s, "
               f"3-D convolution {gpu['conv']:.0f} GFLOP/s")
     print("\n" + HEADER)
-    profiles = []
+    profiles, paybacks = [], []
     for item in args.presets:
         preset, batch = item.split(":")
         reference = None
@@ -208,6 +255,15 @@ def main() -> None:
             print_row("project", device, bf16, preset, int(batch), ours, peak, ratios, diff)
             if theirs:
                 print_row("authors", device, bf16, preset, int(batch), theirs, peak, ("1.00x", "1.00x"))
+            if args.compile and device == "cpu":
+                compiled = [run_row(preset, int(batch), args.steps, device, bf16, compiled=True)
+                            for _ in range(args.repeats)]
+                for row in compiled:
+                    row["gflop"] = r["gflop"]  # the same arithmetic as the eager row's
+                time_ratio = median([c["seconds"] for c in compiled]) / median([o["seconds"] for o in ours])
+                print_row("compiled", device, bf16, preset, int(batch), compiled, peak, (f"{time_ratio:.2f}x", "-"),
+                          f"{max_relative_difference(compiled[0]['losses'], reference):.2%}")
+                paybacks.append((preset, batch, device, bf16, compiled, ours))
             if r.get("kernels"):
                 print_gpu_profile(r["kernels"], f"{preset} batch {batch}, cuda bf16")
             if r["passes"]:
@@ -223,6 +279,8 @@ def main() -> None:
           "Max loss diff: largest relative difference of a first-step loss term from the preset's first row.")
     for passes, peak, title in profiles:
         print_profile(passes, peak, title)
+    for preset, batch, device, bf16, compiled, eager in paybacks:
+        print_payback(f"{preset} batch {batch} {device} {'bf16' if bf16 else 'fp32'}", compiled, eager)
 
 
 if __name__ == "__main__":
