@@ -3,13 +3,15 @@
 The two-node cluster of tests/test_ray_cluster.py, but its worker node (the only one with
 CPUs, so every task runs there) sees the project folder empty, as a node on another machine
 would: harmonize, encode-latents, extract-factors and synthesize then get their inputs and
-return their outputs only through ``ray.exchange`` on the moto S3 endpoint. Their outputs must
+return their outputs only through ``ray.exchange`` on the moto S3 endpoint (one site's raw
+cases are on S3 itself, and its tasks read them there). Their outputs must
 equal a run of the same stages in one process, and without the exchange the node cannot read a case.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from meduet.config import MeduetConfig, Paths
 from meduet.data.latents import read_manifest as read_latents
 from meduet.data.latents import read_scale
 from meduet.harmonize.manifest import read_manifest
+from meduet.io.images import sha256_file
 from meduet.models.architectures import VAE_PRESETS
 from meduet.models.vae import build_vae
 from meduet.stages import encode_latents, extract_factors, harmonize, synthesize
@@ -74,6 +77,16 @@ def test_data_stages_on_a_node_without_the_project_folder_match_a_local_run(s3_s
                   "harmonize": {"executor": "ray", "workers": 2},
                   "encode_latents": {"workers": 2}, "extract_factors": {"workers": 2}}
     _, paths = _project(tmp_path / "cluster", on_cluster)
+    # The cluster project's second site lives on S3: its tasks read the raw cases there, not from the exchange.
+    fs = s3_server.filesystem()
+    on_s3 = paths.root / "raw" / SITES[1]
+    fs.put(f"{on_s3}/", f"{s3_server.bucket}/raw/{SITES[1]}/", recursive=True)
+    raw_on_s3 = {sha256_file(file) for file in (on_s3 / "imagesTr").glob("*.nii.gz")}  # (labels: same bytes)
+    raw_local = {sha256_file(file) for file in (paths.root / "raw" / SITES[0] / "imagesTr").glob("*.nii.gz")}
+    shutil.rmtree(on_s3)
+    tree = yaml.safe_load((paths.root / "params.yaml").read_text())
+    tree["harmonize"]["datasets"][1]["root"] = f"s3://{s3_server.bucket}/raw/{SITES[1]}"
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(tree))
     blind, blind_paths = _project(tmp_path / "blind", {"harmonize": {"executor": "ray", "workers": 2}})
     local_cfg, local = _project(tmp_path / "local", {"harmonize": {"workers": 1}, "encode_latents": {"workers": 1},
                                                      "extract_factors": {"workers": 1}})
@@ -118,13 +131,14 @@ def test_data_stages_on_a_node_without_the_project_folder_match_a_local_run(s3_s
     records = {r.key: r for r in read_manifest(paths.harmonized / "manifest.csv")}
     want = {r.key: r for r in read_manifest(local.harmonized / "manifest.csv")}
     assert sorted(records) == sorted(want) and sum(r.status == "ok" for r in records.values()) == CASES - 1
-    fs = s3_server.filesystem()
+    exchanged = {key.rsplit("/", 1)[1] for key in fs.find(f"{s3_server.bucket}/exchange")}
+    assert raw_local <= exchanged and not raw_on_s3 & exchanged  # a local site's raw cases went through it
     for key, record in records.items():
         assert (record.status, record.image_sha256, record.label_sha256) == \
             (want[key].status, want[key].image_sha256, want[key].label_sha256), key
         if record.status == "ok":
             assert (paths.harmonized / record.image).read_bytes() == (local.harmonized / record.image).read_bytes()
-            assert fs.exists(f"{s3_server.bucket}/exchange/{record.image_sha256[:2]}/{record.image_sha256}")
+            assert record.image_sha256 in exchanged
         else:
             assert str(paths.root / "raw" / SITES[0]) in record.reason  # named as the driver knows it
     latents = read_latents(paths.latents)
