@@ -84,12 +84,17 @@ class Exchange:
             raise FileNotFoundError(f"{path}: nothing to hand over (no such file, or an empty folder)")
         return files
 
-    def pack(self, path: Path) -> Packed:
-        """Upload the file or every file of the folder at ``path``; what :meth:`unpack` needs."""
+    def pack(self, path: Path, sha: str | None = None) -> Packed:
+        """Upload the file or every file of the folder at ``path``; what :meth:`unpack` needs.
+        ``sha``: the file's SHA-256 when the caller has it already."""
+        if sha and Path(path).is_file():
+            return {"": self.put_file(Path(path), sha)}
         return {name: self.put_file(file) for name, file in self._files(Path(path)).items()}
 
-    def describe(self, path: Path) -> Packed:
+    def describe(self, path: Path, sha: str | None = None) -> Packed:
         """Like :meth:`pack` for files a task reads from their own remote location: hashes, no upload."""
+        if sha and Path(path).is_file():
+            return {"": sha}
         return {name: sha256_file(file) for name, file in self._files(Path(path)).items()}
 
     def get_file(self, sha: str, target: Path, source: str | None = None) -> Path:

@@ -144,20 +144,26 @@ class Handover:
     label_source: str | None = None
 
 
-def hand_over(spec: CaseSpec, exchange: Exchange) -> tuple[CaseSpec, Handover]:
+def hand_over(spec: CaseSpec, exchange: Exchange, digest: str = "") -> tuple[CaseSpec, Handover]:
     """Upload a case's inputs (driver side); a file that cannot be read makes the case a quarantined one.
 
     The files of a remote dataset are not uploaded again: the task reads them where the driver's
-    mirror got them, checked against the hashes of the mirror's copies.
+    mirror got them, checked against the hashes of the mirror's copies. ``digest`` (the case's
+    :func:`input_hash`, the hashes of its image and label joined by ``-``) spares reading a file
+    input again to hash it; a file changed since then fails the task's check of its bytes.
     """
     if spec.problem:
         return spec, Handover(exchange)
+    inputs = [path for path in (spec.image, spec.label) if path is not None]
+    hashes = digest.split("-") if digest else []
+    known = dict(zip(inputs, hashes)) if len(hashes) == len(inputs) else {}  # else a file vanished: hash anew
 
     def ship(path: Path | None) -> tuple[Packed | None, str | None]:
         if path is None:
             return None, None
+        sha = known.get(path) if path.is_file() else None  # a folder's digest is one over all its files
         source = spec.source_uri(path)
-        return (exchange.describe(path), source) if source else (exchange.pack(path), None)
+        return (exchange.describe(path, sha), source) if source else (exchange.pack(path, sha), None)
 
     try:
         (image, image_source), (label, label_source) = ship(spec.image), ship(spec.label)
@@ -228,7 +234,7 @@ def _run_ray(jobs: list[tuple[CaseSpec, str]], settings: CaseSettings, out_dir: 
         items = [(spec, settings, out_dir, digest, None) for spec, digest in jobs]
     else:
         with ThreadPoolExecutor(max(1, workers)) as pool:  # uploads wait on the network: overlap them
-            handed = list(pool.map(lambda job: hand_over(job[0], exchange), jobs))
+            handed = list(pool.map(lambda job: hand_over(job[0], exchange, job[1]), jobs))
         items = [(spec, settings, out_dir, digest, handover)
                  for (spec, handover), (_, digest) in zip(handed, jobs, strict=True)]
     specs = {spec.key: spec for spec, _ in jobs}
